@@ -1,0 +1,192 @@
+"""What the user asks the estimator: a typed, validated request.
+
+Every choice is a `str` enum so that it prints, parses and serialises as the text users type.
+`EstimateRequest.__post_init__` refuses contradictory requests with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .models import ModelSpec
+
+
+class RequestError(ValueError):
+    """A request that cannot be estimated as asked; the message says what to change."""
+
+
+class Task(str, Enum):
+    INFER = "infer"
+    FINETUNE = "finetune"
+
+
+class Method(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Precision(str, Enum):
+    BF16_TRUE = "bf16-true"
+    BF16_MIXED = "bf16-mixed"
+    FP16_TRUE = "fp16-true"
+    FP16_MIXED = "fp16-mixed"
+    FP32 = "fp32"
+
+    @property
+    def is_mixed(self) -> bool:
+        return self in (Precision.BF16_MIXED, Precision.FP16_MIXED)
+
+    @property
+    def uses_bf16(self) -> bool:
+        return self in (Precision.BF16_TRUE, Precision.BF16_MIXED)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes per parameter as stored: mixed precision keeps fp32 master weights."""
+        return 2 if self in (Precision.BF16_TRUE, Precision.FP16_TRUE) else 4
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per activation element: 16-bit unless everything runs in fp32."""
+        return 4 if self is Precision.FP32 else 2
+
+
+class Quant(str, Enum):
+    NONE = "none"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class Optimizer(str, Enum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw-8bit"
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"
+
+
+class Offload(str, Enum):
+    NONE = "none"
+    OPTIMIZER = "optimizer"
+    PARAMS = "params"
+
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters; `targets` is a tuple of module names or ("all-linear",) (PEFT's spelling)."""
+
+    r: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise RequestError(f"--lora-r must be positive, got {self.r}")
+        if not self.targets:
+            raise RequestError("--lora-targets is empty: name modules (q_proj,v_proj) or use all-linear")
+
+    def target_shapes(self, model: ModelSpec) -> dict[str, tuple[int, int]]:
+        """(in, out) of each targeted linear in one block; unknown names are an error."""
+        linears = model.block_linears()
+        if self.targets == (ALL_LINEAR,):
+            return linears
+        unknown = [t for t in self.targets if t not in linears]
+        if unknown:
+            raise RequestError(
+                f"{model.name} has no linear layer named {', '.join(unknown)}; its layers are "
+                f"{', '.join(linears)} (or use all-linear)"
+            )
+        return {name: linears[name] for name in self.targets}
+
+    def params(self, model: ModelSpec) -> int:
+        """A (r x in) and B (out x r) per targeted linear, every layer; experts each get their own."""
+        experts = model.num_experts
+        mlp_names = set(model.mlp_linears())
+        per_layer = sum(
+            self.r * (i + o) * (experts if name in mlp_names else 1)
+            for name, (i, o) in self.target_shapes(model).items()
+        )
+        return per_layer * model.num_layers
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How the work is spread: data parallel (ZeRO stage 0 is plain DDP), or sharded inference."""
+
+    gpus: int = 1
+    zero: int = 0
+    offload: Offload = Offload.NONE
+
+    def __post_init__(self) -> None:
+        if self.gpus <= 0:
+            raise RequestError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.zero not in (0, 1, 2, 3):
+            raise RequestError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.offload is not Offload.NONE and self.zero == 0:
+            raise RequestError("--offload needs DeepSpeed: add --zero 2 (optimizer) or --zero 3 (optimizer or params)")
+        if self.offload is Offload.PARAMS and self.zero != 3:
+            raise RequestError("--offload params needs --zero 3 (DeepSpeed offloads parameters only in stage 3)")
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    model: ModelSpec
+    task: Task = Task.FINETUNE
+    method: Method = Method.LORA
+    precision: Precision = Precision.BF16_TRUE
+    quant: Quant = Quant.NONE
+    batch_size: int = 1  # per GPU (the micro-batch for fine-tuning)
+    seq_len: int = 512  # fine-tuning
+    prompt_len: int = 512  # inference
+    max_new_tokens: int = 256  # inference
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    gradient_checkpointing: bool = False
+    optimizer: Optimizer = Optimizer.ADAMW
+    parallel: Parallelism = field(default_factory=Parallelism)
+
+    def __post_init__(self) -> None:
+        sizes = {"--batch-size": self.batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
+                 "--max-new-tokens": self.max_new_tokens}
+        for option, value in sizes.items():
+            if value <= 0:
+                raise RequestError(f"{option} must be positive, got {value}")
+        if self.task is Task.INFER:
+            self._check_inference()
+        else:
+            self._check_finetuning()
+
+    def _check_inference(self) -> None:
+        if self.parallel.zero or self.parallel.offload is not Offload.NONE:
+            raise RequestError("--zero and --offload apply to fine-tuning; inference shards the model over --gpus")
+        if self.precision.is_mixed:
+            raise RequestError(f"--precision {self.precision.value} is a training mode: use bf16-true, fp16-true or fp32 for inference")
+
+    def _check_finetuning(self) -> None:
+        if self.method is Method.FULL and self.quant is not Quant.NONE:
+            raise RequestError(
+                f"--quant {self.quant.value} freezes the weights, so full fine-tuning cannot update them: "
+                "use --method qlora (4-bit base + LoRA) or --quant none"
+            )
+        if self.method is Method.QLORA and self.quant is Quant.INT8:
+            raise RequestError("--method qlora loads the base in nf4: use --quant nf4 (or --method lora --quant int8)")
+        if self.method is not Method.FULL and self.precision.is_mixed:
+            raise RequestError(
+                f"--precision {self.precision.value} keeps fp32 master weights, which a frozen LoRA base does not need: "
+                "use bf16-true (adapters stay fp32) or fp16-true"
+            )
+        if self.max_new_tokens and self.task is Task.FINETUNE:
+            pass  # generation lengths are ignored when fine-tuning
+
+    @property
+    def effective_quant(self) -> Quant:
+        """QLoRA always quantizes the base to nf4."""
+        return Quant.NF4 if self.method is Method.QLORA and self.task is Task.FINETUNE else self.quant
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in flight per GPU: one micro-batch of sequences, or prompts plus generated tokens."""
+        length = self.seq_len if self.task is Task.FINETUNE else self.prompt_len + self.max_new_tokens
+        return self.batch_size * length

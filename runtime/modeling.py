@@ -1,0 +1,129 @@
+"""Building and loading models the way llmplan's runtime runs them.
+
+These are the runtime's defaults, and the GPU measurements in `benchmarks/` use exactly these
+functions, so the estimator is calibrated against what the runtime really does:
+- SDPA attention (eager where transformers has no SDPA path: `attention_implementation`);
+- the CUDA caching allocator with expandable segments (set before torch initialises CUDA), which
+  keeps reserved memory close to allocated memory when the KV cache grows step by step;
+- bitsandbytes LLM.int8 (threshold 6.0) and NF4 with double quantization and bf16 compute;
+- PEFT LoRA adapters kept in fp32 (PEFT's `autocast_adapter_dtype=True`), dropout 0, all linear
+  layers of the decoder blocks unless targets are given;
+- torch AdamW with `fused=True`, states in the parameters' dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmplan.planner.models import ModelSpec, attention_implementation
+
+from .architectures import hf_config_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+ALLOCATOR_CONF = "expandable_segments:True"
+
+
+def configure_allocator(env: dict[str, str] | None = None) -> None:
+    """Use expandable segments unless the user chose an allocator configuration of their own."""
+    target = os.environ if env is None else env
+    target.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_CONF)
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def build_random_model(spec: ModelSpec, dtype: str, device: str) -> Any:
+    """A randomly initialised causal LM with `spec`'s architecture, built directly on `device`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(spec.model_type, **hf_config_dict(spec))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype(dtype), attn_implementation=spec.attention
+        )
+    return model
+
+
+def quantization_config(quant: str) -> Any:
+    """bitsandbytes settings for `int8` or `nf4`; None for unquantized weights."""
+    if quant == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    raise ValueError(f"unknown quantization {quant!r}: use none, int8 or nf4")
+
+
+def load_pretrained(path: str, dtype: str, quant: str, device: str) -> Any:
+    """Load a local Hugging Face directory with the runtime's attention and quantization settings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(dtype),
+        quantization_config=quantization_config(quant),
+        attn_implementation=attention_implementation(model_type),
+        device_map={"": device},
+    )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str = "all-linear"
+
+
+def apply_lora(model: Any, lora: LoraSettings) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def make_optimizer(model: Any, name: str, lr: float = 1e-4) -> Any:
+    """AdamW over the trainable parameters: torch fused, or bitsandbytes 8-bit (optionally paged)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        import torch
+
+        fused = all(p.is_cuda or p.device.type == "cpu" for p in params)
+        return torch.optim.AdamW(params, lr=lr, fused=fused)
+    import bitsandbytes as bnb
+
+    if name == "adamw-8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    if name == "paged-adamw-8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use adamw, adamw-8bit or paged-adamw-8bit")
