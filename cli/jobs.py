@@ -56,6 +56,8 @@ _RELATIVE_SINCE = re.compile(r"^\s*(?P<count>\d+)\s*(?P<unit>m|min|h|d|w)\s*$", 
 _SINCE_UNITS = {"m": timedelta(minutes=1), "min": timedelta(minutes=1), "h": timedelta(hours=1),
                 "d": timedelta(days=1), "w": timedelta(weeks=1)}
 _SINCE_EXAMPLES = "30m, 12h, 7d, 2w, 2025-01-31 or 2025-01-31T14:00Z"
+# `llmplan jobs` counts matches beyond the page up to here ("50 of 10,000+ matching jobs").
+COUNT_CAP = 10_000
 
 
 class BadInput(click.ClickException):
@@ -102,7 +104,8 @@ def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model:
     )
     with open_engine(db_url) as (engine, where):
         found = list_jobs(engine, job_filter)
-        total = count_jobs(engine, job_filter) if len(found) == job_filter.limit else len(found)
+        full_page = len(found) == job_filter.limit
+        total = count_jobs(engine, job_filter, at_most=COUNT_CAP) if full_page else len(found)
     if as_json:
         emit_json([job_to_json(job) for job in found])
         return
@@ -298,7 +301,8 @@ def render_job_list(console: Console, found: list[Job], *, total: int, where: st
         )
     console.print(table)
     if total > len(found):
-        console.print(f"{len(found)} of {total:,} matching jobs, newest first; --limit N shows more.")
+        plus = "+" if total >= COUNT_CAP else ""
+        console.print(f"{len(found)} of {total:,}{plus} matching jobs, newest first; --limit N shows more.")
 
 
 def render_job_details(console: Console, details: JobDetails) -> None:

@@ -114,6 +114,11 @@ def test_jobs_limit_says_how_many_more_match(history: dict[str, object]) -> None
     assert listed_ids(run_on(history, "jobs", "--limit", "2", "--json")) == [history["cancelled"], history["queued"]]
 
 
+def test_jobs_stops_counting_at_the_cap(history: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("llmplan.cli.jobs.COUNT_CAP", 3)
+    assert "2 of 3+ matching jobs" in run_on(history, "jobs", "--limit", "2").stdout
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -76,6 +76,7 @@ def test_list_is_newest_first_and_limited(engine: Engine) -> None:
     assert listed == [ids[4], ids[1], ids[3], ids[2], ids[0]]
     assert [job.id for job in list_jobs(engine, JobFilter(limit=2))] == [ids[4], ids[1]]
     assert count_jobs(engine, JobFilter(limit=2)) == 5
+    assert count_jobs(engine, JobFilter(limit=2), at_most=3) == 3
 
 
 def test_filters_combine(engine: Engine) -> None:

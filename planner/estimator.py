@@ -1,0 +1,400 @@
+"""The memory estimator: a pure function from an `EstimateRequest` to an itemised `MemoryEstimate`.
+
+It predicts, per GPU, what `torch.cuda.max_memory_reserved()` reports for llmplan's runtime
+(`llmplan.runtime.modeling`: SDPA attention, expandable-segment allocator, fused torch AdamW, PEFT
+LoRA adapters in fp32, bitsandbytes NF4 with double quantization), plus the CUDA context that
+nvidia-smi shows on top.
+
+How it works (nanoGPT style: every term named, every constant with its source):
+1. Count bytes of each kind of tensor: weights, LoRA adapters, gradients, optimizer states, saved
+   activations, logits and loss, KV cache, generation transients. One function per term.
+2. A training step passes through phases; each phase holds a different set of those tensors. The
+   estimate is the phase with the most bytes alive (`peak_phase`), and its terms are the breakdown.
+3. The caching allocator reserves more than is allocated when large short-lived tensors (the fp32
+   logits) come and go; `allocator_slack` adds that, fitted to the H200 measurements.
+
+Constants that were not derived from the code they model were fitted to
+`benchmarks/results/memory-h200.jsonl` (41 runs on an NVIDIA H200, torch 2.11, transformers 5.17,
+peft 0.21, bitsandbytes 0.50.2, 2026-11-30); `tests/planner/test_estimator_accuracy.py` holds the
+estimator to every one of those measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .models import ModelSpec
+from .request import EstimateRequest, Method, Offload, Optimizer, Precision, Quant, Task
+
+# ---- constants --------------------------------------------------------------------------------
+BF16 = 2
+FP32 = 4
+
+# bitsandbytes NF4 (QLoRA paper, Dettmers et al. 2023, sec. 3): 4 bits per weight, one 8-bit absmax per
+# 64-weight block (double quantization), plus one fp32 constant per 256 of those blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# bitsandbytes LLM.int8 (Dettmers et al. 2022): int8 weights plus an fp32 scale per output row (SCB).
+INT8_BYTES_PER_PARAM = 1.0
+
+# HF `ForCausalLMLoss` upcasts the logits to fp32 and `cross_entropy` saves its fp32 log-softmax. The peak
+# comes in the loss backward: saved log-softmax (4) + incoming grad (4) + grad of the fp32 logits (4)
+# = 12 bytes per logit, while every saved activation is still alive (measured: full-llama32-1b).
+LOSS_BYTES_PER_LOGIT = 12
+# Gemma-2 soft-caps its logits (tanh(x / 30) * 30): two more bf16 copies, one saved by tanh.
+SOFTCAP_BYTES_PER_LOGIT = 4
+# `generate` computes logits for the last position only and copies them to fp32.
+GENERATE_LOGIT_BYTES = BF16 + FP32
+
+# bitsandbytes 8-bit optimizers: 1 byte per state, blockwise (256) fp32 absmax; tensors with fewer than
+# 4096 elements keep 32-bit states (`min_8bit_size`, bitsandbytes/optim/optimizer.py).
+ADAM_8BIT_BYTES_PER_STATE = 1 + 4 / 256
+
+# CUDA context with lazy module loading, what nvidia-smi shows beyond PyTorch's reservation:
+# 72-156 MiB over the H200 runs (device_used_bytes - idle - peak_reserved); we take the largest.
+CUDA_CONTEXT_BYTES = 156 * 2**20
+
+# Each KV-cache update of HF's DynamicCache concatenates the new token onto one layer's K or V, so
+# two copies of that layer's tensor are alive for a moment.
+KV_CONCAT_COPIES = 1
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named line of the breakdown."""
+
+    name: str
+    bytes: int
+    note: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "note": self.note}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    request: EstimateRequest
+    terms: tuple[Term, ...]  # what is alive at the peak, plus allocator slack
+    peak_phase: str
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted `torch.cuda.max_memory_reserved()` per GPU."""
+        return sum(term.bytes for term in self.terms)
+
+    @property
+    def device_bytes(self) -> int:
+        """What nvidia-smi shows for the process: the reservation plus the CUDA context."""
+        return self.peak_bytes + self.cuda_context_bytes
+
+    def breakdown(self) -> dict[str, int]:
+        return {term.name: term.bytes for term in self.terms}
+
+
+# ---- weights ------------------------------------------------------------------------------------
+def _non_linear_params(model: ModelSpec) -> int:
+    """Embeddings, output head, norms and biases: what bitsandbytes leaves unquantized."""
+    return model.params - model.linear_params
+
+
+def weight_bytes(req: EstimateRequest) -> Term:
+    model, quant = req.model, req.effective_quant
+    if quant is Quant.NONE:
+        # Full fine-tuning stores the trainable weights (fp32 masters in mixed precision); a frozen LoRA base
+        # and inference hold them in the compute dtype.
+        full = req.task is Task.FINETUNE and req.method is Method.FULL
+        per_param = req.precision.param_bytes if full else req.precision.compute_bytes
+        return Term("weights", int(model.params * per_param), f"{model.params / 1e9:.2f}B params x {per_param} bytes")
+    quantized = NF4_BYTES_PER_PARAM if quant is Quant.NF4 else INT8_BYTES_PER_PARAM
+    # prepare_model_for_kbit_training (QLoRA) upcasts every non-quantized parameter to fp32.
+    rest = FP32 if req.method is Method.QLORA and req.task is Task.FINETUNE else BF16
+    total = model.linear_params * quantized + _non_linear_params(model) * rest
+    return Term(
+        "weights",
+        int(total),
+        f"{model.linear_params / 1e9:.2f}B linear params in {quant.value} ({quantized:.3f} B/param), "
+        f"{_non_linear_params(model) / 1e9:.2f}B others x {rest} bytes",
+    )
+
+
+def _sharded_weights(term: Term, req: EstimateRequest) -> Term:
+    """Inference over several GPUs splits the blocks evenly; embeddings and head sit on the end GPUs."""
+    gpus = req.parallel.gpus
+    if gpus == 1:
+        return term
+    model = req.model
+    edge = max(model.embedding_params, model.lm_head_params) * req.precision.compute_bytes
+    blocks = max(term.bytes - model.embedding_params * req.precision.compute_bytes
+                 - model.lm_head_params * req.precision.compute_bytes, 0)
+    return Term("weights", int(blocks / gpus + edge), f"1/{gpus} of the blocks plus the embedding or head (sharded)")
+
+
+# ---- training state ------------------------------------------------------------------------------
+def trainable_params(req: EstimateRequest) -> int:
+    return req.model.params if req.method is Method.FULL else req.lora.params(req.model)
+
+
+def adapter_bytes(req: EstimateRequest) -> Term:
+    params = req.lora.params(req.model)
+    return Term("lora adapters", params * FP32, f"{params / 1e6:.1f}M params x 4 bytes (PEFT keeps adapters fp32)")
+
+
+def _grad_bytes_per_param(req: EstimateRequest) -> int:
+    return req.precision.param_bytes if req.method is Method.FULL else FP32
+
+
+def gradient_bytes(req: EstimateRequest) -> Term:
+    params = trainable_params(req)
+    per = _grad_bytes_per_param(req)
+    shards = req.parallel.gpus if req.parallel.zero >= 2 else 1
+    on_gpu = 0 if req.parallel.zero >= 2 and req.parallel.offload is not Offload.NONE else params * per // shards
+    return Term("gradients", on_gpu, f"{params / 1e6:.1f}M trainable x {per} bytes" + (f" / {shards} GPUs (ZeRO-{req.parallel.zero})" if shards > 1 else ""))
+
+
+def optimizer_bytes(req: EstimateRequest) -> Term:
+    params = trainable_params(req)
+    if req.parallel.zero:
+        # DeepSpeed keeps an fp32 master copy plus fp32 Adam moments in its optimizer (ZeRO paper, 12 bytes/param).
+        per, what = 12.0, "fp32 master + Adam m, v (DeepSpeed)"
+    elif req.optimizer is Optimizer.ADAMW:
+        per, what = 2.0 * _grad_bytes_per_param(req), "Adam m, v in the parameters' dtype (torch fused AdamW)"
+    else:
+        per, what = 2 * ADAM_8BIT_BYTES_PER_STATE, "Adam m, v in 8 bits with blockwise scales (bitsandbytes)"
+    shards = req.parallel.gpus if req.parallel.zero >= 1 else 1
+    if req.parallel.offload is not Offload.NONE:
+        return Term("optimizer states", 0, f"{what}: offloaded to CPU memory")
+    note = f"{params / 1e6:.1f}M trainable x {per:g} bytes: {what}" + (f" / {shards} GPUs" if shards > 1 else "")
+    return Term("optimizer states", int(params * per / shards), note)
+
+
+# ---- activations ---------------------------------------------------------------------------------
+# Bytes per element of the eager attention matrices Gemma-2 saves per layer: soft-capped scores (bf16,
+# saved by tanh), fp32 softmax output, its bf16 copy saved by the value matmul
+# (transformers `eager_attention_forward`): 2 + 4 + 2.
+EAGER_ATTENTION_BYTES = 8
+
+
+def activation_bytes(req: EstimateRequest) -> int:
+    """Bytes per element of the activations between layers.
+
+    QLoRA runs them in fp32: `prepare_model_for_kbit_training` upcasts the norms (so their outputs are
+    fp32) and bitsandbytes' `Linear4bit` casts each output back to its input's dtype.
+    """
+    return FP32 if req.method is Method.QLORA else req.precision.compute_bytes
+
+
+def _norm_bytes_per_token(req: EstimateRequest) -> float:
+    """Two RMSNorms per block (transformers `LlamaRMSNorm`). Each saves its input upcast to fp32; when
+    the norm weight trains it also saves the normalised input of the weight multiply (16-bit, or fp32
+    under autocast where the residual stream stays fp32)."""
+    h = req.model.hidden_size
+    if req.method is not Method.FULL:
+        return 2 * FP32 * h
+    normalised = FP32 if req.precision.is_mixed else req.precision.compute_bytes
+    return 2 * (FP32 * h + normalised * h)
+
+
+def _distinct_inputs(model: ModelSpec, names: set[str]) -> list[int]:
+    """Widths of the distinct tensors the named linears read: q/k/v share one, gate/up share one."""
+    attention_in = {"q_proj", "k_proj", "v_proj", "qkv_proj"}
+    mlp_in = {"gate_proj", "up_proj", "gate_up_proj"}
+    h = model.hidden_size
+    widths = []
+    if names & attention_in:
+        widths.append(h)
+    if "o_proj" in names:
+        widths.append(model.q_dim)
+    if names & mlp_in:
+        widths.append(h)
+    if "down_proj" in names:
+        widths.append(model.intermediate_size * model.experts_per_token)
+    return widths
+
+
+def _linear_input_bytes_per_token(req: EstimateRequest) -> float:
+    """Inputs the linear layers keep for backward.
+
+    Autograd saves a matmul's input only when the weight needs a gradient, so:
+    - full, 16-bit: each distinct input once;
+    - full under autocast: every linear casts its fp32 input to 16 bits itself and saves that copy;
+    - LoRA: the frozen base saves nothing, but PEFT casts the input of every targeted layer to the
+      adapters' fp32 and lora_A saves that copy (plus lora_B's r-wide input);
+    - QLoRA: inputs are already fp32 (shared by the adapters), and bitsandbytes' 4-bit matmul saves its
+      own 16-bit copy of every input, targeted or not.
+    """
+    model, r = req.model, req.lora.r
+    linears = model.block_linears()
+    if req.method is Method.FULL:
+        if req.precision.is_mixed:
+            return BF16 * sum(fan_in for fan_in, _ in linears.values())
+        return req.precision.compute_bytes * sum(_distinct_inputs(model, set(linears)))
+    targets = req.lora.target_shapes(model)
+    adapters_r = FP32 * r * len(targets)
+    if req.method is Method.LORA:
+        return FP32 * sum(fan_in for fan_in, _ in targets.values()) + adapters_r
+    bnb_copies = BF16 * sum(fan_in for fan_in, _ in linears.values())
+    return bnb_copies + FP32 * sum(_distinct_inputs(model, set(targets))) + adapters_r
+
+
+def _attention_bytes_per_token(req: EstimateRequest) -> float:
+    """SDPA saves q, k, v and its output (flash / memory-efficient kernels keep no score matrix)."""
+    m = req.model
+    return activation_bytes(req) * (2 * m.q_dim + 2 * m.kv_dim)
+
+
+def _mlp_bytes_per_token(req: EstimateRequest) -> float:
+    """The gated MLP saves the gate output (for the activation), the up output and the activation output
+    (for their product)."""
+    return activation_bytes(req) * 3 * req.model.intermediate_size * req.model.experts_per_token
+
+
+def layer_bytes_per_token(req: EstimateRequest) -> float:
+    """Activations one decoder layer saves for backward, per token."""
+    return (
+        _norm_bytes_per_token(req)
+        + _linear_input_bytes_per_token(req)
+        + _attention_bytes_per_token(req)
+        + _mlp_bytes_per_token(req)
+    )
+
+
+def _eager_attention_bytes_per_layer(req: EstimateRequest) -> float:
+    if req.model.attention != "eager":
+        return 0.0
+    return EAGER_ATTENTION_BYTES * req.batch_size * req.model.num_heads * req.seq_len**2
+
+
+def activation_terms(req: EstimateRequest) -> tuple[Term, ...]:
+    m, tokens = req.model, req.tokens
+    per_layer = layer_bytes_per_token(req) * tokens + _eager_attention_bytes_per_layer(req)
+    if not req.gradient_checkpointing:
+        return (Term("activations", int(per_layer * m.num_layers),
+                     f"{m.num_layers} layers x {tokens} tokens x {layer_bytes_per_token(req) / 1024:.0f} KiB"),)
+    residual = FP32 if req.precision.is_mixed else activation_bytes(req)
+    checkpoints = m.num_layers * tokens * m.hidden_size * residual
+    return (
+        Term("checkpointed layer inputs", int(checkpoints), f"{m.num_layers} layers x {tokens} tokens x hidden x {residual} bytes"),
+        Term("recomputed layer", int(per_layer), "one layer's activations, rebuilt during backward"),
+    )
+
+
+def logits_term(req: EstimateRequest) -> Term:
+    m = req.model
+    per_logit = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if m.model_type == "gemma2" else 0)
+    logits = req.tokens * m.vocab_size
+    return Term("logits and loss", int(logits * per_logit), f"{req.tokens} tokens x {m.vocab_size} vocab x {per_logit} bytes (fp32 loss)")
+
+
+def autocast_copies_term(req: EstimateRequest) -> Term:
+    """Autocast caches a 16-bit copy of every linear weight for the forward pass; matmuls save them for
+    backward unless checkpointing drops them."""
+    if not (req.precision.is_mixed and req.method is Method.FULL) or req.gradient_checkpointing:
+        return Term("autocast weight copies", 0, "none")
+    copies = req.model.linear_params + req.model.lm_head_params + (req.model.embedding_params if req.model.tie_embeddings else 0)
+    return Term("autocast weight copies", copies * BF16, "16-bit copies of the linear weights saved by autocast")
+
+
+# ---- inference -------------------------------------------------------------------------------------
+# Prefill (one forward over the whole prompt, no grad) keeps a few full-width tensors of one layer alive
+# at once: the MLP's gate, up and activation outputs, and the residual stream, its fp32 norm input and
+# q/k/v. Fitted to the H200 runs: 3 x intermediate + 10 x hidden bytes per token (bf16).
+PREFILL_MLP_WIDTHS = 3
+PREFILL_HIDDEN_WIDTHS = 10
+
+
+def kv_cache_term(req: EstimateRequest, tokens_per_sequence: int) -> Term:
+    m = req.model
+    cached = tokens_per_sequence
+    window_layers = m.num_layers // 2 if m.model_type == "gemma2" else (m.num_layers if m.sliding_window else 0)
+    full_layers = m.num_layers - window_layers
+    windowed = min(cached, m.sliding_window) if m.sliding_window else cached
+    per_layer_token = 2 * m.kv_dim * req.precision.compute_bytes * req.batch_size
+    total = per_layer_token * (full_layers * cached + window_layers * windowed)
+    total += KV_CONCAT_COPIES * per_layer_token * cached / 2  # one K or V being concatenated
+    shards = req.parallel.gpus
+    return Term("kv cache", int(total / shards), f"2 x {m.num_layers} layers x {m.kv_dim} (K,V width) x {cached} tokens x batch {req.batch_size}"
+                + (f" / {shards} GPUs" if shards > 1 else ""))
+
+
+def prefill_term(req: EstimateRequest) -> Term:
+    m = req.model
+    tokens = req.batch_size * req.prompt_len
+    per_token = req.precision.compute_bytes * (PREFILL_MLP_WIDTHS * m.intermediate_size + PREFILL_HIDDEN_WIDTHS * m.hidden_size / 2)
+    eager = 0.0
+    if m.attention == "eager":
+        eager = EAGER_ATTENTION_BYTES * req.batch_size * m.num_heads * req.prompt_len**2
+    return Term("prefill activations", int(tokens * per_token + eager), f"one layer's temporaries over {tokens} prompt tokens")
+
+
+def generate_logits_term(req: EstimateRequest) -> Term:
+    return Term("logits", int(req.batch_size * req.model.vocab_size * GENERATE_LOGIT_BYTES), "last position only, copied to fp32")
+
+
+# ---- allocator ---------------------------------------------------------------------------------------
+# With expandable segments the reservation stays close to the peak allocation; what it adds comes mostly
+# from the fp32 logits, a tensor of gigabytes that is freed and re-requested at other sizes in the loss
+# backward. Measured on the H200 (reserved - allocated, 41 runs), per situation:
+#   inference: under 0.2 GiB                          -> 64 MiB + 1% of the allocation
+#   training, peak at the end of backward: ~1 GiB     -> 512 MiB + 1% of the allocation
+#   QLoRA (logits are born fp32, no 16-bit copy): 0.3-0.6 GiB -> 400 MiB
+#   LoRA / full without checkpointing: 0.2-0.7 x the fp32 logits -> 512 MiB + 0.4 x fp32 logits
+#   LoRA / full with checkpointing: 1.0-1.3 x the fp32 logits     -> 100 MiB + 1.05 x fp32 logits
+MiB = 2**20
+SLACK_INFER = (64 * MiB, 0.01, 0.0)  # (fixed bytes, share of the allocation, share of the fp32 logits)
+SLACK_END_OF_BACKWARD = (512 * MiB, 0.01, 0.0)
+SLACK_QLORA = (400 * MiB, 0.0, 0.0)
+SLACK_NO_CHECKPOINTING = (512 * MiB, 0.0, 0.4)
+SLACK_CHECKPOINTING = (100 * MiB, 0.0, 1.05)
+
+
+def _slack_rule(req: EstimateRequest, phase: str) -> tuple[int, float, float]:
+    if req.task is Task.INFER:
+        return SLACK_INFER
+    if phase == "end of backward":
+        return SLACK_END_OF_BACKWARD
+    if req.method is Method.QLORA:
+        return SLACK_QLORA
+    return SLACK_CHECKPOINTING if req.gradient_checkpointing else SLACK_NO_CHECKPOINTING
+
+
+def allocator_slack(req: EstimateRequest, phase: str, allocated: int) -> Term:
+    fixed, allocation_share, logits_share = _slack_rule(req, phase)
+    fp32_logits = req.tokens * req.model.vocab_size * FP32 if req.task is Task.FINETUNE else 0
+    slack = fixed + allocation_share * allocated + logits_share * fp32_logits
+    return Term("allocator slack", int(slack), "reserved beyond allocated (expandable segments), measured on H200")
+
+
+# ---- phases --------------------------------------------------------------------------------------------
+def _finetune_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
+    resident = [weight_bytes(req), optimizer_bytes(req)]
+    if req.method is not Method.FULL:
+        resident.insert(1, adapter_bytes(req))
+    grads = gradient_bytes(req)
+    # DDP and ZeRO allocate gradient buffers once and keep them between steps.
+    persistent_grads = req.parallel.gpus > 1 or req.parallel.zero > 0
+    during_step = [grads] if persistent_grads else []
+    activations = activation_terms(req)
+    phases = {
+        "loss backward": (*resident, *during_step, *activations[:1], logits_term(req), autocast_copies_term(req)),
+        "end of backward": (*resident, grads),
+    }
+    if req.gradient_checkpointing:
+        phases["recompute"] = (*resident, *during_step, *activations)
+    return phases
+
+
+def _infer_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
+    weights = _sharded_weights(weight_bytes(req), req)
+    return {
+        "prefill": (weights, kv_cache_term(req, req.prompt_len), prefill_term(req), generate_logits_term(req)),
+        "last token": (weights, kv_cache_term(req, req.prompt_len + req.max_new_tokens), generate_logits_term(req)),
+    }
+
+
+def estimate(req: EstimateRequest) -> MemoryEstimate:
+    """Itemised per-GPU memory at the peak of the run `req` describes."""
+    phases = _infer_phases(req) if req.task is Task.INFER else _finetune_phases(req)
+    phase, terms = max(phases.items(), key=lambda item: sum(term.bytes for term in item[1]))
+    kept = tuple(term for term in terms if term.bytes > 0)
+    allocated = sum(term.bytes for term in kept)
+    return MemoryEstimate(request=req, terms=(*kept, allocator_slack(req, phase, allocated)), peak_phase=phase)
