@@ -108,6 +108,15 @@ CASES: tuple[Case, ...] = (
     _ft("full-gemma2-2b-b2-s512", "Gemma-2-2B", "full", 2, 512, False),
     _ft("full-llama32-3b-mixed-gc-b4-s1024", "Llama-3.2-3B", "full", 4, 1024, True, precision="bf16-mixed"),
     _ft("full-tinyllama-8bit-b8-s1024", "TinyLlama-1.1B", "full", 8, 1024, False, optimizer="adamw-8bit"),
+    # held out: measured after the estimator's constants were set, to check it on configurations it never saw
+    _ft("val-lora-llama32-3b-gc-b8-s2048-qv", "Llama-3.2-3B", "lora", 8, 2048, True, targets="q_proj,v_proj"),
+    _ft("val-lora-gemma-7b-b2-s1024", "Gemma-7B", "lora", 2, 1024, False),
+    _ft("val-full-smollm2-17b-b8-s1024", "SmolLM2-1.7B", "full", 8, 1024, False),
+    _ft("val-full-tinyllama-mixed-gc-b16-s2048", "TinyLlama-1.1B", "full", 16, 2048, True, precision="bf16-mixed"),
+    _ft("val-lora-llama31-8b-b1-s4096-r16-attn", "Llama-3.1-8B", "lora", 1, 4096, False, targets="q_proj,k_proj,v_proj,o_proj", r=16),
+    _ft("val-qlora-qwen25-3b-b2-s2048", "Qwen2.5-3B", "qlora", 2, 2048, False),
+    _infer("val-inf-mistral-7b-b32", "Mistral-7B", 32, 256, 128),
+    _infer("val-inf-qwen25-15b-nf4-b16", "Qwen2.5-1.5B", 16, 1024, 128, quant="nf4"),
 )
 
 WARMUP_STEPS = 1

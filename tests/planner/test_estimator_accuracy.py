@@ -17,11 +17,17 @@ from llmplan.planner.estimator import estimate
 from llmplan.planner.request import EstimateRequest, LoraSpec, Method, Optimizer, Precision, Quant, Task
 from llmplan.planner.resolve import find_model
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "memory-h200.jsonl"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS = RESULTS_DIR / "memory-h200.jsonl"
+# Measured after the estimator's constants were set: configurations it had never seen.
+HELD_OUT = RESULTS_DIR / "memory-h200-heldout.jsonl"
+# Known miss, left open: QLoRA without checkpointing on Qwen2.5-3B at 2048 tokens allocates 12.5 GiB more
+# than the model of fp32 QLoRA activations explains (Llama-3.2-3B QLoRA at 512 tokens matches within 1%).
+KNOWN_MISSES = {"val-qlora-qwen25-3b-b2-s2048"}
 
 
-def load_runs() -> list[dict]:
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+def load_runs(path: Path = RESULTS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def request_for(case: dict) -> EstimateRequest:
@@ -68,6 +74,19 @@ def test_measurements_cover_what_the_issue_asks() -> None:
 
 @pytest.mark.parametrize("run", RUNTIME_RUNS, ids=[run["case"]["id"] for run in RUNTIME_RUNS])
 def test_each_measurement_within_10_percent(run: dict) -> None:
+    assert abs(relative_error(run)) <= 0.10
+
+
+HELD_OUT_RUNS = load_runs(HELD_OUT)
+
+
+@pytest.mark.parametrize(
+    "run",
+    [pytest.param(run, marks=pytest.mark.xfail(strict=True, reason="known miss: see KNOWN_MISSES"))
+     if run["case"]["id"] in KNOWN_MISSES else run for run in HELD_OUT_RUNS],
+    ids=[run["case"]["id"] for run in HELD_OUT_RUNS],
+)
+def test_held_out_measurement_within_10_percent(run: dict) -> None:
     assert abs(relative_error(run)) <= 0.10
 
 
