@@ -13,30 +13,17 @@ Baselines, as their authors state them:
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from llmplan.planner.calibration import load_runs, request_from_case
 from llmplan.planner.estimator import estimate
-from llmplan.planner.request import EstimateRequest, LoraSpec, Method, Optimizer, Precision, Quant, Task
 from llmplan.planner.resolve import find_model
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "memory-h200.jsonl"
 GIB = 2**30
 LLAMA_FACTORY_BYTES = {"full-mixed": 18, "full-true": 8, "lora": 2, "qlora": 0.5, "int8": 1, "nf4": 0.5, "none": 2}
-
-
-def request_for(case: dict) -> EstimateRequest:
-    targets = ("all-linear",) if case["lora_targets"] == "all-linear" else tuple(case["lora_targets"].split(","))
-    return EstimateRequest(
-        model=find_model(case["model"]), task=Task(case["task"]),
-        method=Method(case["method"]) if case["method"] != "none" else Method.LORA,
-        precision=Precision(case["precision"]), quant=Quant(case["quant"]), batch_size=case["batch_size"],
-        seq_len=case["seq_len"], prompt_len=case["prompt_len"] or 1, max_new_tokens=case["max_new_tokens"] or 1,
-        lora=LoraSpec(r=case["lora_r"], alpha=2 * case["lora_r"], targets=targets),
-        gradient_checkpointing=case["gradient_checkpointing"], optimizer=Optimizer(case["optimizer"]),
-    )
 
 
 def llama_factory_rule(case: dict, params: int) -> float:
@@ -59,8 +46,7 @@ def weights_only_rule(case: dict, params: int) -> float:
 
 def rows(path: Path) -> list[dict]:
     out = []
-    for line in path.read_text().splitlines():
-        run = json.loads(line)
+    for run in load_runs(path):
         case = run["case"]
         if case["allocator"] != "expandable":
             continue
@@ -68,7 +54,7 @@ def rows(path: Path) -> list[dict]:
         measured = run["peak_reserved_bytes"]
         out.append({
             "id": case["id"], "measured": measured,
-            "llmplan": estimate(request_for(case)).peak_bytes,
+            "llmplan": estimate(request_from_case(case)).peak_bytes,
             "llama_factory": llama_factory_rule(case, params),
             "weights_only": weights_only_rule(case, params),
         })

@@ -7,14 +7,12 @@ using expandable segments; they are held to a separate, documented check.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-from llmplan.planner.estimator import estimate
-from llmplan.planner.request import EstimateRequest, LoraSpec, Method, Optimizer, Precision, Quant, Task
+from llmplan.planner.calibration import load_runs, relative_error
 from llmplan.planner.resolve import find_model
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -26,35 +24,8 @@ HELD_OUT = RESULTS_DIR / "memory-h200-heldout.jsonl"
 KNOWN_MISSES = {"val-qlora-qwen25-3b-b2-s2048"}
 
 
-def load_runs(path: Path = RESULTS) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def request_for(case: dict) -> EstimateRequest:
-    targets = ("all-linear",) if case["lora_targets"] == "all-linear" else tuple(case["lora_targets"].split(","))
-    return EstimateRequest(
-        model=find_model(case["model"]),
-        task=Task(case["task"]),
-        method=Method(case["method"]) if case["method"] != "none" else Method.LORA,
-        precision=Precision(case["precision"]),
-        quant=Quant(case["quant"]),
-        batch_size=case["batch_size"],
-        seq_len=case["seq_len"],
-        prompt_len=case["prompt_len"] or 1,
-        max_new_tokens=case["max_new_tokens"] or 1,
-        lora=LoraSpec(r=case["lora_r"], alpha=2 * case["lora_r"], targets=targets),
-        gradient_checkpointing=case["gradient_checkpointing"],
-        optimizer=Optimizer(case["optimizer"]),
-    )
-
-
-RUNS = load_runs()
+RUNS = load_runs(RESULTS)
 RUNTIME_RUNS = [run for run in RUNS if run["case"]["allocator"] == "expandable"]
-
-
-def relative_error(run: dict) -> float:
-    predicted = estimate(request_for(run["case"])).peak_bytes
-    return (predicted - run["peak_reserved_bytes"]) / run["peak_reserved_bytes"]
 
 
 def test_measurements_cover_what_the_issue_asks() -> None:

@@ -1,0 +1,472 @@
+"""Throughput: tokens per second of one configuration on one kind of GPU, term by term.
+
+Estimation only (no search): `finetune_throughput(req, gpu, ...)` and `generation_throughput(req, gpu, ...)`
+turn an `EstimateRequest` into a `Throughput` whose `terms` say where the time goes.
+
+How it works (nanoGPT style: every term named, every constant with its source):
+
+Fine-tuning, per micro-batch on one GPU:
+- matmuls: FLOPs over the card's dense peak at the compute dtype (GPU catalog) times an efficiency.
+  FLOPs per token (Kaplan et al. 2020, sec. 2.1; PaLM, Chowdhery et al. 2022, app. B):
+    full fine-tuning  6N = 2N forward + 4N backward (input and weight gradients);
+    LoRA / QLoRA      4N = 2N forward + 2N backward (input gradients only: the frozen base gets no
+                      weight gradient) + 6A for the adapters' A parameters;
+    gradient checkpointing recomputes the forward: +2N (+2A);
+    attention         2 matmuls (QK^T, AV) x 2 FLOPs x q_dim x the average causal context (seq/2) per layer
+                      forward, twice that backward, once more when recomputed.
+  N counts the parameters a token multiplies through: decoder linears (active experts only) and the
+  output head; the embedding is a lookup.
+- memory traffic the FLOPs do not see: PEFT's fp32 adapter path (per targeted layer: cast, lora_A,
+  lora_B, scale, add), Gemma-2's eager attention scores, the fp32 logits and loss, QLoRA's dequantization
+  of every 4-bit weight on every pass (bitsandbytes dequantizes to the compute dtype, then matmuls).
+- host overhead: the measured step times have a floor (~0.07 s per micro-batch on the H200 machine, for
+  every model size): Python, autograd and kernel launches. bitsandbytes' 4-bit layers add a cost per
+  layer call instead.
+Per optimizer step: the AdamW update (memory bound), gradient synchronisation between GPUs, ZeRO-3
+parameter gathering, and CPU offload (PCIe transfers plus DeepSpeed's CPU Adam).
+
+Generation (HF `generate`), per new token:
+  step = max(bytes read / bandwidth, FLOPs / (peak x efficiency)) + host overhead
+  bytes read = the weights the step touches (all of them; the routed experts for mixture-of-experts) plus
+  the KV cache, plus bitsandbytes' dequantized copy for nf4 at batch > 1. On the H200 every measured step
+  took 40-80 ms whatever the model size (Llama-3.2-1B: 56 ms, Llama-2-7B: 67 ms, Mixtral: 70 ms), while
+  reading the weights takes 0.5-20 ms: HF generate there is launch/host bound, so the host overhead is the
+  fitted term that matters. LLM.int8() layers are far slower (121-124 ms per step on 1.5B and 3B models):
+  they get their own fitted cost per layer call. The prompt is prefilled once at matmul efficiency.
+
+Fitted constants come from `benchmarks/results/memory-h200.jsonl` (NVIDIA H200, torch 2.11,
+transformers 5.17, peft 0.21, bitsandbytes 0.50.2; 2026-11-30) by `benchmarks/fit_throughput.py`, which
+re-derives them; `tests/planner/test_throughput.py` holds the model to every run it covers. Constants not
+fitted there (multi-GPU communication, CPU offload) are first-principles figures, marked as such.
+Efficiencies fitted on the H200's tensor cores are applied to every card and precision: on other cards,
+and above all on CUDA-core (fp32, Pascal) math, expect larger errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .estimator import (
+    EAGER_ATTENTION_BYTES,
+    INT8_BYTES_PER_PARAM,
+    NF4_BYTES_PER_PARAM,
+    trainable_params,
+    weight_bytes,
+)
+from .gpus import GpuSpec
+from .models import ModelSpec
+from .request import EstimateRequest, Method, Offload, Optimizer, Parallelism, Precision, Quant, Task
+
+# ---- fitted on the H200 runs (benchmarks/fit_throughput.py) -----------------------------------------
+# Share of the dense peak the matmuls reach: full fine-tuning and LoRA (one constant fits both).
+MATMUL_EFFICIENCY = 0.55
+# QLoRA: bitsandbytes dequantizes each 4-bit weight and the activations run in fp32
+# (prepare_model_for_kbit_training), so the same FLOPs take longer.
+QLORA_MATMUL_EFFICIENCY = 0.33
+# Bytes moved per adapter input or output element and pass by PEFT's fp32 LoRA path (cast, lora_A,
+# lora_B, scaling, add). Explains why q,v-only LoRA on Mistral-7B ran 1.3x faster than all-linear predicts.
+LORA_BYTES_PER_ELEMENT = 20.0
+# Bytes moved per attention score element and pass by eager attention (Gemma-2: soft-capping, fp32
+# softmax, casts); the estimator's EAGER_ATTENTION_BYTES counts only what stays alive.
+EAGER_BYTES_PER_SCORE = 130.0
+# Host floor per micro-batch (forward + backward + optimizer call), measured on the H200 machine.
+TRAIN_STEP_OVERHEAD_S = 0.068
+# QLoRA instead: per 4-bit linear layer call (forward, backward, recompute); kernel launches of
+# bitsandbytes' dequantize + matmul + casts.
+QLORA_LINEAR_CALL_S = 0.00032
+# HF generate, per new token: host/launch bound on the H200 machine.
+DECODE_STEP_OVERHEAD_S = 0.055
+# LLM.int8() (bitsandbytes load_in_8bit), per linear layer per step: outlier decomposition and
+# int8 quantization of the activations are several kernels each.
+INT8_LINEAR_CALL_S = 0.00034
+# nf4 inference, per linear layer per step (bitsandbytes' 4-bit GEMV or dequantize kernel).
+NF4_LINEAR_CALL_S = 0.00004
+# Gemma-2's generate steps took 0.6x the host time of every other family (42 ms at 9B, 36 ms at 2B nf4);
+# fitted on those two runs. Likely cause: its hybrid (static-shape) cache, which avoids the per-layer
+# concatenation of DynamicCache; not established.
+HYBRID_CACHE_OVERHEAD_FACTOR = 0.58
+
+# ---- first principles (not fitted) ------------------------------------------------------------------
+# Logits and loss traffic per logit: write fp32 upcast (4), log-softmax read + write (8), backward reads
+# and writes the fp32 gradient (8), casts of the 16-bit logits and their gradient (4).
+LOSS_BYTES_PER_LOGIT = 24
+# Dequantizing one 4-bit weight for a matmul: read 0.5 byte (plus scales), write the compute-dtype copy,
+# read it again in the matmul.
+NF4_DEQUANT_READ_BYTES = 0.5
+# AdamW update per trainable parameter: read param, grad, m, v; write param, m, v (torch fused AdamW).
+ADAM_STATE_READS_WRITES = 4  # m and v, each read and written
+# Links. NVLink/PCIe figures in the GPU catalog are both directions; a collective moves data one way per
+# step, at about this share of the link's rate (NCCL bus bandwidth on a ring; assumption, not measured).
+LINK_EFFICIENCY = 0.7
+# Host <-> GPU copies for CPU offload: pinned memory over PCIe 4.0 x16 (32 GB/s per direction) at the
+# link efficiency, unless the card's own PCIe link is slower (Pascal: PCIe 3.0).
+HOST_LINK_BYTES_PER_S = 32e9
+# DeepSpeed's CPU Adam, parameters updated per second on a server CPU. Assumption for the order of
+# magnitude (the ZeRO-Offload paper, Ren et al. 2021, reports ~1 s steps for 10B parameters on a
+# 2-socket CPU); not measured here.
+CPU_ADAM_PARAMS_PER_S = 1e10
+# Characters per token of English text with a Llama-style tokenizer (rule of thumb: ~4); used to turn a
+# data set's size into tokens when only the file is given.
+CHARS_PER_TOKEN = 4.0
+# When the catalog has no throughput figures for a card (a probed card it does not know), rank with
+# these and say the times are unknown.
+NOMINAL_FLOPS = 100e12
+NOMINAL_BANDWIDTH = 1e12
+
+
+@dataclass(frozen=True)
+class TimeTerm:
+    """One named share of a step's time."""
+
+    name: str
+    seconds: float
+    note: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seconds": self.seconds, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Tokens per second over all GPUs, and where one step's time goes."""
+
+    tokens_per_s: float  # training tokens (fine-tuning) or generated tokens (inference), all GPUs
+    step_s: float  # one optimizer step (fine-tuning) or one generate call (inference)
+    tokens_per_step: int
+    terms: tuple[TimeTerm, ...]
+    flops_per_token: float
+    known: bool = True  # False: the card has no catalog throughput figures; nominal rates used
+    notes: tuple[str, ...] = ()
+
+    def seconds_for(self, tokens: float) -> float:
+        return tokens / self.tokens_per_s
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "step_s": self.step_s,
+            "tokens_per_step": self.tokens_per_step,
+            "flops_per_token": self.flops_per_token,
+            "rates_known": self.known,
+            "terms": [term.to_dict() for term in self.terms],
+            "notes": list(self.notes),
+        }
+
+
+# ---- the card ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rates:
+    flops: float  # dense FLOP/s of the matmuls in the compute dtype
+    bandwidth: float  # bytes/s of device memory
+    link: float | None  # bytes/s one way between GPUs (NVLink or PCIe), None when unknown
+    host_link: float  # bytes/s one way between CPU and GPU
+    known: bool
+
+
+def compute_tflops(gpu: GpuSpec, precision: Precision) -> float | None:
+    """Dense TFLOP/s of the card's matmuls in the precision's compute dtype (GPU catalog): bf16 or fp16
+    tensor rates, or fp32 (CUDA cores; PyTorch leaves TF32 off for matmuls by default)."""
+    if precision.uses_bf16:
+        return gpu.bf16_tflops
+    if precision is Precision.FP32:
+        return gpu.fp32_tflops
+    return gpu.fp16_tflops
+
+
+def card_rates(gpu: GpuSpec, precision: Precision) -> Rates:
+    tflops = compute_tflops(gpu, precision)
+    known = bool(tflops and gpu.memory_bandwidth_gbps)
+    link = gpu.interconnect_gbps * 1e9 / 2 * LINK_EFFICIENCY if gpu.interconnect_gbps else None
+    host = HOST_LINK_BYTES_PER_S
+    if gpu.interconnect == "PCIe" and gpu.interconnect_gbps:
+        host = min(host, gpu.interconnect_gbps * 1e9 / 2)
+    return Rates(
+        flops=tflops * 1e12 if tflops else NOMINAL_FLOPS,
+        bandwidth=gpu.memory_bandwidth_gbps * 1e9 if gpu.memory_bandwidth_gbps else NOMINAL_BANDWIDTH,
+        link=link,
+        host_link=host * LINK_EFFICIENCY,
+        known=known,
+    )
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------------
+def matmul_params(model: ModelSpec) -> int:
+    """Parameters one token multiplies through: block linears (routed experts only), router, output head."""
+    attention = sum(i * o for i, o in model.attention_linears().values())
+    expert = sum(i * o for i, o in model.mlp_linears().values())
+    router = model.hidden_size * model.num_experts if model.is_moe else 0
+    per_layer = attention + expert * model.experts_per_token + router
+    return per_layer * model.num_layers + model.vocab_size * model.hidden_size
+
+
+def attention_flops_per_token(model: ModelSpec, context: float) -> float:
+    """Forward FLOPs of QK^T and AV for one token attending to `context` positions, all layers."""
+    if model.sliding_window:
+        context = min(context, model.sliding_window)
+    return 2 * 2 * model.q_dim * context * model.num_layers
+
+
+def adapter_params(req: EstimateRequest) -> int:
+    return 0 if req.method is Method.FULL else req.lora.params(req.model)
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    forward: float
+    backward: float
+    recompute: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute
+
+
+def training_flops_per_token(req: EstimateRequest) -> FlopsPerToken:
+    n, a = matmul_params(req.model), adapter_params(req)
+    attention = attention_flops_per_token(req.model, req.seq_len / 2)  # causal: half the sequence on average
+    forward = 2 * n + 2 * a + attention
+    weight_grads = 2 * n if req.method is Method.FULL else 0
+    backward = 2 * n + weight_grads + 4 * a + 2 * attention
+    recompute = forward if req.gradient_checkpointing else 0.0
+    return FlopsPerToken(forward, backward, recompute)
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingWork:
+    """What one micro-batch asks of one GPU, before any rate is applied (what the fit regresses on)."""
+
+    tokens: int
+    flops: float
+    quantized: bool  # QLoRA: matmuls through bitsandbytes 4-bit layers
+    adapter_elements: float  # adapter inputs + outputs moved, all passes
+    eager_scores: float  # attention score elements materialised by eager attention, all passes
+    fixed_bytes: float  # logits and loss, dequantization: first-principles traffic
+    quantized_linear_calls: int  # 4-bit layer calls (forward, backward, recompute)
+
+
+def _passes(req: EstimateRequest) -> int:
+    """Activation passes: forward 1, backward 2 (it reads and writes), recompute 1."""
+    return 3 + (1 if req.gradient_checkpointing else 0)
+
+
+def _weight_passes(req: EstimateRequest) -> int:
+    """Times each weight is used: forward, backward (input gradient), recompute."""
+    return 2 + (1 if req.gradient_checkpointing else 0)
+
+
+def training_work(req: EstimateRequest) -> TrainingWork:
+    m = req.model
+    tokens = req.batch_size * req.seq_len
+    adapter_elements = 0.0
+    if req.method is not Method.FULL:
+        mlp = set(m.mlp_linears())
+        widths = sum((i + o) * (m.experts_per_token if name in mlp else 1)
+                     for name, (i, o) in req.lora.target_shapes(m).items())
+        adapter_elements = float(tokens * widths * m.num_layers * _passes(req))
+    eager = 0.0
+    if m.attention == "eager":
+        eager = float(req.batch_size * m.num_heads * req.seq_len**2 * m.num_layers * _passes(req))
+    quantized = req.method is Method.QLORA
+    linears = len(m.block_linears()) * m.num_layers
+    dequant = 0.0
+    if quantized:
+        per_param = NF4_DEQUANT_READ_BYTES + 2 * req.precision.compute_bytes
+        dequant = m.linear_params * per_param * _weight_passes(req)
+    logits = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT
+    return TrainingWork(
+        tokens=tokens,
+        flops=tokens * training_flops_per_token(req).total,
+        quantized=quantized,
+        adapter_elements=adapter_elements,
+        eager_scores=eager,
+        fixed_bytes=logits + dequant,
+        quantized_linear_calls=linears * _weight_passes(req) if quantized else 0,
+    )
+
+
+def _micro_batch_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
+    work = training_work(req)
+    efficiency = QLORA_MATMUL_EFFICIENCY if work.quantized else MATMUL_EFFICIENCY
+    per = f" x {accum} micro-batches" if accum > 1 else ""
+    terms = [TimeTerm("matmuls", accum * work.flops / (rates.flops * efficiency),
+                      f"{work.flops / work.tokens / 1e9:.1f} GFLOP/token at {efficiency:.0%} of "
+                      f"{rates.flops / 1e12:.3g} TFLOP/s{per}")]
+    if work.adapter_elements:
+        terms.append(TimeTerm("LoRA adapter traffic", accum * work.adapter_elements * LORA_BYTES_PER_ELEMENT / rates.bandwidth,
+                              f"PEFT's fp32 adapter path, {LORA_BYTES_PER_ELEMENT:g} bytes per element and pass"))
+    if work.eager_scores:
+        terms.append(TimeTerm("eager attention", accum * work.eager_scores * EAGER_BYTES_PER_SCORE / rates.bandwidth,
+                              "attention scores materialised (eager attention)"))
+    terms.append(TimeTerm("logits, loss" + (", dequantization" if work.quantized else ""),
+                          accum * work.fixed_bytes / rates.bandwidth, "memory bound"))
+    if work.quantized:
+        terms.append(TimeTerm("host overhead", accum * work.quantized_linear_calls * QLORA_LINEAR_CALL_S,
+                              f"{work.quantized_linear_calls} 4-bit layer calls per micro-batch (bitsandbytes)"))
+    else:
+        terms.append(TimeTerm("host overhead", accum * TRAIN_STEP_OVERHEAD_S, "per micro-batch, measured (Python, launches)"))
+    return terms
+
+
+def _optimizer_term(req: EstimateRequest, rates: Rates) -> TimeTerm:
+    trainable = trainable_params(req)
+    param = req.precision.param_bytes if req.method is Method.FULL else 4
+    grad = param
+    state = 1.0 if req.optimizer is not Optimizer.ADAMW else float(param)
+    per_param = 2 * param + grad + ADAM_STATE_READS_WRITES * state
+    shards = req.parallel.gpus if req.parallel.zero >= 1 else 1
+    if req.parallel.offload is not Offload.NONE:
+        return TimeTerm("optimizer step", 0.0, "on the CPU (see CPU offload)")
+    return TimeTerm("optimizer step", trainable * per_param / shards / rates.bandwidth,
+                    f"AdamW over {trainable / 1e6:.1f}M trainable params, memory bound")
+
+
+def _communication_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
+    gpus, zero = req.parallel.gpus, req.parallel.zero
+    if gpus == 1 or rates.link is None:
+        return []
+    share = (gpus - 1) / gpus
+    trainable = trainable_params(req)
+    grad_bytes = trainable * (req.precision.param_bytes if req.method is Method.FULL else 4)
+    terms = []
+    if zero == 0:
+        # Ring all-reduce of the gradients once per optimizer step (DDP skips it while accumulating).
+        terms.append(TimeTerm("gradient all-reduce", 2 * share * grad_bytes / rates.link,
+                              f"{grad_bytes / 2**30:.2f} GiB of gradients, ring all-reduce"))
+    else:
+        # ZeRO / FSDP reduce-scatter the gradients every micro-batch and all-gather the updated parameters.
+        terms.append(TimeTerm("gradient reduce-scatter", accum * share * grad_bytes / rates.link,
+                              "every micro-batch (ZeRO-2/3, FSDP)"))
+    if zero == 3:
+        weights = weight_bytes(replace(req, parallel=Parallelism())).bytes
+        gathers = accum * _weight_passes(req) * share * weights
+        terms.append(TimeTerm("parameter all-gather", gathers / rates.link,
+                              f"ZeRO-3 / FSDP gather {weights / 2**30:.1f} GiB of weights per forward, backward"
+                              + (" and recompute" if req.gradient_checkpointing else "")))
+    return terms
+
+
+def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
+    offload = req.parallel.offload
+    if offload is Offload.NONE:
+        return []
+    gpus = req.parallel.gpus
+    trainable = trainable_params(req)
+    grad = req.precision.param_bytes if req.method is Method.FULL else 4
+    # Gradients down, updated 16-bit parameters up, each GPU its 1/gpus partition.
+    transfers = trainable * (grad + req.precision.compute_bytes) / gpus
+    terms = [TimeTerm("CPU offload: optimizer", transfers / rates.host_link + trainable / gpus / CPU_ADAM_PARAMS_PER_S,
+                      "gradients to the CPU, Adam on the CPU (DeepSpeed CPUAdam), parameters back; assumed rates")]
+    if offload is Offload.PARAMS:
+        weights = weight_bytes(replace(req, parallel=Parallelism())).bytes
+        fetched = accum * _weight_passes(req) * weights / gpus
+        terms.append(TimeTerm("CPU offload: parameters", fetched / rates.host_link,
+                              "each GPU fetches its partition of the weights from CPU memory every pass"))
+    return terms
+
+
+def finetune_throughput(req: EstimateRequest, gpu: GpuSpec, grad_accum: int = 1) -> Throughput:
+    """Training tokens per second over `req.parallel.gpus` data-parallel GPUs, `req.batch_size` per
+    micro-batch, `grad_accum` micro-batches per optimizer step."""
+    if req.task is not Task.FINETUNE:
+        raise ValueError("finetune_throughput needs a fine-tuning request")
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
+    rates = card_rates(gpu, req.precision)
+    terms = (*_micro_batch_terms(req, rates, grad_accum), _optimizer_term(req, rates),
+             *_communication_terms(req, rates, grad_accum), *_offload_terms(req, rates, grad_accum))
+    step = sum(term.seconds for term in terms)
+    tokens = req.batch_size * req.seq_len * grad_accum * req.parallel.gpus
+    return Throughput(
+        tokens_per_s=tokens / step,
+        step_s=step,
+        tokens_per_step=tokens,
+        terms=tuple(term for term in terms if term.seconds > 0),
+        flops_per_token=training_flops_per_token(req).total,
+        known=rates.known,
+        notes=_training_notes(req, gpu),
+    )
+
+
+def _training_notes(req: EstimateRequest, gpu: GpuSpec) -> tuple[str, ...]:
+    notes = []
+    m = req.model
+    if m.sliding_window and req.seq_len > m.sliding_window and m.attention == "sdpa":
+        notes.append(f"{m.name}'s sliding window ({m.sliding_window}) is shorter than the sequence: attention "
+                     "gets an explicit mask and leaves the flash kernel, so this estimate is optimistic "
+                     "(Phi-3-mini at 4096 tokens ran 1.5x slower than modelled on the H200)")
+    return tuple(notes)
+
+
+# ---- generation --------------------------------------------------------------------------------------
+def touched_params_fraction(model: ModelSpec, batch: int) -> float:
+    """Share of the block weights one decode step reads: every dense weight; for mixture-of-experts, the
+    experts the batch's tokens are routed to (expected distinct experts of `batch` tokens x k choices)."""
+    if not model.is_moe:
+        return 1.0
+    experts, k = model.num_experts, model.experts_per_token
+    touched = experts * (1 - (1 - k / experts) ** batch)
+    expert_params = sum(i * o for i, o in model.mlp_linears().values()) * model.num_layers
+    dense = model.params - expert_params * experts
+    return (dense + expert_params * touched) / model.params
+
+
+def _weights_read_per_step(req: EstimateRequest) -> float:
+    full = replace(req, parallel=Parallelism())  # all shards: a sharded model still reads every weight once
+    read = weight_bytes(full).bytes * touched_params_fraction(req.model, req.batch_size)
+    if req.quant is Quant.NF4 and req.batch_size > 1:
+        # bitsandbytes uses its 4-bit GEMV for a single token; otherwise it dequantizes, then matmuls.
+        linear = req.model.linear_params * touched_params_fraction(req.model, req.batch_size)
+        read += linear * 2 * req.precision.compute_bytes
+    return read
+
+
+def _decode_host_overhead(req: EstimateRequest) -> float:
+    linears = len(req.model.block_linears()) * req.model.num_layers
+    per_call = {Quant.INT8: INT8_LINEAR_CALL_S, Quant.NF4: NF4_LINEAR_CALL_S}.get(req.quant, 0.0)
+    factor = HYBRID_CACHE_OVERHEAD_FACTOR if req.model.model_type == "gemma2" else 1.0
+    return DECODE_STEP_OVERHEAD_S * factor + linears * per_call
+
+
+def _quant_bytes(quant: Quant) -> str:
+    return {Quant.NONE: "16/32-bit", Quant.INT8: f"int8 ({INT8_BYTES_PER_PARAM:g} B/param)",
+            Quant.NF4: f"nf4 ({NF4_BYTES_PER_PARAM:.2f} B/param)"}[quant]
+
+
+def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1) -> Throughput:
+    """Generated tokens per second: `req.batch_size` sequences per model copy, `replicas` copies
+    (each on its own GPU or GPUs). A model sharded over `req.parallel.gpus` GPUs runs them one after
+    another (HF device_map pipeline), so it reads its weights at one card's bandwidth."""
+    if req.task is not Task.INFER:
+        raise ValueError("generation_throughput needs an inference request")
+    rates = card_rates(gpu, req.precision)
+    m, batch = req.model, req.batch_size
+    n = matmul_params(m)
+    context = req.prompt_len + req.max_new_tokens / 2
+    kv_read = batch * context * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
+    memory_s = (_weights_read_per_step(req) + kv_read) / rates.bandwidth
+    flops_per_token = 2 * n + attention_flops_per_token(m, context)
+    compute_s = batch * flops_per_token / (rates.flops * MATMUL_EFFICIENCY)
+    host_s = _decode_host_overhead(req)
+    steps = req.max_new_tokens
+    prefill_flops = batch * req.prompt_len * (2 * n + attention_flops_per_token(m, req.prompt_len / 2))
+    prefill_s = prefill_flops / (rates.flops * MATMUL_EFFICIENCY)
+    bound = "memory bound" if memory_s >= compute_s else "compute bound"
+    terms = (
+        TimeTerm("prefill", prefill_s, f"{batch} x {req.prompt_len} prompt tokens at {MATMUL_EFFICIENCY:.0%} of peak"),
+        TimeTerm("decode: weights and KV cache", steps * max(memory_s, compute_s),
+                 f"{steps} steps, {bound}: weights in {_quant_bytes(req.quant)} and the KV cache read every step"),
+        TimeTerm("decode: host overhead", steps * host_s, f"{host_s * 1e3:.0f} ms per step, measured (HF generate)"),
+    )
+    total = sum(term.seconds for term in terms)
+    tokens = batch * steps * replicas
+    notes = ()
+    if req.parallel.gpus > 1:
+        notes = (f"sharded over {req.parallel.gpus} GPUs: they work in turn, so it runs at one card's speed",)
+    return Throughput(tokens_per_s=tokens / total, step_s=total, tokens_per_step=tokens, terms=terms,
+                      flops_per_token=flops_per_token, known=rates.known, notes=notes)
+
+
+def approx_tokens(chars: int) -> int:
+    """Tokens in `chars` characters of text (CHARS_PER_TOKEN)."""
+    return max(1, round(chars / CHARS_PER_TOKEN))
