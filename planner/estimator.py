@@ -129,6 +129,24 @@ def _sharded_weights(term: Term, req: EstimateRequest) -> Term:
     return Term("weights", int(blocks / gpus + edge), f"1/{gpus} of the blocks plus the embedding or head (sharded)")
 
 
+# DeepSpeed ZeRO-3 (and FSDP full-shard) partition the parameters over the GPUs and gather one layer's at a
+# time for its forward and backward, plus the next one prefetched; with `--offload params` the partitions
+# live in CPU memory and only the gathered layers are on the GPU.
+ZERO3_GATHERED_LAYERS = 2
+
+
+def _zero3_weights(term: Term, req: EstimateRequest) -> Term:
+    if req.parallel.zero != 3:
+        return term
+    model, gpus = req.model, req.parallel.gpus
+    largest = max(model.params_per_layer, model.embedding_params, model.lm_head_params)
+    gathered = ZERO3_GATHERED_LAYERS * term.bytes * largest / model.params
+    offloaded = req.parallel.offload is Offload.PARAMS
+    resident = 0 if offloaded else term.bytes / gpus
+    where = "partitions in CPU memory" if offloaded else f"1/{gpus} of the weights"
+    return Term("weights", int(resident + gathered), f"ZeRO-3: {where} plus {ZERO3_GATHERED_LAYERS} gathered layers")
+
+
 # ---- training state ------------------------------------------------------------------------------
 def trainable_params(req: EstimateRequest) -> int:
     return req.model.params if req.method is Method.FULL else req.lora.params(req.model)
@@ -219,8 +237,8 @@ def _linear_input_bytes_per_token(req: EstimateRequest) -> float:
     - full under autocast: every linear casts its fp32 input to 16 bits itself and saves that copy;
     - LoRA: the frozen base saves nothing, but PEFT casts the input of every targeted layer to the
       adapters' fp32 and lora_A saves that copy (plus lora_B's r-wide input);
-    - QLoRA: inputs are already fp32 (shared by the adapters), and bitsandbytes' 4-bit matmul saves its
-      own 16-bit copy of every input, targeted or not.
+    - QLoRA: inputs are already fp32 and shared by the adapters of the layers that read them; the frozen
+      4-bit base saves nothing (bitsandbytes keeps only the quantized weight for the input gradient).
     """
     model, r = req.model, req.lora.r
     linears = model.block_linears()
@@ -232,13 +250,28 @@ def _linear_input_bytes_per_token(req: EstimateRequest) -> float:
     adapters_r = FP32 * r * len(targets)
     if req.method is Method.LORA:
         return FP32 * sum(fan_in for fan_in, _ in targets.values()) + adapters_r
-    bnb_copies = BF16 * sum(fan_in for fan_in, _ in linears.values())
-    return bnb_copies + FP32 * sum(_distinct_inputs(model, set(targets))) + adapters_r
+    return FP32 * sum(_distinct_inputs(model, set(targets))) + adapters_r
+
+
+# PyTorch's fused SDPA kernels refuse fp32 grouped-query attention ("both fused kernels require query, key
+# and value to have the same num_heads"), so QLoRA's fp32 activations on a GQA model fall back to the math
+# kernel. It keeps the scaled q, the k and v expanded to every head (3 x q width, fp32) and the fp32 softmax
+# (batch x heads x seq x seq). Checked on the H200 (benchmarks/sdpa_fp32_probe.py ->
+# benchmarks/results/sdpa-fp32-h200.json): exact for Qwen2.5-1.5B and -3B shapes.
+MATH_SDPA_SOFTMAX_BYTES = FP32
+
+
+def _math_sdpa(req: EstimateRequest) -> bool:
+    m = req.model
+    return m.attention == "sdpa" and activation_bytes(req) == FP32 and m.num_kv_heads < m.num_heads
 
 
 def _attention_bytes_per_token(req: EstimateRequest) -> float:
-    """SDPA saves q, k, v and its output (flash / memory-efficient kernels keep no score matrix)."""
+    """SDPA's fused kernels save q, k, v and the output (no score matrix); the math kernel saves the
+    scaled q, k and v expanded to every head, and the softmax (heads x seq per token)."""
     m = req.model
+    if _math_sdpa(req):
+        return FP32 * 3 * m.q_dim + MATH_SDPA_SOFTMAX_BYTES * m.num_heads * req.seq_len
     return activation_bytes(req) * (2 * m.q_dim + 2 * m.kv_dim)
 
 
@@ -366,7 +399,7 @@ def allocator_slack(req: EstimateRequest, phase: str, allocated: int) -> Term:
 
 # ---- phases --------------------------------------------------------------------------------------------
 def _finetune_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
-    resident = [weight_bytes(req), optimizer_bytes(req)]
+    resident = [_zero3_weights(weight_bytes(req), req), optimizer_bytes(req)]
     if req.method is not Method.FULL:
         resident.insert(1, adapter_bytes(req))
     grads = gradient_bytes(req)

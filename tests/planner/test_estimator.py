@@ -126,3 +126,16 @@ def test_offload_without_zero_is_refused() -> None:
         Parallelism(gpus=2, offload=Offload.OPTIMIZER)
     with pytest.raises(RequestError, match="--zero 3"):
         Parallelism(gpus=2, zero=2, offload=Offload.PARAMS)
+
+
+def test_fp32_grouped_query_attention_keeps_the_softmax() -> None:
+    # QLoRA activations are fp32; PyTorch's fused kernels refuse fp32 GQA, so the math kernel keeps
+    # 4 bytes x heads x seq per token (benchmarks/results/sdpa-fp32-h200.json: 671 MB for Qwen2.5-3B, 2 x 2048).
+    from llmplan.planner.estimator import _attention_bytes_per_token
+
+    qlora = finetune("Qwen2.5-3B", method=Method.QLORA, seq_len=2048)
+    assert _attention_bytes_per_token(qlora) == 4 * 3 * 2048 + 4 * 16 * 2048
+    lora = finetune("Qwen2.5-3B", method=Method.LORA, seq_len=2048)
+    assert _attention_bytes_per_token(lora) == 2 * (2 * 2048 + 2 * 256)
+    mha = finetune("Llama-2-7B", method=Method.QLORA, seq_len=2048)  # fused kernels take fp32 without GQA
+    assert _attention_bytes_per_token(mha) == 4 * (2 * 4096 + 2 * 4096)
