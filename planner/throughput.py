@@ -30,9 +30,10 @@ Generation (HF `generate`), per new token:
   bytes read = the weights the step touches (all of them; the routed experts for mixture-of-experts) plus
   the KV cache, plus bitsandbytes' dequantized copy for nf4 at batch > 1. On the H200 every measured step
   took 40-80 ms whatever the model size (Llama-3.2-1B: 56 ms, Llama-2-7B: 67 ms, Mixtral: 70 ms), while
-  reading the weights takes 0.5-20 ms: HF generate there is launch/host bound, so the host overhead is the
-  fitted term that matters. LLM.int8() layers are far slower (121-124 ms per step on 1.5B and 3B models):
-  they get their own fitted cost per layer call. The prompt is prefilled once at matmul efficiency.
+  reading the weights takes 0.5-20 ms: HF generate there is launch/host bound, so the host overhead (a
+  fixed part plus a part per decoder layer) is the fitted term that matters. LLM.int8() layers are far
+  slower (121-124 ms per step on 1.5B and 3B models): they get their own fitted cost per layer call. The
+  prompt is prefilled once at matmul efficiency.
 
 Fitted constants come from `benchmarks/results/memory-h200.jsonl` (NVIDIA H200, torch 2.11,
 transformers 5.17, peft 0.21, bitsandbytes 0.50.2; 2026-11-30) by `benchmarks/fit_throughput.py`, which
@@ -50,6 +51,7 @@ from .estimator import (
     EAGER_ATTENTION_BYTES,
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
+    layer_bytes_per_token,
     trainable_params,
     weight_bytes,
 )
@@ -59,32 +61,35 @@ from .request import EstimateRequest, Method, Offload, Optimizer, Parallelism, P
 
 # ---- fitted on the H200 runs (benchmarks/fit_throughput.py) -----------------------------------------
 # Share of the dense peak the matmuls reach: full fine-tuning and LoRA (one constant fits both).
-MATMUL_EFFICIENCY = 0.55
-# QLoRA: bitsandbytes dequantizes each 4-bit weight and the activations run in fp32
-# (prepare_model_for_kbit_training), so the same FLOPs take longer.
-QLORA_MATMUL_EFFICIENCY = 0.33
+MATMUL_EFFICIENCY = 0.74
+# QLoRA: bitsandbytes dequantizes each 4-bit weight before its matmul and the activations around it are
+# fp32 (prepare_model_for_kbit_training), so the same FLOPs take longer.
+QLORA_MATMUL_EFFICIENCY = 0.45
 # Bytes moved per adapter input or output element and pass by PEFT's fp32 LoRA path (cast, lora_A,
-# lora_B, scaling, add). Explains why q,v-only LoRA on Mistral-7B ran 1.3x faster than all-linear predicts.
-LORA_BYTES_PER_ELEMENT = 20.0
-# Bytes moved per attention score element and pass by eager attention (Gemma-2: soft-capping, fp32
-# softmax, casts); the estimator's EAGER_ATTENTION_BYTES counts only what stays alive.
-EAGER_BYTES_PER_SCORE = 130.0
-# Host floor per micro-batch (forward + backward + optimizer call), measured on the H200 machine.
-TRAIN_STEP_OVERHEAD_S = 0.068
-# QLoRA instead: per 4-bit linear layer call (forward, backward, recompute); kernel launches of
-# bitsandbytes' dequantize + matmul + casts.
-QLORA_LINEAR_CALL_S = 0.00032
-# HF generate, per new token: host/launch bound on the H200 machine.
-DECODE_STEP_OVERHEAD_S = 0.055
+# lora_B, scaling, add). Why q,v-only LoRA on Mistral-7B ran 1.3x faster than FLOPs alone predict.
+LORA_BYTES_PER_ELEMENT = 18.0
+# Elementwise traffic (norms, activations, residual adds, casts): bytes moved per byte of activations the
+# layer saves for backward (the estimator's `layer_bytes_per_token`), per pass.
+ACTIVATION_TRAFFIC = 4.6
+# Host overhead (Python, autograd, kernel launches) per decoder layer and pass (forward, backward x2,
+# recompute), measured on the H200 machine; a layer with eager attention (Gemma-2: scores, soft-capping,
+# mask, softmax as separate kernels, and four norms) counts twice.
+HOST_LAYER_PASS_S = 0.00054
+EAGER_LAYER_PASS_WEIGHT = 2
+# HF generate, per new token: host/launch bound on the H200 machine. A fixed part (logits processing,
+# stopping criteria, cache bookkeeping) and a part per decoder layer (kernel launches): 37 + 0.66 x 32 =
+# 58 ms for a 32-layer model.
+DECODE_STEP_OVERHEAD_S = 0.037
+DECODE_LAYER_OVERHEAD_S = 0.00066
 # LLM.int8() (bitsandbytes load_in_8bit), per linear layer per step: outlier decomposition and
 # int8 quantization of the activations are several kernels each.
 INT8_LINEAR_CALL_S = 0.00034
 # nf4 inference, per linear layer per step (bitsandbytes' 4-bit GEMV or dequantize kernel).
-NF4_LINEAR_CALL_S = 0.00004
-# Gemma-2's generate steps took 0.6x the host time of every other family (42 ms at 9B, 36 ms at 2B nf4);
-# fitted on those two runs. Likely cause: its hybrid (static-shape) cache, which avoids the per-layer
-# concatenation of DynamicCache; not established.
-HYBRID_CACHE_OVERHEAD_FACTOR = 0.58
+NF4_LINEAR_CALL_S = 0.000034
+# Gemma-2's generate steps took less host time than every other family's (42 ms at 9B with 42 layers,
+# 36 ms at 2B nf4): its fixed part, fitted on those two runs. Likely cause: its hybrid (static-shape)
+# cache, which avoids DynamicCache's per-layer concatenation; not established.
+HYBRID_CACHE_STEP_OVERHEAD_S = 0.010
 
 # ---- first principles (not fitted) ------------------------------------------------------------------
 # Logits and loss traffic per logit: write fp32 upcast (4), log-softmax read + write (8), backward reads
@@ -101,10 +106,9 @@ LINK_EFFICIENCY = 0.7
 # Host <-> GPU copies for CPU offload: pinned memory over PCIe 4.0 x16 (32 GB/s per direction) at the
 # link efficiency, unless the card's own PCIe link is slower (Pascal: PCIe 3.0).
 HOST_LINK_BYTES_PER_S = 32e9
-# DeepSpeed's CPU Adam, parameters updated per second on a server CPU. Assumption for the order of
-# magnitude (the ZeRO-Offload paper, Ren et al. 2021, reports ~1 s steps for 10B parameters on a
-# 2-socket CPU); not measured here.
-CPU_ADAM_PARAMS_PER_S = 1e10
+# DeepSpeed's CPU Adam (ZeRO-Offload, Ren et al. 2021), parameters updated per second. Assumption, not
+# measured: about half a second per billion parameters on a many-core CPU.
+CPU_ADAM_PARAMS_PER_S = 2e9
 # Characters per token of English text with a Llama-style tokenizer (rule of thumb: ~4); used to turn a
 # data set's size into tokens when only the file is given.
 CHARS_PER_TOKEN = 4.0
@@ -157,6 +161,7 @@ class Throughput:
 @dataclass(frozen=True)
 class Rates:
     flops: float  # dense FLOP/s of the matmuls in the compute dtype
+    fp32_flops: float  # dense FLOP/s of fp32 matmuls
     bandwidth: float  # bytes/s of device memory
     link: float | None  # bytes/s one way between GPUs (NVLink or PCIe), None when unknown
     host_link: float  # bytes/s one way between CPU and GPU
@@ -180,8 +185,10 @@ def card_rates(gpu: GpuSpec, precision: Precision) -> Rates:
     host = HOST_LINK_BYTES_PER_S
     if gpu.interconnect == "PCIe" and gpu.interconnect_gbps:
         host = min(host, gpu.interconnect_gbps * 1e9 / 2)
+    fp32 = gpu.fp32_tflops * 1e12 if gpu.fp32_tflops else NOMINAL_FLOPS / 8
     return Rates(
         flops=tflops * 1e12 if tflops else NOMINAL_FLOPS,
+        fp32_flops=fp32,
         bandwidth=gpu.memory_bandwidth_gbps * 1e9 if gpu.memory_bandwidth_gbps else NOMINAL_BANDWIDTH,
         link=link,
         host_link=host * LINK_EFFICIENCY,
@@ -237,12 +244,13 @@ class TrainingWork:
     """What one micro-batch asks of one GPU, before any rate is applied (what the fit regresses on)."""
 
     tokens: int
-    flops: float
+    flops: float  # at the compute dtype's rate
+    fp32_flops: float  # at the fp32 rate: QLoRA's output head
     quantized: bool  # QLoRA: matmuls through bitsandbytes 4-bit layers
     adapter_elements: float  # adapter inputs + outputs moved, all passes
-    eager_scores: float  # attention score elements materialised by eager attention, all passes
+    activation_bytes: float  # activations saved for backward, times the passes that touch them
     fixed_bytes: float  # logits and loss, dequantization: first-principles traffic
-    quantized_linear_calls: int  # 4-bit layer calls (forward, backward, recompute)
+    layer_passes: float  # decoder layers x passes, eager-attention layers weighted
 
 
 def _passes(req: EstimateRequest) -> int:
@@ -264,24 +272,30 @@ def training_work(req: EstimateRequest) -> TrainingWork:
         widths = sum((i + o) * (m.experts_per_token if name in mlp else 1)
                      for name, (i, o) in req.lora.target_shapes(m).items())
         adapter_elements = float(tokens * widths * m.num_layers * _passes(req))
-    eager = 0.0
-    if m.attention == "eager":
-        eager = float(req.batch_size * m.num_heads * req.seq_len**2 * m.num_layers * _passes(req))
+    saved = layer_bytes_per_token(req) * tokens
+    eager = m.attention == "eager"
+    if eager:
+        saved += EAGER_ATTENTION_BYTES * req.batch_size * m.num_heads * req.seq_len**2
     quantized = req.method is Method.QLORA
-    linears = len(m.block_linears()) * m.num_layers
     dequant = 0.0
     if quantized:
         per_param = NF4_DEQUANT_READ_BYTES + 2 * req.precision.compute_bytes
         dequant = m.linear_params * per_param * _weight_passes(req)
     logits = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT
+    flops = tokens * training_flops_per_token(req).total
+    # prepare_model_for_kbit_training upcasts every parameter bitsandbytes did not quantize to fp32, the
+    # output head included, and its input arrives in fp32: the head's forward and input-gradient matmuls
+    # (the head is frozen, and outside the checkpointed blocks) run at the fp32 rate.
+    fp32_flops = tokens * 4.0 * m.vocab_size * m.hidden_size if quantized and req.precision.compute_bytes < 4 else 0.0
     return TrainingWork(
         tokens=tokens,
-        flops=tokens * training_flops_per_token(req).total,
+        flops=flops - fp32_flops,
+        fp32_flops=fp32_flops,
         quantized=quantized,
         adapter_elements=adapter_elements,
-        eager_scores=eager,
+        activation_bytes=saved * m.num_layers * _passes(req),
         fixed_bytes=logits + dequant,
-        quantized_linear_calls=linears * _weight_passes(req) if quantized else 0,
+        layer_passes=float(m.num_layers * _passes(req) * (EAGER_LAYER_PASS_WEIGHT if eager else 1)),
     )
 
 
@@ -292,19 +306,19 @@ def _micro_batch_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[T
     terms = [TimeTerm("matmuls", accum * work.flops / (rates.flops * efficiency),
                       f"{work.flops / work.tokens / 1e9:.1f} GFLOP/token at {efficiency:.0%} of "
                       f"{rates.flops / 1e12:.3g} TFLOP/s{per}")]
+    if work.fp32_flops:
+        terms.append(TimeTerm("fp32 output head", accum * work.fp32_flops / (rates.fp32_flops * efficiency),
+                              f"QLoRA upcasts the head to fp32: {work.fp32_flops / work.tokens / 1e9:.1f} GFLOP/token "
+                              f"at {rates.fp32_flops / 1e12:.3g} TFLOP/s"))
     if work.adapter_elements:
         terms.append(TimeTerm("LoRA adapter traffic", accum * work.adapter_elements * LORA_BYTES_PER_ELEMENT / rates.bandwidth,
                               f"PEFT's fp32 adapter path, {LORA_BYTES_PER_ELEMENT:g} bytes per element and pass"))
-    if work.eager_scores:
-        terms.append(TimeTerm("eager attention", accum * work.eager_scores * EAGER_BYTES_PER_SCORE / rates.bandwidth,
-                              "attention scores materialised (eager attention)"))
+    terms.append(TimeTerm("elementwise traffic", accum * work.activation_bytes * ACTIVATION_TRAFFIC / rates.bandwidth,
+                          f"norms, activations, casts: {ACTIVATION_TRAFFIC:g} x the saved activations per pass"))
     terms.append(TimeTerm("logits, loss" + (", dequantization" if work.quantized else ""),
                           accum * work.fixed_bytes / rates.bandwidth, "memory bound"))
-    if work.quantized:
-        terms.append(TimeTerm("host overhead", accum * work.quantized_linear_calls * QLORA_LINEAR_CALL_S,
-                              f"{work.quantized_linear_calls} 4-bit layer calls per micro-batch (bitsandbytes)"))
-    else:
-        terms.append(TimeTerm("host overhead", accum * TRAIN_STEP_OVERHEAD_S, "per micro-batch, measured (Python, launches)"))
+    terms.append(TimeTerm("host overhead", accum * work.layer_passes * HOST_LAYER_PASS_S,
+                          f"{HOST_LAYER_PASS_S * 1e3:.2f} ms per layer and pass, measured (Python, launches)"))
     return terms
 
 
@@ -319,6 +333,14 @@ def _optimizer_term(req: EstimateRequest, rates: Rates) -> TimeTerm:
         return TimeTerm("optimizer step", 0.0, "on the CPU (see CPU offload)")
     return TimeTerm("optimizer step", trainable * per_param / shards / rates.bandwidth,
                     f"AdamW over {trainable / 1e6:.1f}M trainable params, memory bound")
+
+
+def _gathered_weight_bytes(req: EstimateRequest) -> float:
+    """What ZeRO-3 / FSDP move when they gather the weights: 16-bit copies (full fine-tuning keeps the
+    fp32 masters in the optimizer), or the frozen base as stored."""
+    if req.method is Method.FULL:
+        return req.model.params * req.precision.compute_bytes
+    return weight_bytes(replace(req, parallel=Parallelism())).bytes
 
 
 def _communication_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
@@ -338,7 +360,7 @@ def _communication_terms(req: EstimateRequest, rates: Rates, accum: int) -> list
         terms.append(TimeTerm("gradient reduce-scatter", accum * share * grad_bytes / rates.link,
                               "every micro-batch (ZeRO-2/3, FSDP)"))
     if zero == 3:
-        weights = weight_bytes(replace(req, parallel=Parallelism())).bytes
+        weights = _gathered_weight_bytes(req)
         gathers = accum * _weight_passes(req) * share * weights
         terms.append(TimeTerm("parameter all-gather", gathers / rates.link,
                               f"ZeRO-3 / FSDP gather {weights / 2**30:.1f} GiB of weights per forward, backward"
@@ -358,7 +380,7 @@ def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeT
     terms = [TimeTerm("CPU offload: optimizer", transfers / rates.host_link + trainable / gpus / CPU_ADAM_PARAMS_PER_S,
                       "gradients to the CPU, Adam on the CPU (DeepSpeed CPUAdam), parameters back; assumed rates")]
     if offload is Offload.PARAMS:
-        weights = weight_bytes(replace(req, parallel=Parallelism())).bytes
+        weights = _gathered_weight_bytes(req)
         fetched = accum * _weight_passes(req) * weights / gpus
         terms.append(TimeTerm("CPU offload: parameters", fetched / rates.host_link,
                               "each GPU fetches its partition of the weights from CPU memory every pass"))
@@ -421,11 +443,42 @@ def _weights_read_per_step(req: EstimateRequest) -> float:
     return read
 
 
-def _decode_host_overhead(req: EstimateRequest) -> float:
-    linears = len(req.model.block_linears()) * req.model.num_layers
-    per_call = {Quant.INT8: INT8_LINEAR_CALL_S, Quant.NF4: NF4_LINEAR_CALL_S}.get(req.quant, 0.0)
-    factor = HYBRID_CACHE_OVERHEAD_FACTOR if req.model.model_type == "gemma2" else 1.0
-    return DECODE_STEP_OVERHEAD_S * factor + linears * per_call
+@dataclass(frozen=True)
+class DecodeWork:
+    """What one `generate` call asks of one model copy, before any rate is applied."""
+
+    steps: int  # new tokens per sequence
+    bytes_per_step: float  # weights touched + KV cache (at the average context)
+    flops_per_step: float
+    prefill_flops: float
+    linear_calls_per_step: int
+    layers: int
+    quant: Quant
+    hybrid_cache: bool  # Gemma-2 (see HYBRID_CACHE_STEP_OVERHEAD_S)
+
+
+def decode_work(req: EstimateRequest) -> DecodeWork:
+    m, batch = req.model, req.batch_size
+    n = matmul_params(m)
+    context = req.prompt_len + req.max_new_tokens / 2
+    kv_read = batch * context * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
+    prefill_per_token = 2 * n + attention_flops_per_token(m, req.prompt_len / 2)
+    return DecodeWork(
+        steps=req.max_new_tokens,
+        bytes_per_step=_weights_read_per_step(req) + kv_read,
+        flops_per_step=batch * (2 * n + attention_flops_per_token(m, context)),
+        prefill_flops=batch * req.prompt_len * prefill_per_token,
+        linear_calls_per_step=len(m.block_linears()) * m.num_layers,
+        layers=m.num_layers,
+        quant=req.quant,
+        hybrid_cache=m.model_type == "gemma2",
+    )
+
+
+def decode_host_overhead(work: DecodeWork) -> float:
+    per_call = {Quant.INT8: INT8_LINEAR_CALL_S, Quant.NF4: NF4_LINEAR_CALL_S}.get(work.quant, 0.0)
+    fixed = HYBRID_CACHE_STEP_OVERHEAD_S if work.hybrid_cache else DECODE_STEP_OVERHEAD_S
+    return fixed + work.layers * DECODE_LAYER_OVERHEAD_S + work.linear_calls_per_step * per_call
 
 
 def _quant_bytes(quant: Quant) -> str:
@@ -439,32 +492,28 @@ def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1)
     another (HF device_map pipeline), so it reads its weights at one card's bandwidth."""
     if req.task is not Task.INFER:
         raise ValueError("generation_throughput needs an inference request")
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
     rates = card_rates(gpu, req.precision)
-    m, batch = req.model, req.batch_size
-    n = matmul_params(m)
-    context = req.prompt_len + req.max_new_tokens / 2
-    kv_read = batch * context * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
-    memory_s = (_weights_read_per_step(req) + kv_read) / rates.bandwidth
-    flops_per_token = 2 * n + attention_flops_per_token(m, context)
-    compute_s = batch * flops_per_token / (rates.flops * MATMUL_EFFICIENCY)
-    host_s = _decode_host_overhead(req)
-    steps = req.max_new_tokens
-    prefill_flops = batch * req.prompt_len * (2 * n + attention_flops_per_token(m, req.prompt_len / 2))
-    prefill_s = prefill_flops / (rates.flops * MATMUL_EFFICIENCY)
+    work = decode_work(req)
+    memory_s = work.bytes_per_step / rates.bandwidth
+    compute_s = work.flops_per_step / (rates.flops * MATMUL_EFFICIENCY)
+    host_s = decode_host_overhead(work)
     bound = "memory bound" if memory_s >= compute_s else "compute bound"
     terms = (
-        TimeTerm("prefill", prefill_s, f"{batch} x {req.prompt_len} prompt tokens at {MATMUL_EFFICIENCY:.0%} of peak"),
-        TimeTerm("decode: weights and KV cache", steps * max(memory_s, compute_s),
-                 f"{steps} steps, {bound}: weights in {_quant_bytes(req.quant)} and the KV cache read every step"),
-        TimeTerm("decode: host overhead", steps * host_s, f"{host_s * 1e3:.0f} ms per step, measured (HF generate)"),
+        TimeTerm("prefill", work.prefill_flops / (rates.flops * MATMUL_EFFICIENCY),
+                 f"{req.batch_size} x {req.prompt_len} prompt tokens at {MATMUL_EFFICIENCY:.0%} of peak"),
+        TimeTerm("decode: weights and KV cache", work.steps * max(memory_s, compute_s),
+                 f"{work.steps} steps, {bound}: weights in {_quant_bytes(req.quant)} and the KV cache, every step"),
+        TimeTerm("decode: host overhead", work.steps * host_s, f"{host_s * 1e3:.0f} ms per step, measured (HF generate)"),
     )
     total = sum(term.seconds for term in terms)
-    tokens = batch * steps * replicas
+    tokens = req.batch_size * work.steps * replicas
     notes = ()
     if req.parallel.gpus > 1:
         notes = (f"sharded over {req.parallel.gpus} GPUs: they work in turn, so it runs at one card's speed",)
     return Throughput(tokens_per_s=tokens / total, step_s=total, tokens_per_step=tokens, terms=terms,
-                      flops_per_token=flops_per_token, known=rates.known, notes=notes)
+                      flops_per_token=work.flops_per_step / req.batch_size, known=rates.known, notes=notes)
 
 
 def approx_tokens(chars: int) -> int:
