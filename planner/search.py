@@ -1,0 +1,617 @@
+"""`llmplan fit`'s search: which configurations fit the GPUs, ranked by estimated throughput.
+
+The SkyPilot optimizer's shape: estimation lives elsewhere (`estimator.estimate` for memory,
+`throughput` for speed); this module enumerates candidates, filters them by memory, ranks them, and
+when nothing fits says what would. Pure functions, no printing, no I/O.
+
+Enumeration (fine-tuning): method x quantization x precision x parallelism x gradient checkpointing, and
+for each of those "families" the largest micro-batch that fits (memory grows with the micro-batch, so a
+binary search over the divisors of the per-GPU batch finds it); gradient accumulation makes up the rest
+of the global batch. Precision: bf16 where the card has it, else fp16; fp32 as well where the card
+computes 16-bit slower than fp32 (Pascal: a P40 runs fp16 at 1/64 of its fp32 rate). Parallelism: one
+GPU; DDP; DeepSpeed ZeRO-2/3 and CPU offload where DeepSpeed can run, else FSDP (estimated as the ZeRO
+stage it equals). Inference: quantization x precision x (replicas x sharding) x batch.
+
+Ranking: fine-tuning by training tokens/s. Inference by weights first (unquantized, then int8, then nf4:
+quantization changes the model's outputs, so it is recommended only where 16-bit weights do not fit;
+a precision the card computes slowly ranks last), then by generated tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from .estimator import MemoryEstimate, estimate
+from .gpus import GpuSpec
+from .hardware import Hardware
+from .models import ModelSpec
+from .request import EstimateRequest, LoraSpec, Method, Offload, Parallelism, Precision, Quant, RequestError, Task
+from .throughput import Throughput, finetune_throughput, generation_throughput
+from .units import GiB, format_gib
+
+ALL_METHODS = (Method.FULL, Method.LORA, Method.QLORA)
+MORE_GPUS = (2, 4, 8, 16, 32, 64)
+SHORTEST_SEQUENCE = 128
+# A more complex parallelism must be this much faster than a simpler one to be listed.
+DOMINANCE_TOLERANCE = 0.02
+# A precision is "slow" on a card when its matmuls run below this share of the card's fp32 rate.
+SLOW_PRECISION_SHARE = 1.0
+
+
+class FitError(ValueError):
+    """A fit request that cannot be searched as asked; the message says what to change."""
+
+
+class Backend(str, Enum):
+    SINGLE = "single"
+    DDP = "ddp"
+    DEEPSPEED = "deepspeed"
+    FSDP = "fsdp"
+    REPLICAS = "replicas"  # inference: copies of the model, each on its own GPU(s)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a configuration uses the GPUs.
+
+    Fine-tuning is data parallel over all `gpus`; `zero`/`offload` are DeepSpeed's (or, for FSDP, the ZeRO
+    stage its sharding equals: SHARD_GRAD_OP = 2, FULL_SHARD = 3; its CPU offload moves parameters).
+    Inference runs `replicas` copies, each sharded over `shard` GPUs (HF device_map).
+    """
+
+    backend: Backend
+    gpus: int = 1
+    zero: int = 0
+    offload: Offload = Offload.NONE
+    shard: int = 1
+
+    @property
+    def parallel(self) -> Parallelism:
+        """What the estimator sees: per-GPU memory of one data-parallel rank or one model copy."""
+        if self.backend is Backend.REPLICAS:
+            return Parallelism(gpus=self.shard)
+        return Parallelism(gpus=self.gpus, zero=self.zero, offload=self.offload)
+
+    @property
+    def replicas(self) -> int:
+        return self.gpus // self.shard if self.backend is Backend.REPLICAS else 1
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.backend is Backend.DEEPSPEED
+
+    @property
+    def fsdp_mode(self) -> str:
+        return "full-shard" if self.zero == 3 else "shard-grad-op"
+
+    @property
+    def label(self) -> str:
+        offload = f" + offload {self.offload.value}" if self.offload is not Offload.NONE else ""
+        if self.backend is Backend.SINGLE:
+            return "1 GPU"
+        if self.backend is Backend.DDP:
+            return f"DDP x{self.gpus}"
+        if self.backend is Backend.DEEPSPEED:
+            where = f" x{self.gpus}" if self.gpus > 1 else ""
+            return f"ZeRO-{self.zero}{where}{offload}"
+        if self.backend is Backend.FSDP:
+            cpu = " + CPU offload" if self.offload is not Offload.NONE else ""
+            return f"FSDP {self.fsdp_mode} x{self.gpus}{cpu}"
+        if self.replicas == 1:
+            return f"sharded over {self.shard}" if self.shard > 1 else "1 GPU"
+        copies = f"{self.replicas} replicas"
+        return f"{copies}, each sharded over {self.shard}" if self.shard > 1 else copies
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend.value, "gpus": self.gpus, "zero": self.zero, "offload": self.offload.value,
+                "shard": self.shard, "replicas": self.replicas, "label": self.label}
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What `llmplan fit` searches for. `batch_size` is global: sequences per optimizer step (fine-tuning)
+    or sequences generated at once (inference). `tokens` is per epoch (None: no time estimate)."""
+
+    model: ModelSpec
+    hardware: Hardware
+    task: Task = Task.FINETUNE
+    methods: tuple[Method, ...] = ALL_METHODS
+    seq_len: int = 512
+    batch_size: int = 16
+    prompt_len: int = 512
+    max_new_tokens: int = 256
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    tokens: int | None = None
+    epochs: float = 1.0
+    margin: float = 0.10
+    deepspeed: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < 1:
+            raise FitError(f"--margin must be at least 0 and below 1, got {self.margin:g}")
+        sizes = {"--seq-len": self.seq_len, "--batch-size": self.batch_size, "--prompt-len": self.prompt_len,
+                 "--max-new-tokens": self.max_new_tokens}
+        for option, value in sizes.items():
+            if value <= 0:
+                raise FitError(f"{option} must be positive, got {value}")
+        if self.epochs <= 0:
+            raise FitError(f"--epochs must be positive, got {self.epochs:g}")
+        if self.tokens is not None and self.tokens <= 0:
+            raise FitError(f"--tokens must be positive, got {self.tokens}")
+        if not self.methods:
+            raise FitError("no fine-tuning method to search")
+        if self.task is Task.FINETUNE and set(self.methods) - {Method.FULL}:
+            try:
+                self.lora.target_shapes(self.model)
+            except RequestError as error:
+                raise FitError(str(error)) from error
+        gpus = self.hardware.count
+        if self.task is Task.FINETUNE and self.batch_size % gpus:
+            up = math.ceil(self.batch_size / gpus) * gpus
+            raise FitError(f"--batch-size {self.batch_size} (global) does not split over {gpus} GPUs: "
+                           f"use a multiple of {gpus}, e.g. {up}")
+
+    @property
+    def gpu(self) -> GpuSpec:
+        return self.hardware.gpu
+
+    @property
+    def budget_bytes(self) -> int:
+        """Per-GPU memory a plan may use: the free (or catalog) memory less the margin."""
+        return int(self.hardware.memory_bytes * (1 - self.margin))
+
+    @property
+    def total_tokens(self) -> float | None:
+        return None if self.tokens is None else self.tokens * self.epochs
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration, its per-GPU memory and its throughput."""
+
+    request: EstimateRequest
+    strategy: Strategy
+    grad_accum: int
+    memory: MemoryEstimate
+    throughput: Throughput
+    budget_bytes: int
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory.device_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.memory_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes <= self.budget_bytes
+
+    @property
+    def method(self) -> Method | None:
+        return self.request.method if self.request.task is Task.FINETUNE else None
+
+    @property
+    def quant(self) -> Quant:
+        return self.request.effective_quant
+
+    @property
+    def precision(self) -> Precision:
+        return self.request.precision
+
+    @property
+    def micro_batch(self) -> int:
+        return self.request.batch_size
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.request.gradient_checkpointing
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.throughput.tokens_per_s
+
+    @property
+    def host_bytes(self) -> int:
+        """CPU memory CPU offload needs: what the estimator moved off the GPUs (fp32 optimizer states,
+        and the weights when parameters are offloaded), all ranks together."""
+        if self.strategy.offload is Offload.NONE:
+            return 0
+        req = self.request
+        trainable = req.model.params if req.method is Method.FULL else req.lora.params(req.model)
+        states = trainable * 16  # fp32 master, Adam m and v, fp32 gradient
+        weights = req.model.params * req.precision.compute_bytes if self.strategy.offload is Offload.PARAMS else 0
+        return int(states + weights)
+
+    def seconds_for(self, tokens: float | None) -> float | None:
+        return None if tokens is None or not self.throughput.known else self.throughput.seconds_for(tokens)
+
+    def describe(self) -> str:
+        """"lora, bf16-true, 1 GPU, micro-batch 4 x 4, gradient checkpointing" or "bf16-true, nf4 weights,
+        2 replicas, batch 8" (one line for sentences)."""
+        if self.request.task is Task.INFER:
+            weights = [f"{self.quant.value} weights"] if self.quant is not Quant.NONE else []
+            return ", ".join([self.precision.value, *weights, self.strategy.label, f"batch {self.micro_batch}"])
+        parts = [self.method.value, self.precision.value, self.strategy.label]
+        if self.request.task is Task.FINETUNE:
+            parts.append(f"micro-batch {self.micro_batch} x {self.grad_accum}")
+            if self.checkpointing:
+                parts.append("gradient checkpointing")
+        return ", ".join(parts)
+
+    def to_dict(self, total_tokens: float | None = None) -> dict:
+        req = self.request
+        data = {
+            "method": self.method.value if self.method else None,
+            "quant": self.quant.value,
+            "precision": self.precision.value,
+            "parallelism": self.strategy.to_dict(),
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "gradient_checkpointing": self.checkpointing,
+            "seq_len": req.seq_len if req.task is Task.FINETUNE else None,
+            "prompt_len": req.prompt_len if req.task is Task.INFER else None,
+            "max_new_tokens": req.max_new_tokens if req.task is Task.INFER else None,
+            "memory_bytes": self.memory_bytes,
+            "budget_bytes": self.budget_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "host_bytes": self.host_bytes,
+            "peak_phase": self.memory.peak_phase,
+            "breakdown": [term.to_dict() for term in self.memory.terms],
+            "cuda_context_bytes": self.memory.cuda_context_bytes,
+            "throughput": self.throughput.to_dict(),
+            "tokens_per_s": self.tokens_per_s if self.throughput.known else None,
+            "time_s": self.seconds_for(total_tokens),
+        }
+        return data
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A change that makes something fit, and the best configuration it gives."""
+
+    change: str  # gpus | seq_len | prompt_len | method | deepspeed | memory
+    text: str
+    candidate: Candidate | None = None
+
+    def to_dict(self) -> dict:
+        return {"change": self.change, "text": self.text,
+                "candidate": self.candidate.describe() if self.candidate else None}
+
+
+@dataclass(frozen=True)
+class FitResult:
+    request: FitRequest
+    candidates: tuple[Candidate, ...]  # the feasible ones, best first
+    nearest: Candidate | None = None  # nothing fits: the configuration closest to fitting
+    reasons: tuple[str, ...] = ()  # nothing fits: why
+    suggestions: tuple[Suggestion, ...] = ()
+    warnings: tuple[str, ...] = ()
+    considered: int = 0  # memory estimates made
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.candidates)
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+
+# ---- enumeration ---------------------------------------------------------------------------------------
+def slow_precisions(gpu: GpuSpec) -> frozenset[Precision]:
+    """Precisions whose matmuls run slower than fp32 on this card (fp16 on a P40: 0.18 vs 11.8 TFLOP/s)."""
+    if not (gpu.fp32_tflops and gpu.fp16_tflops) or gpu.fp16_tflops >= SLOW_PRECISION_SHARE * gpu.fp32_tflops:
+        return frozenset()
+    return frozenset({Precision.FP16_TRUE, Precision.FP16_MIXED})
+
+
+def precisions_for(gpu: GpuSpec, method: Method | None) -> tuple[Precision, ...]:
+    """bf16 where the card has it, else fp16; plus fp32 where 16-bit compute is slow on the card.
+    Full fine-tuning gets mixed precision (fp32 masters) too; pure fp16 training without masters is
+    left out (updates underflow)."""
+    full = method is Method.FULL
+    if gpu.bf16:
+        found = (Precision.BF16_TRUE, Precision.BF16_MIXED) if full else (Precision.BF16_TRUE,)
+    else:
+        found = (Precision.FP16_MIXED,) if full else (Precision.FP16_TRUE,)
+    if slow_precisions(gpu) & set(found):
+        found = (*found, Precision.FP32)
+    return found
+
+
+def finetune_quants(gpu: GpuSpec, method: Method) -> tuple[Quant, ...]:
+    """QLoRA needs bitsandbytes' 4-bit kernels on the card; full and LoRA train a 16/32-bit base."""
+    if method is Method.QLORA:
+        return (Quant.NF4,) if gpu.bnb_4bit else ()
+    return (Quant.NONE,)
+
+
+def finetune_strategies(gpus: int, deepspeed: bool) -> tuple[Strategy, ...]:
+    if gpus == 1:
+        single = (Strategy(Backend.SINGLE),)
+        if not deepspeed:
+            return single
+        return (*single, Strategy(Backend.DEEPSPEED, 1, 2, Offload.OPTIMIZER), Strategy(Backend.DEEPSPEED, 1, 3, Offload.PARAMS))
+    ddp = (Strategy(Backend.DDP, gpus),)
+    if deepspeed:
+        return (*ddp, *(Strategy(Backend.DEEPSPEED, gpus, zero, offload) for zero, offload in (
+            (2, Offload.NONE), (3, Offload.NONE), (2, Offload.OPTIMIZER), (3, Offload.OPTIMIZER), (3, Offload.PARAMS))))
+    return (*ddp, Strategy(Backend.FSDP, gpus, 2), Strategy(Backend.FSDP, gpus, 3), Strategy(Backend.FSDP, gpus, 3, Offload.PARAMS))
+
+
+def inference_strategies(gpus: int) -> tuple[Strategy, ...]:
+    """Every split of the GPUs into replicas x shard (1 x 1 on one GPU)."""
+    if gpus == 1:
+        return (Strategy(Backend.SINGLE),)
+    return tuple(Strategy(Backend.REPLICAS, gpus, shard=shard) for shard in divisors(gpus))
+
+
+def inference_quants(gpu: GpuSpec) -> tuple[Quant, ...]:
+    quants = [Quant.NONE]
+    if gpu.bnb_int8:
+        quants.append(Quant.INT8)
+    if gpu.bnb_4bit:
+        quants.append(Quant.NF4)
+    return tuple(quants)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Every setting but the batch: the search finds the largest batch that fits."""
+
+    method: Method
+    quant: Quant
+    precision: Precision
+    strategy: Strategy
+    checkpointing: bool
+
+
+def _finetune_families(fit: FitRequest) -> Iterator[_Family]:
+    for method in fit.methods:
+        for quant in finetune_quants(fit.gpu, method):
+            for precision in precisions_for(fit.gpu, method):
+                for strategy in finetune_strategies(fit.hardware.count, fit.deepspeed):
+                    for checkpointing in (False, True):
+                        yield _Family(method, quant, precision, strategy, checkpointing)
+
+
+def _inference_families(fit: FitRequest) -> Iterator[_Family]:
+    for quant in inference_quants(fit.gpu):
+        for precision in precisions_for(fit.gpu, None):
+            for strategy in inference_strategies(fit.hardware.count):
+                yield _Family(Method.LORA, quant, precision, strategy, False)
+
+
+def _request(fit: FitRequest, family: _Family, batch: int) -> EstimateRequest:
+    return EstimateRequest(
+        model=fit.model,
+        task=fit.task,
+        method=family.method,
+        precision=family.precision,
+        quant=family.quant,
+        batch_size=batch,
+        seq_len=fit.seq_len,
+        prompt_len=fit.prompt_len,
+        max_new_tokens=fit.max_new_tokens,
+        lora=fit.lora,
+        gradient_checkpointing=family.checkpointing,
+        parallel=family.strategy.parallel,
+    )
+
+
+class _Counter:
+    """Memory estimates made (for `FitResult.considered`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def estimate(self, req: EstimateRequest) -> MemoryEstimate:
+        self.count += 1
+        return estimate(req)
+
+
+def _batch_sizes(fit: FitRequest, family: _Family) -> list[int]:
+    """Batch sizes to try, ascending: the divisors of the per-GPU share of the global batch (fine-tuning:
+    the rest is gradient accumulation), or powers of two up to each copy's share (inference)."""
+    if fit.task is Task.FINETUNE:
+        return divisors(fit.batch_size // fit.hardware.count)
+    per_copy = math.ceil(fit.batch_size / family.strategy.replicas)
+    return sorted({min(2**k, per_copy) for k in range(per_copy.bit_length() + 1)})
+
+
+def _largest_fitting(fit: FitRequest, family: _Family, counter: _Counter) -> tuple[EstimateRequest, MemoryEstimate, bool]:
+    """The largest batch of the family that fits (binary search: memory grows with the batch), or the
+    smallest batch's estimate when none does."""
+    sizes = _batch_sizes(fit, family)
+    smallest = _request(fit, family, sizes[0])
+    best = (smallest, counter.estimate(smallest))
+    if best[1].device_bytes > fit.budget_bytes:
+        return best[0], best[1], False
+    low, high = 1, len(sizes) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        req = _request(fit, family, sizes[middle])
+        found = counter.estimate(req)
+        if found.device_bytes <= fit.budget_bytes:
+            best, low = (req, found), middle + 1
+        else:
+            high = middle - 1
+    return best[0], best[1], True
+
+
+def _candidate(fit: FitRequest, family: _Family, req: EstimateRequest, memory: MemoryEstimate) -> Candidate:
+    if fit.task is Task.FINETUNE:
+        accum = (fit.batch_size // fit.hardware.count) // req.batch_size
+        throughput = finetune_throughput(req, fit.gpu, accum)
+    else:
+        accum = 1
+        throughput = generation_throughput(req, fit.gpu, family.strategy.replicas)
+    return Candidate(req, family.strategy, accum, memory, throughput, fit.budget_bytes)
+
+
+def _evaluate(fit: FitRequest, counter: _Counter) -> tuple[list[Candidate], list[Candidate]]:
+    """(fitting candidates, smallest configuration of each family that does not fit)."""
+    families = _finetune_families(fit) if fit.task is Task.FINETUNE else _inference_families(fit)
+    fitting, misses = [], []
+    for family in families:
+        req, memory, fits = _largest_fitting(fit, family, counter)
+        candidate = _candidate(fit, family, req, memory)
+        (fitting if fits else misses).append(candidate)
+    return fitting, misses
+
+
+# ---- ranking -------------------------------------------------------------------------------------------
+_QUANT_TIER = {Quant.NONE: 0, Quant.INT8: 1, Quant.NF4: 2}
+_STRATEGY_ORDER = {Backend.SINGLE: 0, Backend.REPLICAS: 0, Backend.DDP: 1, Backend.FSDP: 2, Backend.DEEPSPEED: 3}
+
+
+def _simplicity(candidate: Candidate) -> tuple:
+    s = candidate.strategy
+    return (_STRATEGY_ORDER[s.backend], s.zero, s.offload is not Offload.NONE, s.shard, candidate.checkpointing)
+
+
+def rank_key(candidate: Candidate, gpu: GpuSpec) -> tuple:
+    speed = -candidate.tokens_per_s
+    if candidate.request.task is Task.FINETUNE:
+        return (speed, candidate.memory_bytes, _simplicity(candidate))
+    tier = 3 if candidate.precision in slow_precisions(gpu) else _QUANT_TIER[candidate.quant]
+    return (tier, speed, candidate.memory_bytes, _simplicity(candidate))
+
+
+def rank(candidates: Iterable[Candidate], gpu: GpuSpec) -> tuple[Candidate, ...]:
+    return tuple(sorted(prune_dominated(candidates), key=lambda c: rank_key(c, gpu)))
+
+
+def prune_dominated(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Drop a candidate when one with the same method, weights and precision, a simpler parallelism
+    (single GPU < DDP < FSDP < DeepSpeed; less sharding, no offload) is at least as fast (within
+    DOMINANCE_TOLERANCE): ZeRO or offload that buys nothing is not worth listing."""
+    pool = list(candidates)
+
+    def same_kind(a: Candidate, b: Candidate) -> bool:
+        return (a.method, a.quant, a.precision) == (b.method, b.quant, b.precision)
+
+    def dominates(a: Candidate, b: Candidate) -> bool:
+        return (a is not b and same_kind(a, b) and _simplicity(a)[:4] < _simplicity(b)[:4]
+                and a.tokens_per_s >= (1 - DOMINANCE_TOLERANCE) * b.tokens_per_s)
+
+    return [c for c in pool if not any(dominates(other, c) for other in pool)]
+
+
+# ---- warnings ------------------------------------------------------------------------------------------
+def hardware_warnings(fit: FitRequest) -> tuple[str, ...]:
+    gpu = fit.gpu
+    found = []
+    if not gpu.bf16:
+        found.append(f"{gpu.name} has no bf16 (compute capability {gpu.compute_capability_str}; bf16 needs 8.0+): "
+                     "16-bit plans use fp16")
+    if slow_precisions(gpu):
+        found.append(f"{gpu.name} computes fp16 at {gpu.fp16_tflops:g} TFLOP/s against {gpu.fp32_tflops:g} in fp32 "
+                     f"(1/{gpu.fp32_tflops / gpu.fp16_tflops:.0f}): fp32 compute is planned too (over 4-bit weights "
+                     "where 32-bit ones do not fit), and fp16 plans are timed at the slow rate")
+    if not gpu.bnb_4bit:
+        found.append(f"bitsandbytes does not support the {gpu.name} (compute capability {gpu.compute_capability_str}; "
+                     "needs 5.0+): no QLoRA, nf4 or int8")
+    elif not gpu.bnb_int8 and fit.task is Task.INFER:
+        found.append(f"no LLM.int8() on the {gpu.name} (bitsandbytes' int8 matmul needs compute capability 7.5+): "
+                     "nf4 only")
+    return tuple(found)
+
+
+def candidate_warnings(candidate: Candidate, gpu: GpuSpec) -> tuple[str, ...]:
+    found = list(candidate.throughput.notes)
+    if candidate.precision in slow_precisions(gpu):
+        found.append(f"{candidate.precision.value} is slow on the {gpu.name} ({gpu.fp16_tflops:g} TFLOP/s)")
+    if candidate.quant is not Quant.NONE and gpu.bitsandbytes_note:
+        found.append(f"bitsandbytes on the {gpu.name}: {gpu.bitsandbytes_note}")
+    if candidate.host_bytes:
+        found.append(f"CPU offload needs about {format_gib(candidate.host_bytes)} of CPU memory")
+    return tuple(found)
+
+
+# ---- search ---------------------------------------------------------------------------------------------
+def search(fit: FitRequest, *, advise: bool = True) -> FitResult:
+    """The configurations that fit, best first; when none does, the nearest one and what would fit."""
+    counter = _Counter()
+    fitting, misses = _evaluate(fit, counter)
+    ranked = rank(fitting, fit.gpu)
+    warnings = hardware_warnings(fit)
+    if ranked:
+        return FitResult(fit, ranked, warnings=warnings + candidate_warnings(ranked[0], fit.gpu), considered=counter.count)
+    nearest = min(misses, key=lambda c: c.memory_bytes, default=None)
+    reasons = _reasons(fit, nearest)
+    suggestions = tuple(suggest(fit, nearest)) if advise else ()
+    return FitResult(fit, (), nearest=nearest, reasons=reasons, suggestions=suggestions, warnings=warnings,
+                     considered=counter.count)
+
+
+def _reasons(fit: FitRequest, nearest: Candidate | None) -> tuple[str, ...]:
+    budget = (f"{format_gib(fit.budget_bytes)} per GPU ({format_gib(fit.hardware.memory_bytes)} x "
+              f"(1 - {fit.margin:g} margin))")
+    if nearest is None:
+        if fit.task is Task.FINETUNE and fit.methods == (Method.QLORA,) and not fit.gpu.bnb_4bit:
+            return (f"QLoRA needs bitsandbytes' 4-bit kernels, which do not run on the {fit.gpu.name} "
+                    f"(compute capability {fit.gpu.compute_capability_str}): use --method lora or full",)
+        return (f"no configuration of {fit.model.name} can run on the {fit.gpu.name} as asked",)
+    over = nearest.memory_bytes - fit.budget_bytes
+    return (f"nothing fits in {budget}",
+            f"the smallest configuration, {nearest.describe()}, needs {format_gib(nearest.memory_bytes)} per GPU "
+            f"({format_gib(over)} over)")
+
+
+def _best_after(fit: FitRequest, **changes: object) -> Candidate | None:
+    try:
+        changed = replace(fit, **changes)
+    except FitError:
+        return None
+    return search(changed, advise=False).best
+
+
+def suggest(fit: FitRequest, nearest: Candidate | None) -> Iterator[Suggestion]:
+    """The smallest changes that make something fit, each with the best configuration it gives."""
+    gpu, count = fit.gpu, fit.hardware.count
+    for more in MORE_GPUS:
+        if more <= count:
+            continue
+        hardware = replace(fit.hardware, count=more)
+        batch = fit.batch_size if fit.task is Task.INFER else math.ceil(fit.batch_size / more) * more
+        best = _best_after(fit, hardware=hardware, batch_size=batch)
+        if best is not None:
+            yield Suggestion("gpus", f"{more} x {gpu.name} (--gpus {more}): {best.describe()}, "
+                                     f"{format_gib(best.memory_bytes)} per GPU", best)
+            break
+    yield from _shorter(fit)
+    if fit.task is Task.FINETUNE and Method.QLORA not in fit.methods and gpu.bnb_4bit:
+        best = _best_after(fit, methods=(Method.QLORA,))
+        if best is not None:
+            yield Suggestion("method", f"QLoRA (--method qlora): {best.describe()}, {format_gib(best.memory_bytes)}", best)
+    if fit.task is Task.FINETUNE and not fit.deepspeed:
+        best = _best_after(fit, deepspeed=True)
+        if best is not None:
+            yield Suggestion("deepspeed", f"DeepSpeed ({best.strategy.label}; it needs nvcc from a CUDA toolkit): "
+                                          f"{best.describe()}, {format_gib(best.memory_bytes)} per GPU", best)
+    if nearest is not None:
+        needed = math.ceil(nearest.memory_bytes / (1 - fit.margin) / GiB * 10) / 10
+        yield Suggestion("memory", f"a GPU with at least {needed:.1f} GiB free runs {nearest.describe()}")
+
+
+def _shorter(fit: FitRequest) -> Iterator[Suggestion]:
+    option, length = ("--seq-len", fit.seq_len) if fit.task is Task.FINETUNE else ("--prompt-len", fit.prompt_len)
+    key = "seq_len" if fit.task is Task.FINETUNE else "prompt_len"
+    shorter = length // 2
+    while shorter >= SHORTEST_SEQUENCE:
+        best = _best_after(fit, **{key: shorter})
+        if best is not None:
+            yield Suggestion(key, f"a shorter sequence ({option} {shorter}): {best.describe()}, "
+                                  f"{format_gib(best.memory_bytes)} per GPU", best)
+            return
+        shorter //= 2
