@@ -21,8 +21,8 @@ from llmplan.planner.request import (
     Task,
 )
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
-from llmplan.planner.units import format_gib
 
+from .memory_view import breakdown_table
 from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
 
 LORA_OPTIONS = ("lora_r", "lora_targets")
@@ -51,22 +51,11 @@ def _check_option_combinations(ctx: click.Context, task: Task, method: Method) -
 
 def render(result: MemoryEstimate, model: ModelSpec, how: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     req = result.request
     console = Console()
     console.print(f"[bold]{model.name}[/bold] ({model.params / 1e9:.2f}B params; {how}): {_describe(req)}")
-    table = Table(show_edge=False)
-    table.add_column("term")
-    table.add_column("GiB", justify="right")
-    table.add_column("what it counts")
-    for term in result.terms:
-        table.add_row(term.name, format_gib(term.bytes), term.note)
-    table.add_section()
-    table.add_row("[bold]peak reserved[/bold]", f"[bold]{format_gib(result.peak_bytes)}[/bold]", f"at {result.peak_phase} (torch.cuda.max_memory_reserved)")
-    table.add_row("cuda context", format_gib(result.cuda_context_bytes), "outside PyTorch's allocator")
-    table.add_row("[bold]device total[/bold]", f"[bold]{format_gib(result.device_bytes)}[/bold]", "per GPU, as nvidia-smi shows it")
-    console.print(table)
+    console.print(breakdown_table(result))
 
 
 def _describe(req: EstimateRequest) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from llmplan.planner.estimator import MemoryEstimate
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
 from llmplan.planner.request import ALL_LINEAR, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
@@ -26,6 +25,7 @@ from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, Fi
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
 from llmplan.planner.units import format_gib
 
+from .memory_view import breakdown_table
 from .options import EXIT_INFEASIBLE, UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
 
 DATA_PLACEHOLDER = "PATH"
@@ -259,21 +259,6 @@ def candidates_table(candidates: tuple[Candidate, ...], task: Task, total_tokens
     return table
 
 
-def memory_table(memory: MemoryEstimate, budget: int):
-    from rich.table import Table
-
-    table = Table(show_edge=False, show_header=False, padding=(0, 1))
-    table.add_column("term")
-    table.add_column("GiB", justify="right")
-    table.add_column("what")
-    for term in memory.terms:
-        table.add_row(term.name, format_gib(term.bytes), term.note)
-    table.add_row("cuda context", format_gib(memory.cuda_context_bytes), "outside PyTorch's allocator")
-    table.add_section()
-    table.add_row("total", format_gib(memory.device_bytes), f"of {format_gib(budget)} usable per GPU (peak: {memory.peak_phase})")
-    return table
-
-
 def time_table(throughput: Throughput, task: Task):
     from rich.table import Table
 
@@ -402,7 +387,7 @@ def _render_feasible(report: Report, console) -> None:
     console.print()
     console.print(f"[bold]Recommended[/bold]: {escape(best.describe())}")
     console.print(escape(f"Memory per GPU (peak at {best.memory.peak_phase}):"))
-    console.print(memory_table(best.memory, best.budget_bytes))
+    console.print(breakdown_table(best.memory, best.budget_bytes))
     if best.throughput.known:
         time = best.seconds_for(fit.total_tokens)
         when = f"; {format_seconds(time)} for the data" if time is not None else ""
@@ -425,7 +410,7 @@ def _render_infeasible(report: Report, console) -> None:
         console.print(escape(f"  {reason}"), soft_wrap=True)
     if result.nearest is not None:
         console.print(escape(f"Nearest: {result.nearest.describe()}"))
-        console.print(memory_table(result.nearest.memory, result.nearest.budget_bytes))
+        console.print(breakdown_table(result.nearest.memory, result.nearest.budget_bytes))
     if result.suggestions:
         console.print("What would fit:")
         for suggestion in result.suggestions:

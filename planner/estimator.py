@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import ModelSpec
-from .request import EstimateRequest, Method, Offload, Optimizer, Precision, Quant, Task
+from .request import EstimateRequest, Method, Offload, Optimizer, Quant, Task
 
 # ---- constants --------------------------------------------------------------------------------
 BF16 = 2
