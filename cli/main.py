@@ -15,9 +15,13 @@ import click
 COMMANDS: dict[str, str] = {
     "estimate": "estimate:estimate",
     "fit": "fit:fit",
+    "generate": "generate:generate",
     "gpus": "gpus:gpus",
     "jobs": "jobs:jobs",
     "show": "jobs:show",
+    "models": "models:models",
+    "convert": "convert:convert",
+    "merge": "merge:merge",
 }
 
 

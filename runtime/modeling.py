@@ -72,7 +72,9 @@ def quantization_config(quant: str) -> Any:
 
 
 def load_pretrained(path: str, dtype: str, quant: str, device: str) -> Any:
-    """Load a local Hugging Face directory with the runtime's attention and quantization settings."""
+    """Load a local Hugging Face directory with the runtime's attention and quantization settings.
+
+    `device` "auto" shards the model over every GPU the process sees (HF `device_map="auto"`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = AutoConfig.from_pretrained(path).model_type
@@ -81,7 +83,7 @@ def load_pretrained(path: str, dtype: str, quant: str, device: str) -> Any:
         dtype=torch_dtype(dtype),
         quantization_config=quantization_config(quant),
         attn_implementation=attention_implementation(model_type),
-        device_map={"": device},
+        device_map="auto" if device == "auto" else {"": device},
     )
 
 

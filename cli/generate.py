@@ -1,0 +1,136 @@
+"""`llmplan generate MODEL PROMPT...`: planned text or chat completion, run in Ray actors, recorded as a job."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+
+import click
+
+from llmplan.planner.plan import InferenceAsk, InferencePlan, PlanError, plan_inference
+from llmplan.planner.request import Precision, Quant
+from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
+
+from .jobs import db_option, open_engine
+from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
+
+INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
+JOBS_DIR = Path("~/.llmplan/jobs")
+
+
+def jobs_dir() -> Path:
+    return Path(os.environ.get("LLMPLAN_JOBS_DIR", JOBS_DIR)).expanduser()
+
+
+def detect_hardware(gpus: int | None):
+    """The local GPUs through NVML, or None to run on the CPU."""
+    from llmplan.planner.hardware import plan_hardware
+    from llmplan.planner.nvml_probe import probe_gpus
+
+    probe = probe_gpus()
+    if not probe.found:
+        return None
+    return plan_hardware(gpus, None, None, lambda: probe)
+
+
+def make_plan(model: str, *, batch_size: int, prompt_len: int, max_new_tokens: int, precision: str | None,
+              quant: str | None, gpus: int | None) -> InferencePlan:
+    spec = resolve_model(model).spec
+    ask = InferenceAsk(model=model, spec=spec, batch_size=batch_size, prompt_len=prompt_len,
+                       max_new_tokens=max_new_tokens, precision=Precision(precision) if precision else None,
+                       quant=Quant(quant) if quant else None)
+    return plan_inference(ask, detect_hardware(gpus))
+
+
+def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
+    from llmplan.runtime.chat import load_prompts
+
+    if prompts and input_path:
+        raise UserError("give prompts as arguments or --input FILE.jsonl, not both")
+    items = tuple(load_prompts(input_path)) if input_path else prompts
+    if not items:
+        raise UserError("nothing to generate: give a prompt, or --input FILE.jsonl with one prompt or dialog a line")
+    return items
+
+
+def describe_plan(plan: InferencePlan) -> str:
+    where = "CPU" if plan.device == "cpu" else (
+        f"{plan.replicas} replica(s) x {plan.gpus_per_replica} GPU" + ("s" if plan.gpus_per_replica > 1 else ""))
+    rate = f", ~{plan.estimated_tokens_per_s:,.0f} tokens/s" if plan.estimated_tokens_per_s else ""
+    return (f"plan: {plan.model_name}, {plan.dtype}, quant {plan.quant}, {where}, batch {plan.batch_size}, "
+            f"{plan.estimated_device_bytes / 2**30:.1f} GiB per device{rate}")
+
+
+def generation_options(command):
+    """The options `generate` and `submit infer` share: inputs, sampling, and what to plan for."""
+    options = [
+        click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+                     help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line."),
+        click.option("--output", type=click.Path(dir_okay=False), help="Write the completions here (JSONL)."),
+        click.option("--max-new-tokens", type=int, default=256, show_default=True, callback=positive),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True, callback=positive,
+                     help="Prompts generated together (capped by what the plan says fits)."),
+        click.option("--prompt-len", type=int, default=512, show_default=True, callback=positive,
+                     help="Longest prompt to plan memory for."),
+        click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter directory."),
+        click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), help="Default: the planner's choice."),
+        click.option("--quant", type=choice_of(Quant), help="Default: the planner's choice (16-bit when it fits)."),
+        click.option("--gpus", type=int, callback=positive, help="GPUs to use (default: all NVML finds)."),
+        db_option,
+        json_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, output: str | None,
+            max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int, prompt_len: int,
+            adapter: str | None, precision: str | None, quant: str | None, gpus: int | None):
+    """The plan and the inputs of an inference job, checked before anything starts."""
+    from llmplan.runtime.inference import GenerationSettings, InferenceError
+    from llmplan.runtime.inference_job import InferenceInputs
+
+    items = load_items(prompts, input_path)
+    plan = make_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                     precision=precision, quant=quant, gpus=gpus)
+    try:
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      seed=seed, batch_size=plan.batch_size)
+    except InferenceError as error:
+        raise UserError(str(error)) from error
+    return plan, InferenceInputs(items=items, settings=settings, adapter=adapter, output=output)
+
+
+@click.command("generate")
+@model_argument
+@click.argument("prompts", nargs=-1)
+@generation_options
+@user_errors(PlanError, UnknownModelError, ModelConfigError)
+def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: bool, **options) -> None:
+    """Complete text prompts or chat dialogs with MODEL, planned, run in Ray actors and recorded as a job."""
+    from llmplan.runtime import inference_job
+
+    plan, inputs = prepare(model, prompts, **options)
+    with open_engine(db_url) as (engine, _):
+        job = inference_job.submit(engine, plan, inputs, name=f"generate {plan.model_name}", submitter=getpass.getuser())
+        click.echo(f"job {job.id}: {describe_plan(plan)}", err=True)
+        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir())
+    if outcome.error:
+        raise click.ClickException(f"job {job.id} failed: {outcome.error} (llmplan show {job.id})")
+    if as_json:
+        print_json({"job": job.id, "plan": plan.to_dict(), "output": outcome.output,
+                    "tokens_per_s": outcome.tokens_per_s,
+                    "completions": [{"text": c.text, "finish_reason": c.finish_reason.value,
+                                     "completion_tokens": c.completion_tokens} for c in outcome.completions]})
+        return
+    for index, completion in enumerate(outcome.completions):
+        if len(outcome.completions) > 1:
+            click.echo(f"--- {index + 1}")
+        click.echo(completion.text)
+    rate = f"{outcome.tokens_per_s:,.1f} tokens/s" if outcome.tokens_per_s else ""
+    click.echo(f"job {job.id} succeeded: {rate}; completions in {outcome.output}", err=True)
