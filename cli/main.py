@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "gpus": "gpus:gpus",
     "jobs": "jobs:jobs",
     "show": "jobs:show",
+    "submit": "submit:submit",
     "models": "models:models",
     "convert": "convert:convert",
     "merge": "merge:merge",
