@@ -81,12 +81,12 @@ def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, 
     output = Path(inputs.output) if inputs.output else jobs_dir / str(job_id) / "completions.jsonl"
     replicas: list[Any] = []
     try:
-        replicas = _setup(engine, job_id, plan, inputs)
+        replicas = start(engine, job_id, plan, inputs.adapter)
         completions, reports, seconds = _generate(replicas, inputs)
-        _write(output, inputs.items, completions)
-        return _record_success(engine, job_id, completions, reports, seconds, output)
+        write_completions(output, inputs.items, completions)
+        return record_success(engine, job_id, completions, reports, seconds, output)
     except Exception as error:  # noqa: BLE001 - the job records whatever ended it
-        return _record_failure(engine, job_id, error)
+        return record_failure(engine, job_id, error)
     finally:
         if replicas:
             stop_replicas(replicas)
@@ -108,7 +108,8 @@ def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcom
 
 
 # ---- setup ------------------------------------------------------------------------------------------
-def _setup(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs) -> list[Any]:
+def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None) -> list[Any]:
+    """Place the plan's replicas, wait for the model to load, and mark the job running."""
     import ray
 
     from .model_store import ensure_model
@@ -118,7 +119,7 @@ def _setup(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInput
     transition(engine, job_id, JobStatus.SCHEDULED, message=f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
     ensure_ray()
-    replicas = start_replicas(plan, str(local.path), inputs.adapter)
+    replicas = start_replicas(plan, str(local.path), adapter)
     where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
     update = JobUpdate(placement=Placement(node=where["node"], gpus=tuple(where["gpus"])),
                        ray=RayIds(job_id=where["job"], actor_id=where["actor"]))
@@ -142,7 +143,7 @@ def _generate(replicas: Sequence[Any], inputs: InferenceInputs) -> tuple[list[Co
     return completions, reports, seconds
 
 
-def _write(output: Path, items: Sequence[PromptItem], completions: Sequence[Completion]) -> None:
+def write_completions(output: Path, items: Sequence[PromptItem], completions: Sequence[Completion]) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w") as sink:
         for item, completion in zip(items, completions):
@@ -154,7 +155,7 @@ def _write(output: Path, items: Sequence[PromptItem], completions: Sequence[Comp
 
 
 # ---- record -------------------------------------------------------------------------------------------
-def _record_success(engine: Any, job_id: int, completions: Sequence[Completion], reports: Sequence[Any],
+def record_success(engine: Any, job_id: int, completions: Sequence[Completion], reports: Sequence[Any],
                     seconds: float, output: Path) -> InferenceOutcome:
     generated = sum(c.completion_tokens for c in completions)
     tokens_per_s = generated / seconds if seconds > 0 else None
@@ -168,7 +169,7 @@ def _record_success(engine: Any, job_id: int, completions: Sequence[Completion],
     return InferenceOutcome(job_id, JobStatus.SUCCEEDED, tuple(completions), str(output), tokens_per_s, peaks)
 
 
-def _record_failure(engine: Any, job_id: int, error: BaseException) -> InferenceOutcome:
+def record_failure(engine: Any, job_id: int, error: BaseException) -> InferenceOutcome:
     from llmplan.runtime.store.repository import get_job
 
     message = describe(error)

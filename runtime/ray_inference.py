@@ -27,7 +27,7 @@ class InferenceReplica:
         import ray
 
         context = ray.get_runtime_context()
-        return {"node": context.get_node_id(), "gpus": [int(g) for g in ray.get_gpu_ids()],
+        return {"node": ray.util.get_node_ip_address(), "gpus": [int(g) for g in ray.get_gpu_ids()],
                 "actor": context.get_actor_id(), "job": context.get_job_id()}
 
     def close(self) -> None:
