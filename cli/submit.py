@@ -45,7 +45,7 @@ def submit_infer(model: str, prompts: tuple[str, ...], wait: bool, db_url: str |
         if as_json and not wait:
             print_json({"id": job.id, "plan": plan.to_dict(), "log": str(log)})
             return
-        click.echo(f"job {job.id} submitted: {describe_plan(plan)}; log {log}", err=not as_json)
+        click.echo(f"job {job.id} submitted: {describe_plan(plan)}; log {log}", err=True)
         if not as_json:
             click.echo(job.id)
         if wait:

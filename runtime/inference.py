@@ -1,0 +1,486 @@
+"""Text generation on one device: the inference recipe below the Ray layer.
+
+    generator = setup("path/to/hf-model", dtype="bf16", quant="none", device="cuda")
+    report = complete(generator, ["The capital of France is"], GenerationSettings(max_new_tokens=32))
+    report[0].text, report.tokens_per_second, report.peak_reserved_bytes
+    cleanup(generator)
+
+`setup` loads the tokenizer (left padding, a pad token) and the model with the runtime's defaults
+(`runtime.modeling.load_pretrained`: SDPA attention, bitsandbytes int8 / nf4, the expandable-segment
+allocator on CUDA), plus an optional PEFT adapter. `complete` and `chat` run prompts in batches of
+`settings.batch_size` through `model.generate`; `stream` yields one prompt's text as it is generated.
+
+`GenerationSettings` is the whole decoding policy: the checkpoint's `generation_config.json` sampling
+defaults (temperature, top-k, repetition penalty, ...) are dropped at setup, only its stop tokens are kept,
+so the same settings decode the same way on every model. Sampling is seeded per call from
+`settings.seed` inside `torch.random.fork_rng`, so it neither reads nor disturbs the global RNG.
+
+Ray-free on purpose: the Ray actors call these functions, and so can a benchmark on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .chat import Dialog, DialogError, Message, PromptItem, format_chat
+from .modeling import configure_allocator, load_pretrained
+
+DTYPES = ("bf16", "fp16", "fp32")
+QUANTS = ("none", "int8", "nf4")
+# Decoding turns generated ids into text the same way in `complete` and in `stream`.
+DECODE_KWARGS = {"skip_special_tokens": True}
+
+
+class InferenceError(ValueError):
+    """A request the runtime cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy decoding
+    top_p: float = 1.0  # nucleus sampling (only when temperature > 0)
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InferenceError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InferenceError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InferenceError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size <= 0:
+            raise InferenceError(f"batch_size must be positive, got {self.batch_size}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # the model produced a stop token (EOS)
+    LENGTH = "length"  # max_new_tokens ran out
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # the generated text, without the prompt and the stop token
+    token_ids: tuple[int, ...]  # the generated ids, the stop token included
+    prompt_tokens: int
+    finish_reason: FinishReason
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class GenerationReport(Sequence[Completion]):
+    """The completions, in the order of the prompts, and what generating them took."""
+
+    completions: tuple[Completion, ...]
+    wall_seconds: float
+    peak_reserved_bytes: int | None  # torch.cuda.max_memory_reserved during the call; None off CUDA
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.completions[index]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.completions)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.completions)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the wall time of the whole call (prefill included)."""
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def metrics(self) -> dict[str, float | int | None]:
+        return {
+            "prompts": len(self.completions),
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+        }
+
+
+@dataclass(eq=False)
+class Generator:
+    """A loaded model and tokenizer: a handle on memory, released by `cleanup` (or leaving a `with` block)."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    stop_token_ids: frozenset[int]
+    context_length: int | None  # the model's max_position_embeddings
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        cleanup(self)
+
+    @property
+    def closed(self) -> bool:
+        return self.model is None
+
+
+# ---- setup --------------------------------------------------------------------------------------
+def setup(
+    model_dir: str | Path,
+    *,
+    dtype: str = "bf16",
+    quant: str = "none",
+    device: str = "cuda",
+    adapter: str | Path | None = None,
+) -> Generator:
+    """Load a Hugging Face model directory (and optionally a PEFT adapter directory) for generation."""
+    model_dir = _checked_dir(model_dir, "config.json", "a Hugging Face model directory")
+    adapter_dir = _checked_dir(adapter, "adapter_config.json", "a PEFT adapter directory") if adapter else None
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("quant", quant, QUANTS)
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        configure_allocator()  # before the first CUDA allocation, or it has no effect
+    tokenizer = load_tokenizer(model_dir)
+    model = load_pretrained(str(model_dir), dtype, quant, device)
+    stop_ids = stop_token_ids(model, tokenizer)
+    model.generation_config = _plain_generation_config(tokenizer, stop_ids)  # on the base: PEFT generates with it
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    model.eval()
+    return Generator(model, tokenizer, torch_device, stop_ids, context)
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The model's tokenizer, padding on the left (generation continues at the right end of every row)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), padding_side="left")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InferenceError(f"{model_dir}: the tokenizer has neither a pad nor an EOS token: add one to it")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """A PEFT adapter on top of the loaded base model (not merged: it works on quantized bases too)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The checkpoint's EOS ids (generation_config.json may list several, e.g. Llama-3) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _plain_generation_config(tokenizer: Any, stop_ids: frozenset[int]) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=sorted(stop_ids) or None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _checked_dir(path: str | Path, marker: str, what: str) -> Path:
+    path = Path(path)
+    if not (path / marker).is_file():
+        raise InferenceError(f"{path} is not {what} (no {marker} in it): pass the directory that holds {marker}")
+    return path
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InferenceError(f"unknown {name} {value!r}: use {', '.join(choices)}")
+
+
+# ---- run ----------------------------------------------------------------------------------------
+def complete(generator: Generator, prompts: Sequence[str], settings: GenerationSettings) -> GenerationReport:
+    """Continue each text prompt (the tokenizer adds its BOS, as in training)."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InferenceError(f"prompt {i} is {type(prompt).__name__}, not text: use chat() for dialogs")
+    return _generate(generator, [_encode(generator, p, special=True) for p in prompts], settings)
+
+
+def chat(
+    generator: Generator, dialogs: Sequence[Sequence[Message | Mapping[str, Any]]], settings: GenerationSettings
+) -> GenerationReport:
+    """Answer each dialog: formatted by `format_chat` (the chat template, or Llama-2's format)."""
+    return _generate(generator, _encode_all(generator, dialogs, _encode_dialog), settings)
+
+
+def respond(generator: Generator, items: Sequence[PromptItem], settings: GenerationSettings) -> GenerationReport:
+    """A mix of text prompts and dialogs (what `chat.load_prompts` reads), answered in their order."""
+    return _generate(generator, _encode_all(generator, items, _encode_item), settings)
+
+
+def stream(generator: Generator, prompt: PromptItem, settings: GenerationSettings) -> Iterator[str]:
+    """Yield the text of one prompt (or dialog) piece by piece as it is generated.
+
+    The pieces join to exactly `complete(...)[0].text` for the same settings: `generate` runs in a thread
+    and hands each new token over a queue; the text is decoded here the way `complete` decodes it.
+    Closing the iterator early stops the generation after the current token.
+    """
+    ids = _encode_item(generator, prompt)
+    _check_context(generator, [ids], settings)
+    return _stream(generator, ids, settings)
+
+
+# ---- cleanup ------------------------------------------------------------------------------------
+def cleanup(generator: Generator) -> None:
+    """Drop the model and tokenizer and give the memory back (the CUDA cache too)."""
+    generator.model = None
+    generator.tokenizer = None
+    gc.collect()
+    if generator.device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- encoding -----------------------------------------------------------------------------------
+def _encode(generator: Generator, text: str, *, special: bool) -> list[int]:
+    _check_open(generator)
+    return generator.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _encode_all(generator: Generator, items: Sequence[Any], encode: Any) -> list[list[int]]:
+    """Encode every item; a dialog that cannot be formatted is named by its index."""
+    encoded = []
+    for i, item in enumerate(items):
+        try:
+            encoded.append(encode(generator, item))
+        except DialogError as error:
+            raise DialogError(f"dialog {i}: {error}") from None
+    return encoded
+
+
+def _encode_dialog(generator: Generator, dialog: Sequence[Message | Mapping[str, Any]]) -> list[int]:
+    # The chat template (or the Llama-2 format) writes every special token itself.
+    _check_open(generator)
+    return _encode(generator, format_chat(generator.tokenizer, dialog), special=False)
+
+
+def _encode_item(generator: Generator, item: PromptItem | Dialog) -> list[int]:
+    if isinstance(item, str):
+        return _encode(generator, item, special=True)
+    return _encode_dialog(generator, item)
+
+
+def _check_open(generator: Generator) -> None:
+    if generator.closed:
+        raise InferenceError("this generator was cleaned up: call setup() again to load the model")
+
+
+def _check_context(generator: Generator, encoded: Sequence[list[int]], settings: GenerationSettings) -> None:
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise InferenceError(f"prompt {i} has no tokens: give non-empty text")
+        if generator.context_length and len(ids) + settings.max_new_tokens > generator.context_length:
+            raise InferenceError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens {settings.max_new_tokens} it exceeds the "
+                f"model's context of {generator.context_length} tokens: shorten the prompt or lower max_new_tokens"
+            )
+
+
+# ---- generation ---------------------------------------------------------------------------------
+def _generate(generator: Generator, encoded: list[list[int]], settings: GenerationSettings) -> GenerationReport:
+    _check_open(generator)
+    _check_context(generator, encoded, settings)
+    if generator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(generator.device)
+    start = time.perf_counter()
+    completions: list[Completion] = []
+    with _seeded(settings.seed, generator.device):
+        for first in range(0, len(encoded), settings.batch_size):
+            completions += _generate_batch(generator, encoded[first : first + settings.batch_size], settings)
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_reserved(generator.device) if generator.device.type == "cuda" else None
+    return GenerationReport(tuple(completions), wall, peak)
+
+
+def _generate_batch(generator: Generator, batch: list[list[int]], settings: GenerationSettings) -> list[Completion]:
+    input_ids, attention_mask = _left_padded(batch, generator.tokenizer.pad_token_id, generator.device)
+    with torch.inference_mode(), _quiet_int8_casts():
+        output = generator.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(settings)
+        )
+    new_tokens = output[:, input_ids.shape[1] :].tolist()
+    return [_completion(generator, ids, len(prompt)) for ids, prompt in zip(new_tokens, batch)]
+
+
+def _left_padded(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    return input_ids, mask
+
+
+def _generation_kwargs(settings: GenerationSettings) -> dict[str, Any]:
+    if settings.greedy:
+        return {"max_new_tokens": settings.max_new_tokens, "do_sample": False}
+    # top_k=0 turns off transformers' default top-k of 50: sampling is temperature and top-p only.
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": True,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": 0,
+    }
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG for the block and restore the previous state after it."""
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class _Int8CastFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+@contextmanager
+def _quiet_int8_casts() -> Iterator[None]:
+    """bitsandbytes logs a warning in every int8 layer's forward when the input is not fp16 (once per layer
+    per token); LLM.int8 always quantizes its input from fp16, which is expected, not a problem to report."""
+    logger, quiet = logging.getLogger("bitsandbytes.autograd._functions"), _Int8CastFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _completion(generator: Generator, new_ids: list[int], prompt_tokens: int) -> Completion:
+    """Cut the generated ids after the first stop token (later ones are padding) and decode them."""
+    stop = next((i for i, t in enumerate(new_ids) if t in generator.stop_token_ids), None)
+    if stop is None:
+        return Completion(_decode(generator, new_ids), tuple(new_ids), prompt_tokens, FinishReason.LENGTH)
+    kept = new_ids[: stop + 1]
+    return Completion(_decode(generator, kept[:-1]), tuple(kept), prompt_tokens, FinishReason.STOP)
+
+
+def _decode(generator: Generator, ids: list[int]) -> str:
+    return generator.tokenizer.decode(ids, **DECODE_KWARGS)
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+_END = object()
+
+
+def _stream(generator: Generator, ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+    tokens: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+    worker = threading.Thread(
+        target=_stream_worker, args=(generator, ids, settings, tokens, cancel), daemon=True, name="llmplan-generate"
+    )
+    worker.start()
+    try:
+        yield from _stream_text(generator, tokens)
+    finally:
+        cancel.set()
+        worker.join()
+
+
+def _stream_worker(
+    generator: Generator, ids: list[int], settings: GenerationSettings, tokens: queue.Queue, cancel: threading.Event
+) -> None:
+    """Run `generate` for one prompt, putting each new token (then _END, or the error) on `tokens`."""
+    try:
+        input_ids, attention_mask = _left_padded([ids], generator.tokenizer.pad_token_id, generator.device)
+        with _seeded(settings.seed, generator.device), torch.inference_mode(), _quiet_int8_casts():
+            generator.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                streamer=_TokenQueue(tokens),
+                stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                **_generation_kwargs(settings),
+            )
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        tokens.put(error)
+    tokens.put(_END)
+
+
+def _stream_text(generator: Generator, tokens: queue.Queue) -> Iterator[str]:
+    """Decode the tokens so far after each new one and yield the text not yet yielded.
+
+    A piece is held back while the text ends in an incomplete UTF-8 character (U+FFFD) or does not extend
+    what was already yielded, so the pieces join to the final text.
+    """
+    new_ids: list[int] = []
+    emitted = ""
+    while (item := tokens.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        if new_ids and new_ids[-1] in generator.stop_token_ids:
+            continue  # nothing after a stop token is part of the answer
+        new_ids.extend(item)
+        text = _completion(generator, new_ids, 0).text
+        if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    text = _completion(generator, new_ids, 0).text
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]
+
+
+class _TokenQueue(BaseStreamer):
+    """A `generate` streamer (transformers' BaseStreamer protocol): the prompt first, then each new token."""
+
+    def __init__(self, tokens: queue.Queue) -> None:
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass  # the worker puts _END once generate has returned
+
+
+class _Cancelled(StoppingCriteria):
+    """A stopping criterion that ends generation once the stream's consumer has gone away."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool, device=input_ids.device)

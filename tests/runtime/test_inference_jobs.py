@@ -1,0 +1,125 @@
+"""Inference jobs end to end on a local Ray instance: plan, Ray actors, SmolLM2, the job record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TEST_CACHE
+
+pytest.importorskip("ray")
+
+from llmplan.cli.main import cli  # noqa: E402
+from llmplan.planner.plan import InferenceAsk, plan_inference  # noqa: E402
+from llmplan.planner.resolve import resolve_model  # noqa: E402
+from llmplan.runtime.inference import GenerationSettings  # noqa: E402
+from llmplan.runtime.inference_job import InferenceInputs, run, submit  # noqa: E402
+from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
+from llmplan.runtime.store.status import ErrorClass  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from llmplan.runtime.ray_cluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
+    values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
+              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def cpu_plan(model: str = MODEL, replicas: int = 1):
+    from dataclasses import replace
+
+    plan = plan_inference(InferenceAsk(model=model, spec=resolve_model(model).spec, batch_size=4,
+                                       prompt_len=64, max_new_tokens=8), None)
+    return replace(plan, replicas=replicas)
+
+
+def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> None:
+    result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert "Paris" in data["completions"][0]["text"]
+    engine = open_store(env["LLMPLAN_DB"])
+    details = get_job_details(engine, data["job"])
+    job = details.job
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.plan["device"] == "cpu" and job.plan["model_name"] == "SmolLM2-135M-Instruct"
+    assert job.measured_tokens_per_s and job.measured_tokens_per_s > 0
+    assert [event.to_status for event in details.events] == [JobStatus.QUEUED, JobStatus.SCHEDULED,
+                                                            JobStatus.RUNNING, JobStatus.SUCCEEDED]
+    written = [json.loads(line) for line in Path(data["output"]).read_text().splitlines()]
+    assert written[0]["completion"] == data["completions"][0]["text"]
+
+
+def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
+    engine = open_store(env["LLMPLAN_DB"])
+    prompts = ("The capital of France is", "Water boils at", "One, two, three,")
+    inputs = InferenceInputs(items=prompts, settings=GenerationSettings(max_new_tokens=8, batch_size=4))
+    texts = []
+    for replicas in (1, 2):
+        plan = cpu_plan(replicas=replicas)
+        job = submit(engine, plan, inputs, name="replicas", submitter="test")
+        outcome = run(engine, job.id, plan, inputs, jobs_dir=Path(env["LLMPLAN_JOBS_DIR"]))
+        assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+        texts.append([c.text for c in outcome.completions])
+    assert texts[0] == texts[1]
+    assert len(texts[0]) == 3
+
+
+def test_chat_dialogs_from_a_jsonl_file(local_ray, env, tmp_path: Path) -> None:
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
+    result = CliRunner().invoke(cli, ["generate", MODEL, "--input", str(dialogs), "--max-new-tokens", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in json.loads(result.stdout)["completions"][0]["text"]
+
+
+def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_ray, env, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(TEST_CACHE) / "models" / "SmolLM2-135M-Instruct" / "config.json").read_text())
+    result = CliRunner().invoke(cli, ["generate", str(broken), "hello", "--max-new-tokens", "4"])
+    assert result.exit_code == 1
+    assert "failed" in result.output
+    engine = open_store(env["LLMPLAN_DB"])
+    job = get_job(engine, 1)
+    assert job.status is JobStatus.FAILED
+    assert job.error_class is ErrorClass.USER_ERROR
+    assert "weights" in job.error_message
+
+
+def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
+    result = CliRunner().invoke(cli, ["chat", MODEL, "--max-new-tokens", "20"],
+                                input="What is the capital of France?\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+    job = get_job(open_store(env["LLMPLAN_DB"]), 1)
+    assert job.status is JobStatus.SUCCEEDED and job.name.startswith("chat")
+
+
+def test_submit_returns_an_id_and_the_detached_job_finishes(env) -> None:
+    result = CliRunner().invoke(cli, ["submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
+                                      "--max-new-tokens", "8", "--wait", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "succeeded"
+    completions = Path(data["output_dir"]) / "completions.jsonl"
+    assert "Paris" in json.loads(completions.read_text().splitlines()[0])["completion"]
