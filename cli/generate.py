@@ -43,6 +43,20 @@ def make_plan(model: str, *, batch_size: int, prompt_len: int, max_new_tokens: i
     return plan_inference(ask, detect_hardware(gpus))
 
 
+def announce_model(model: str) -> None:
+    """Make the model runnable here first (pull or convert once, with progress) and say where it went.
+
+    A model that cannot be made runnable is left to the job, which records the failure and its class."""
+    from llmplan.runtime.model_store import ModelStoreError, ensure_model
+
+    try:
+        local = ensure_model(model, progress=True)
+    except ModelStoreError:
+        return
+    if local.converted_now:
+        click.echo(local.note, err=True)
+
+
 def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
     from llmplan.runtime.chat import load_prompts
 
@@ -116,10 +130,13 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
     from llmplan.runtime import inference_job
 
     plan, inputs = prepare(model, prompts, **options)
+    announce_model(plan.model)
+    streamed = not as_json and len(inputs.items) == 1
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"generate {plan.model_name}", submitter=getpass.getuser())
         click.echo(f"job {job.id}: {describe_plan(plan)}", err=True)
-        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir())
+        on_text = (lambda piece: click.echo(piece, nl=False)) if streamed else None
+        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir(), on_text=on_text)
     if outcome.error:
         raise click.ClickException(f"job {job.id} failed: {outcome.error} (llmplan show {job.id})")
     if as_json:
@@ -128,7 +145,9 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
                     "completions": [{"text": c.text, "finish_reason": c.finish_reason.value,
                                      "completion_tokens": c.completion_tokens} for c in outcome.completions]})
         return
-    for index, completion in enumerate(outcome.completions):
+    if streamed:
+        click.echo()
+    for index, completion in enumerate(() if streamed else outcome.completions):
         if len(outcome.completions) > 1:
             click.echo(f"--- {index + 1}")
         click.echo(completion.text)

@@ -13,7 +13,7 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import describe_plan, generation_options, jobs_dir, prepare
+from .generate import announce_model, describe_plan, generation_options, jobs_dir, prepare
 from .jobs import open_engine
 from .options import print_json, user_errors
 
@@ -38,6 +38,7 @@ def submit_infer(model: str, prompts: tuple[str, ...], wait: bool, db_url: str |
     from llmplan.runtime.store.repository import Artifacts, JobUpdate, update_job
 
     plan, inputs = prepare(model, prompts, **options)
+    announce_model(plan.model)
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"infer {plan.model_name}", submitter=getpass.getuser())
         log = start_detached(job.id, database_url_from_environment(db_url), jobs_dir())

@@ -259,6 +259,19 @@ def stream(generator: Generator, prompt: PromptItem, settings: GenerationSetting
     return _stream(generator, ids, settings)
 
 
+def stream_report(generator: Generator, prompt: PromptItem, settings: GenerationSettings) -> Iterator[str | GenerationReport]:
+    """`stream`, then one last item: the `GenerationReport` of the whole call (token counts, time, memory)."""
+    ids = _encode_item(generator, prompt)
+    _check_context(generator, [ids], settings)
+    if generator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(generator.device)
+    start = time.perf_counter()
+    new_ids: list[int] = []
+    yield from _stream(generator, ids, settings, new_ids)
+    peak = torch.cuda.max_memory_reserved(generator.device) if generator.device.type == "cuda" else None
+    yield GenerationReport((_completion(generator, new_ids, len(ids)),), time.perf_counter() - start, peak)
+
+
 # ---- cleanup ------------------------------------------------------------------------------------
 def cleanup(generator: Generator) -> None:
     """Drop the model and tokenizer and give the memory back (the CUDA cache too)."""
@@ -403,7 +416,9 @@ def _decode(generator: Generator, ids: list[int]) -> str:
 _END = object()
 
 
-def _stream(generator: Generator, ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+def _stream(generator: Generator, ids: list[int], settings: GenerationSettings,
+            new_ids: list[int] | None = None) -> Iterator[str]:
+    """Yield text pieces; `new_ids`, when given, receives the generated ids."""
     tokens: queue.Queue = queue.Queue()
     cancel = threading.Event()
     worker = threading.Thread(
@@ -411,7 +426,7 @@ def _stream(generator: Generator, ids: list[int], settings: GenerationSettings) 
     )
     worker.start()
     try:
-        yield from _stream_text(generator, tokens)
+        yield from _stream_text(generator, tokens, [] if new_ids is None else new_ids)
     finally:
         cancel.set()
         worker.join()
@@ -436,13 +451,12 @@ def _stream_worker(
     tokens.put(_END)
 
 
-def _stream_text(generator: Generator, tokens: queue.Queue) -> Iterator[str]:
+def _stream_text(generator: Generator, tokens: queue.Queue, new_ids: list[int]) -> Iterator[str]:
     """Decode the tokens so far after each new one and yield the text not yet yielded.
 
     A piece is held back while the text ends in an incomplete UTF-8 character (U+FFFD) or does not extend
     what was already yielded, so the pieces join to the final text.
     """
-    new_ids: list[int] = []
     emitted = ""
     while (item := tokens.get()) is not _END:
         if isinstance(item, BaseException):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,15 +74,18 @@ def submit(engine: Any, plan: InferencePlan, inputs: InferenceInputs, *, name: s
                                       request=request, plan=record))
 
 
-def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, *, jobs_dir: Path) -> InferenceOutcome:
-    """Run a queued job to its end; every failure ends the job as failed with its class, never raises."""
+def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, *, jobs_dir: Path,
+        on_text: Callable[[str], None] | None = None) -> InferenceOutcome:
+    """Run a queued job to its end; every failure ends the job as failed with its class, never raises.
+
+    With `on_text` and a single prompt, the completion is streamed to it piece by piece as it is generated."""
     from .ray_inference import stop_replicas
 
     output = Path(inputs.output) if inputs.output else jobs_dir / str(job_id) / "completions.jsonl"
     replicas: list[Any] = []
     try:
         replicas = start(engine, job_id, plan, inputs.adapter)
-        completions, reports, seconds = _generate(replicas, inputs)
+        completions, reports, seconds = _generate(replicas, inputs, on_text)
         write_completions(output, inputs.items, completions)
         return record_success(engine, job_id, completions, reports, seconds, output)
     except Exception as error:  # noqa: BLE001 - the job records whatever ended it
@@ -128,9 +131,12 @@ def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None) ->
 
 
 # ---- run ----------------------------------------------------------------------------------------------
-def _generate(replicas: Sequence[Any], inputs: InferenceInputs) -> tuple[list[Completion], list[Any], float]:
+def _generate(replicas: Sequence[Any], inputs: InferenceInputs,
+              on_text: Callable[[str], None] | None) -> tuple[list[Completion], list[Any], float]:
     import ray
 
+    if on_text is not None and len(inputs.items) == 1:
+        return _stream_one(replicas[0], inputs, on_text)
     from .ray_inference import share
 
     shares = share(inputs.items, len(replicas))
@@ -141,6 +147,21 @@ def _generate(replicas: Sequence[Any], inputs: InferenceInputs) -> tuple[list[Co
     seconds = time.perf_counter() - started
     completions = [completion for report in reports for completion in report.completions]
     return completions, reports, seconds
+
+
+def _stream_one(replica: Any, inputs: InferenceInputs,
+                on_text: Callable[[str], None]) -> tuple[list[Completion], list[Any], float]:
+    import ray
+
+    started = time.perf_counter()
+    report = None
+    for ref in replica.stream.remote(inputs.items[0], inputs.settings):
+        value = ray.get(ref)
+        if isinstance(value, str):
+            on_text(value)
+        else:
+            report = value
+    return list(report.completions), [report], time.perf_counter() - started
 
 
 def write_completions(output: Path, items: Sequence[PromptItem], completions: Sequence[Completion]) -> None:

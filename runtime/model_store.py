@@ -549,8 +549,6 @@ def write_meta_weights(checkpoint: MetaCheckpoint, dst: Path) -> tuple["torch.dt
     The shards are memory-mapped, so a tensor is read only when its output file is written, and one
     output file (at most ~4 GiB) is held in memory at a time.
     """
-    import torch
-
     shards = [_load_shard(path) for path in checkpoint.shards]
     plan = _meta_tensor_plan(checkpoint, shards)
     _write_safetensors(plan, dst)

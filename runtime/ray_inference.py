@@ -8,7 +8,7 @@ from typing import Any
 from llmplan.planner.plan import InferencePlan
 
 from .chat import PromptItem
-from .inference import GenerationReport, GenerationSettings, cleanup, respond, setup, stream
+from .inference import GenerationReport, GenerationSettings, cleanup, respond, setup, stream_report
 
 
 class InferenceReplica:
@@ -20,8 +20,9 @@ class InferenceReplica:
     def respond(self, items: Sequence[PromptItem], settings: GenerationSettings) -> GenerationReport:
         return respond(self.generator, items, settings)
 
-    def stream(self, item: PromptItem, settings: GenerationSettings) -> Iterator[str]:
-        yield from stream(self.generator, item, settings)
+    def stream(self, item: PromptItem, settings: GenerationSettings) -> Iterator[str | GenerationReport]:
+        """Text pieces as they are generated (a Ray streaming generator), then the call's report."""
+        yield from stream_report(self.generator, item, settings)
 
     def node(self) -> dict[str, Any]:
         import ray

@@ -123,3 +123,12 @@ def test_submit_returns_an_id_and_the_detached_job_finishes(env) -> None:
     assert data["status"] == "succeeded"
     completions = Path(data["output_dir"]) / "completions.jsonl"
     assert "Paris" in json.loads(completions.read_text().splitlines()[0])["completion"]
+
+
+def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
+    result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(" Paris")
+    job = get_job(open_store(env["LLMPLAN_DB"]), 1)
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.measured_tokens_per_s > 0
