@@ -1,0 +1,103 @@
+"""What a fine-tuning run executes: one frozen, JSON-serialisable config, filled from the plan.
+
+The planner decides method, precision, micro-batch, accumulation, checkpointing, optimizer and
+parallelism (`llmplan fit`); the user adds data, schedule and output. The recipe (`runtime/train.py`)
+never re-derives any of these on its own. No torch import here: the CLI and the store read it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+BACKENDS = ("single", "ddp", "deepspeed")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+TEMPLATES = ("auto", "alpaca", "chat")
+
+
+class TrainConfigError(ValueError):
+    """A configuration that cannot run as written; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str
+    format: str = "auto"  # detected from the first record when auto
+    template: str = "auto"  # alpaca for instruction data, the tokenizer's chat template for conversations
+    packing: bool = False  # concatenate short examples into full sequences
+    val_fraction: float = 0.05  # held out for a validation loss
+    response_only: bool = True  # loss on the response tokens only
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str  # a local Hugging Face directory (the runtime resolves catalog names and Meta checkpoints first)
+    data: DataConfig
+    output_dir: str
+    method: str = "lora"
+    precision: str = "bf16-true"
+    micro_batch: int = 1
+    grad_accum: int = 1
+    seq_len: int = 512
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int | None = None  # optimizer steps; None: run `epochs`
+    epochs: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 50  # optimizer steps between checkpoints
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    device: str = "cuda"  # cuda | cpu
+    workers: int = 1  # data-parallel processes (Ray Train workers)
+    backend: str = "single"  # single | ddp | deepspeed
+    zero: int = 0  # DeepSpeed ZeRO stage
+    offload: str = "none"  # none | optimizer | params (DeepSpeed)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {"method": METHODS, "precision": PRECISIONS, "optimizer": OPTIMIZERS, "backend": BACKENDS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("micro_batch", "grad_accum", "seq_len", "workers", "lora_r", "log_every", "save_every"):
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise TrainConfigError(f"max_steps must be positive, got {self.max_steps}")
+        if self.backend == "single" and self.workers > 1:
+            raise TrainConfigError("several workers need backend ddp or deepspeed")
+        if self.backend == "deepspeed" and self.zero not in (1, 2, 3):
+            raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
+        if self.data.format not in DATA_FORMATS or self.data.template not in TEMPLATES:
+            raise TrainConfigError(f"data format must be one of {DATA_FORMATS} and template one of {TEMPLATES}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.workers
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown keys: {', '.join(unknown)}")
+        values = dict(data)
+        values["data"] = DataConfig(**values["data"]) if isinstance(values.get("data"), dict) else values["data"]
+        values["lora_targets"] = tuple(values.get("lora_targets", ("all-linear",)))
+        return cls(**values)
