@@ -91,7 +91,7 @@ def converse(replica, settings, system_prompt: str | None):
         try:
             validate_dialog(dialog)
         except DialogError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"Error: {error}", err=True)
             continue
         started = time.perf_counter()
         report = ray.get(replica.respond.remote([dialog], settings))

@@ -41,6 +41,9 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import JobKind, JobStatus
 
+from .options import UserError as BadInput
+from .options import json_option
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 STATUS_STYLES = {
@@ -60,12 +63,6 @@ _SINCE_EXAMPLES = "30m, 12h, 7d, 2w, 2025-01-31 or 2025-01-31T14:00Z"
 COUNT_CAP = 10_000
 
 
-class BadInput(click.ClickException):
-    """A one-line error about what the user typed: exit code 2, no usage dump, no traceback."""
-
-    exit_code = 2
-
-
 # ---- options shared by both commands ------------------------------------------------------------
 def db_option(command: F) -> F:
     return click.option(
@@ -75,10 +72,6 @@ def db_option(command: F) -> F:
         help="Job database: a SQLite path or sqlite:///, postgresql+psycopg:// URL "
         "[default: $LLMPLAN_DB, else ~/.llmplan/llmplan.db].",
     )(command)
-
-
-def json_option(command: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(command)
 
 
 # ---- llmplan jobs -------------------------------------------------------------------------------

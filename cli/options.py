@@ -14,12 +14,9 @@ EXIT_INFEASIBLE = 1
 
 
 class UserError(click.ClickException):
-    """Bad input: one line on stderr, exit code 2, no traceback."""
+    """Bad input: one line on stderr ("Error: ..."), exit code 2, no usage dump, no traceback."""
 
     exit_code = EXIT_BAD_INPUT
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def user_errors(*error_types: type[Exception]) -> Callable:

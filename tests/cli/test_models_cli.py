@@ -60,7 +60,7 @@ def test_list_table_shows_cached_conversions(tmp_path: Path) -> None:
 def one_line_error(result, *fragments: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
