@@ -137,10 +137,9 @@ def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) 
         spec: dict[str, Any] = {"model": model, "precision": req.precision.value}
         if req.quant is not Quant.NONE:
             spec["quant"] = req.quant.value
+        # --gpus is the total: the runtime's planner makes the same replicas-or-sharding choice from it.
         spec |= {"batch-size": req.batch_size, "prompt-len": req.prompt_len, "max-new-tokens": req.max_new_tokens,
-                 "gpus": strategy.shard}
-        if strategy.replicas > 1:
-            spec["replicas"] = strategy.replicas
+                 "gpus": strategy.gpus}
         return spec
     spec = {"model": model, "method": req.method.value, "precision": req.precision.value,
             "micro-batch": req.batch_size, "grad-accum": candidate.grad_accum}
