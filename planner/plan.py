@@ -14,7 +14,7 @@ from typing import Any
 from .estimator import estimate
 from .hardware import Hardware
 from .models import ModelSpec
-from .request import EstimateRequest, Precision, Quant, Task
+from .request import EstimateRequest, LoraSpec, Method, Offload, Precision, Quant, Task
 from .search import FitRequest, search
 
 DTYPE_OF_PRECISION = {Precision.BF16_TRUE: "bf16", Precision.FP16_TRUE: "fp16", Precision.FP32: "fp32"}
@@ -122,3 +122,127 @@ def _infeasible_message(ask: InferenceAsk, hardware: Hardware, result: Any) -> s
         hint = f"drop {asked.split(' ')[0]} and let the planner choose"
     return (f"{ask.spec.name} inference (batch {ask.batch_size}, {ask.prompt_len}+{ask.max_new_tokens} tokens){what} "
             f"does not fit {hardware.count} x {hardware.gpu.name}: {hint or 'use more or larger GPUs'}")
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetunePlan:
+    """The plan-decided half of a training run (the user adds data, schedule and output)."""
+
+    model: str
+    model_name: str
+    device: str  # cuda | cpu
+    method: str
+    precision: str
+    micro_batch: int
+    grad_accum: int
+    workers: int  # data-parallel ranks (one per GPU)
+    backend: str  # single | ddp | deepspeed | fsdp
+    zero: int
+    offload: str
+    gradient_checkpointing: bool
+    optimizer: str
+    seq_len: int
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    estimated_peak_bytes: int
+    estimated_device_bytes: int
+    estimated_tokens_per_s: float | None
+    breakdown: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["notes"], data["lora_targets"] = list(self.notes), list(self.lora_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetunePlan":
+        return cls(**{**data, "notes": tuple(data.get("notes", ())), "lora_targets": tuple(data["lora_targets"])})
+
+
+@dataclass(frozen=True)
+class FinetuneAsk:
+    """What the user asked for; None leaves the choice to the planner (the user's choices are checked)."""
+
+    model: str
+    spec: ModelSpec
+    methods: tuple[Method, ...] = (Method.LORA, Method.QLORA, Method.FULL)
+    seq_len: int = 512
+    batch_size: int = 16  # global: sequences per optimizer step
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    precision: Precision | None = None
+    micro_batch: int | None = None
+    gradient_checkpointing: bool | None = None
+    zero: int | None = None
+    offload: Offload | None = None
+    workers: int = 1  # only for the CPU, where no planner decides
+    margin: float = 0.10
+    deepspeed: bool = False
+
+
+def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
+    """On GPUs, the best configuration `llmplan fit` finds that honours the user's choices; else the CPU."""
+    if hardware is None:
+        return _cpu_finetune(ask)
+    fit = FitRequest(model=ask.spec, hardware=hardware, task=Task.FINETUNE, methods=ask.methods, seq_len=ask.seq_len,
+                     batch_size=ask.batch_size, lora=ask.lora, margin=ask.margin, deepspeed=ask.deepspeed)
+    result = search(fit)
+    wanted = [c for c in result.candidates if _honours(c, ask)]
+    if not wanted:
+        asked = _asked(ask)
+        hint = "; ".join(s.text for s in result.suggestions[:2]) or "; ".join(result.reasons[:1])
+        raise PlanError(f"{ask.spec.name} fine-tuning ({ask.batch_size} x {ask.seq_len} tokens{asked}) does not fit "
+                        f"{hardware.count} x {hardware.gpu.name}: {hint or 'use more or larger GPUs'}")
+    best = wanted[0]
+    req, strategy = best.request, best.strategy
+    return FinetunePlan(
+        model=ask.model, model_name=ask.spec.name, device="cuda", method=req.method.value, precision=req.precision.value,
+        micro_batch=req.batch_size, grad_accum=best.grad_accum, workers=strategy.gpus, backend=strategy.backend.value,
+        zero=strategy.zero, offload=strategy.offload.value, gradient_checkpointing=req.gradient_checkpointing,
+        optimizer=req.optimizer.value, seq_len=ask.seq_len, lora_r=req.lora.r, lora_targets=req.lora.targets,
+        estimated_peak_bytes=best.memory.peak_bytes, estimated_device_bytes=best.memory.device_bytes,
+        estimated_tokens_per_s=best.tokens_per_s if best.throughput.known else None,
+        breakdown=best.memory.breakdown(), notes=(*hardware.notes, best.describe()),
+    )
+
+
+def _honours(candidate: Any, ask: FinetuneAsk) -> bool:
+    req, strategy = candidate.request, candidate.strategy
+    checks = (
+        (ask.precision, req.precision), (ask.micro_batch, req.batch_size),
+        (ask.gradient_checkpointing, req.gradient_checkpointing), (ask.zero, strategy.zero),
+        (ask.offload, strategy.offload),
+    )
+    return all(wanted is None or wanted == actual for wanted, actual in checks)
+
+
+def _asked(ask: FinetuneAsk) -> str:
+    choices = {"precision": ask.precision and ask.precision.value, "micro-batch": ask.micro_batch,
+               "gradient checkpointing": ask.gradient_checkpointing, "zero": ask.zero,
+               "offload": ask.offload and ask.offload.value}
+    given = [f"{name} {value}" for name, value in choices.items() if value is not None]
+    return f", {', '.join(given)}" if given else ""
+
+
+def _cpu_finetune(ask: FinetuneAsk) -> FinetunePlan:
+    """No GPU: fp32 on the CPU (bf16 matmuls are slow on most CPUs), data parallel over `workers` processes."""
+    method = ask.methods[0]
+    precision = ask.precision or Precision.FP32
+    per_worker = max(ask.batch_size // ask.workers, 1)
+    micro = ask.micro_batch or min(per_worker, 4)
+    if per_worker % micro:
+        raise PlanError(f"--batch-size {ask.batch_size} over {ask.workers} worker(s) is not a multiple of "
+                        f"--micro-batch {micro}")
+    req = EstimateRequest(model=ask.spec, task=Task.FINETUNE, method=method, precision=precision, batch_size=micro,
+                          seq_len=ask.seq_len, lora=ask.lora, gradient_checkpointing=bool(ask.gradient_checkpointing))
+    memory = estimate(req)
+    backend = "deepspeed" if ask.zero else ("ddp" if ask.workers > 1 else "single")
+    return FinetunePlan(
+        model=ask.model, model_name=ask.spec.name, device="cpu", method=method.value, precision=precision.value,
+        micro_batch=micro, grad_accum=per_worker // micro, workers=ask.workers, backend=backend, zero=ask.zero or 0,
+        offload=(ask.offload or Offload.NONE).value, gradient_checkpointing=bool(ask.gradient_checkpointing),
+        optimizer="adamw", seq_len=ask.seq_len, lora_r=ask.lora.r, lora_targets=ask.lora.targets,
+        estimated_peak_bytes=memory.peak_bytes, estimated_device_bytes=memory.peak_bytes, estimated_tokens_per_s=None,
+        breakdown=memory.breakdown(), notes=("no GPU: training on the CPU",),
+    )
