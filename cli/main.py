@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "generate": "generate:generate",
     "gpus": "gpus:gpus",
     "jobs": "jobs:jobs",
+    "logs": "logs:logs",
     "chat": "chat:chat",
     "show": "jobs:show",
     "submit": "submit:submit",

@@ -14,15 +14,32 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
 from .generate import announce_model, describe_plan, generation_options, jobs_dir, prepare
-from .jobs import open_engine
-from .options import print_json, user_errors
+from .jobs import db_option, open_engine
+from .options import UserError, json_option, positive, print_json, user_errors
 
 POLL_SECONDS = 0.5
 
 
-@click.group("submit")
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+class SubmitGroup(click.Group):
+    """`llmplan submit finetune|infer ...`, or `llmplan submit SPEC.yaml` (a job spec: the same options as keys)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0].endswith(SPEC_SUFFIXES):
+            return "spec", self.commands["spec"], args
+        return super().resolve_command(ctx, args)
+
+
+@click.group("submit", cls=SubmitGroup)
 def submit() -> None:
-    """Submit a job: it is recorded, runs on its own, and outlives this terminal."""
+    """Submit a job: it is recorded, runs on its own, and outlives this terminal.
+
+    `llmplan submit SPEC.yaml` reads a job spec: `task: finetune` or `task: infer`, then the options of
+    `llmplan submit finetune` / `llmplan submit infer` as keys without their dashes (`micro-batch: 4`,
+    `gradient-checkpointing: true`, `prompt: [...]`). Unknown keys are errors. `llmplan fit` prints one.
+    """
 
 
 @submit.command("infer")
@@ -35,37 +52,14 @@ def submit_infer(model: str, prompts: tuple[str, ...], wait: bool, db_url: str |
     """Batch inference as a job: prints the job id and returns (or follows it with --wait)."""
     from llmplan.runtime import inference_job
     from llmplan.runtime.store.db import database_url_from_environment
-    from llmplan.runtime.store.repository import Artifacts, JobUpdate, update_job
 
     plan, inputs = prepare(model, prompts, **options)
     announce_model(plan.model)
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"infer {plan.model_name}", submitter=getpass.getuser())
-        log = start_detached(job.id, database_url_from_environment(db_url), jobs_dir())
-        update_job(engine, job.id, JobUpdate(artifacts=Artifacts(log_path=str(log))))
-        if as_json and not wait:
-            print_json({"id": job.id, "plan": plan.to_dict(), "log": str(log)})
-            return
-        click.echo(f"job {job.id} submitted: {describe_plan(plan)}; log {log}", err=True)
-        if not as_json:
-            click.echo(job.id)
-        if wait:
-            final = follow(engine, job.id)
-            if as_json:
-                print_json({"id": job.id, "status": final.status.value, "output_dir": final.output_dir,
-                            "error": final.error_message})
-            if final.status.value != "succeeded":
-                raise SystemExit(1)
-
-
-def start_detached(job_id: int, db_url: str, folder: Path) -> Path:
-    """Run the job in its own process session, so closing this terminal does not stop it."""
-    log = folder / str(job_id) / "log.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "llmplan.runtime.inference_job", str(job_id), "--db", db_url, "--jobs-dir", str(folder)]
-    with log.open("ab") as sink:
-        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    return log
+        log = start_detached_module("llmplan.runtime.inference_job", job.id, database_url_from_environment(db_url),
+                                    "--jobs-dir", str(jobs_dir()))
+        report_submitted(engine, job.id, plan, log, as_json, wait)
 
 
 def follow(engine, job_id: int):
@@ -83,3 +77,211 @@ def follow(engine, job_id: int):
                 click.echo(f"job {job_id}: {job.error_class}: {job.error_message}", err=True)
             return job
         time.sleep(POLL_SECONDS)
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------------------
+METHOD_CHOICES = ("auto", "full", "lora", "qlora")
+
+
+@submit.command("finetune")
+@click.option("--model", required=True, help="Catalog name, Hugging Face directory or Meta checkpoint directory.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Alpaca JSON/JSONL, ShareGPT or OpenAI messages JSONL.")
+@click.option("--format", "data_format", type=click.Choice(("auto", "alpaca", "sharegpt", "messages")), default="auto",
+              show_default=True)
+@click.option("--template", type=click.Choice(("auto", "alpaca", "chat")), default="auto", show_default=True)
+@click.option("--packing/--no-packing", default=False, show_default=True, help="Pack short examples into full sequences.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True)
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True, callback=positive)
+@click.option("--batch-size", type=int, default=None, callback=positive,
+              help="Global batch (sequences per optimizer step) [default: 16, or micro-batch x grad-accum x GPUs].")
+@click.option("--micro-batch", type=int, default=None, callback=positive, help="Default: the planner's choice.")
+@click.option("--grad-accum", type=int, default=None, callback=positive, help="Default: global batch / micro-batch / GPUs.")
+@click.option("--precision", type=click.Choice(("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")))
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--zero", type=click.IntRange(0, 3), default=None, help="DeepSpeed ZeRO stage (0: DDP).")
+@click.option("--offload", type=click.Choice(("none", "optimizer", "params")), default=None)
+@click.option("--gpus", type=int, default=None, callback=positive, help="GPUs to use (default: all NVML finds).")
+@click.option("--workers", type=int, default=1, show_default=True, callback=positive,
+              help="Data-parallel processes when training on the CPU (on GPUs: one per GPU).")
+@click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
+@click.option("--lora-targets", default="all-linear", show_default=True, help="Comma list or all-linear.")
+@click.option("--epochs", type=float, default=None, help="Passes over the data [default: 1].")
+@click.option("--max-steps", type=int, default=None, callback=positive, help="Optimizer steps (instead of --epochs).")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--warmup-steps", type=int, default=10, show_default=True)
+@click.option("--save-every", type=int, default=50, show_default=True, callback=positive)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(file_okay=False), help="Output directory [default: the job's folder].")
+@click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
+              help="Continue a failed or cancelled job from its latest checkpoint (a new, linked job).")
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if it failed.")
+@db_option
+@json_option
+@user_errors(PlanError, UnknownModelError, ModelConfigError)
+def submit_finetune(model: str, data: str, resume_job: int | None, wait: bool, db_url: str | None, as_json: bool,
+                    **options) -> None:
+    """Fine-tuning as a job: planned, checked, recorded, run detached in Ray Train workers."""
+    from llmplan.runtime import finetune_job
+    from llmplan.runtime.store.db import database_url_from_environment
+
+    with open_engine(db_url) as (engine, _):
+        if resume_job is not None:
+            plan, config = resumed(engine, resume_job)
+        else:
+            plan, config = plan_training(model, data, options)
+        announce_model(plan.model)
+        job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
+                                  retry_of=resume_job)
+        log = start_detached_module("llmplan.runtime.finetune_job", job.id, database_url_from_environment(db_url))
+        report_submitted(engine, job.id, plan, log, as_json, wait)
+
+
+def plan_training(model: str, data: str, options: dict):
+    """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first."""
+    from llmplan.planner.plan import FinetuneAsk, plan_finetune
+    from llmplan.planner.request import LoraSpec, Method, Offload, Precision
+    from llmplan.planner.resolve import resolve_model
+    from llmplan.runtime.data_formats import DataError, load_examples
+
+    try:
+        load_examples(data, options["data_format"])
+    except DataError as error:
+        raise UserError(str(error)) from error
+    spec = resolve_model(model).spec
+    methods = tuple(Method) if options["method"] == "auto" else (Method(options["method"]),)
+    targets = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
+    ask = FinetuneAsk(
+        model=model, spec=spec, methods=(Method.LORA, Method.QLORA, Method.FULL) if options["method"] == "auto" else methods,
+        seq_len=options["seq_len"], batch_size=global_batch(options), lora=LoraSpec(r=options["lora_r"],
+        alpha=2 * options["lora_r"], targets=targets or ("all-linear",)),
+        precision=Precision(options["precision"]) if options["precision"] else None, micro_batch=options["micro_batch"],
+        gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
+        offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
+    )
+    plan = plan_finetune(ask, detect_hardware(options["gpus"]))
+    return plan, train_config(plan, data, options)
+
+
+def global_batch(options: dict) -> int:
+    if options["batch_size"] is not None:
+        return options["batch_size"]
+    if options["micro_batch"] and options["grad_accum"]:
+        return options["micro_batch"] * options["grad_accum"] * (options["gpus"] or options["workers"])
+    return 16
+
+
+def train_config(plan, data: str, options: dict):
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    if plan.backend == "fsdp":
+        raise UserError("the plan needs FSDP, which llmplan's runtime does not run yet: install DeepSpeed with a CUDA "
+                        "toolkit (nvcc) and pass --deepspeed to `llmplan fit`, or use --method qlora")
+    output = options["output"] or str(jobs_dir() / "finetune" / f"{plan.model_name}-{int(time.time())}")
+    return TrainConfig(
+        model=plan.model, data=DataConfig(path=str(Path(data).resolve()), format=options["data_format"],
+                                          template=options["template"], packing=options["packing"],
+                                          val_fraction=options["val_fraction"]),
+        output_dir=str(Path(output).resolve()), method=plan.method, precision=plan.precision,
+        micro_batch=plan.micro_batch, grad_accum=plan.grad_accum, seq_len=plan.seq_len,
+        gradient_checkpointing=plan.gradient_checkpointing, optimizer=plan.optimizer, lr=options["lr"],
+        warmup_steps=options["warmup_steps"], max_steps=options["max_steps"], epochs=options["epochs"] or 1.0,
+        lora_r=plan.lora_r, lora_alpha=2 * plan.lora_r, lora_targets=plan.lora_targets, seed=options["seed"],
+        save_every=options["save_every"], device=plan.device, workers=plan.workers,
+        backend="single" if plan.backend == "single" else plan.backend, zero=plan.zero, offload=plan.offload,
+    )
+
+
+def resumed(engine, job_id: int):
+    """The plan and config of a failed or cancelled job, set to continue from its latest checkpoint."""
+    import dataclasses
+
+    from llmplan.planner.plan import FinetunePlan
+    from llmplan.runtime.store.repository import get_job
+    from llmplan.runtime.train_config import TrainConfig
+
+    job = get_job(engine, job_id)
+    if job.kind.value != "finetune":
+        raise UserError(f"job {job_id} is an inference job: only fine-tuning resumes from checkpoints")
+    config = dataclasses.replace(TrainConfig.from_dict(job.request["config"]), resume=True)
+    return FinetunePlan.from_dict(job.plan), config
+
+
+def detect_hardware(gpus: int | None):
+    from .generate import detect_hardware as detect
+
+    return detect(gpus)
+
+
+def start_detached_module(module: str, job_id: int, db_url: str, *extra: str) -> Path:
+    """Run a job's recipe in its own process session, so closing this terminal does not stop it."""
+    log = jobs_dir() / str(job_id) / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-u", "-m", module, str(job_id), "--db", db_url, *extra]
+    with log.open("ab") as sink:
+        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    return log
+
+
+def report_submitted(engine, job_id: int, plan, log: Path, as_json: bool, wait: bool) -> None:
+    """Record the log, print the id (or JSON), and follow the job when asked; exit 1 if it failed."""
+    from llmplan.runtime.store.repository import Artifacts, JobUpdate, update_job
+
+    update_job(engine, job_id, JobUpdate(artifacts=Artifacts(log_path=str(log))))
+    if as_json and not wait:
+        print_json({"id": job_id, "plan": plan.to_dict(), "log": str(log)})
+        return
+    click.echo(f"job {job_id} submitted: {describe_plan(plan)}; log {log}", err=True)
+    if not as_json:
+        click.echo(job_id)
+    if wait:
+        final = follow(engine, job_id)
+        if as_json:
+            print_json({"id": job_id, "status": final.status.value, "output_dir": final.output_dir,
+                        "adapter_path": final.adapter_path, "final_loss": final.final_loss,
+                        "error": final.error_message})
+        if final.status.value != "succeeded":
+            raise SystemExit(1)
+
+
+# ---- job specs -------------------------------------------------------------------------------------------
+@submit.command("spec", hidden=True)
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", is_flag=True)
+@click.pass_context
+def submit_spec(ctx: click.Context, path: str, wait: bool) -> None:
+    """Submit the job a YAML spec describes."""
+    args = spec_arguments(path, {"finetune": submit_finetune, "infer": submit_infer})
+    command = submit_finetune if args[0] == "finetune" else submit_infer
+    ctx.invoke(command, **command.make_context(command.name, [*args[1:], *(["--wait"] if wait else [])],
+                                               parent=ctx).params)
+
+
+def spec_arguments(path: str, commands: dict) -> list[str]:
+    """The spec as command-line words: ["finetune", "--model", "M", ...]; unknown keys are errors."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(spec, dict) or spec.get("task") not in commands:
+        raise UserError(f"{path}: a job spec is a mapping with task: finetune or task: infer")
+    command = commands[spec["task"]]
+    known = {name.lstrip("-") for param in command.params for name in [*param.opts, *param.secondary_opts]}
+    unknown = sorted(str(key) for key in spec if key != "task" and str(key) not in known)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'help'}))}")
+    words = [spec["task"]]
+    for key, value in spec.items():
+        if key == "task" or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item is True:
+                words.append(f"--{key}")
+            elif item is False:
+                words.append(f"--no-{key}")
+            else:
+                words += [f"--{key}", str(item)]
+    return words

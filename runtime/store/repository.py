@@ -148,9 +148,11 @@ def create_job(engine: Engine, spec: JobSpec) -> Job:
     return _insert_job(engine, spec, attempt=1, retry_of=None, message=f"submitted by {spec.submitter}")
 
 
-def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None) -> Job:
+def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None,
+              request: Mapping[str, Any] | None = None) -> Job:
     """A new queued job repeating a failed or cancelled one, with attempt + 1 and retry_of set.
 
+    `request` replaces the original request (a resumed fine-tuning asks to continue from its checkpoint).
     A job is retried at most once (a unique index backs this up when two callers race).
     """
     original = get_job(engine, job_id)
@@ -163,7 +165,7 @@ def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None) -> J
         kind=original.kind,
         model=original.model,
         submitter=submitter or original.submitter,
-        request=original.request,
+        request=original.request if request is None else dict(request),
         plan=_plan_record_of(original),
         priority=original.priority,
     )

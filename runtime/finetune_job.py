@@ -1,0 +1,138 @@
+"""One fine-tuning job, recorded from start to end: a recipe that reads top to bottom.
+
+    job = submit(engine, plan, config)                    # queued, with the plan and the full TrainConfig
+    outcome = run(engine, job.id, config)                 # scheduled -> running -> succeeded | failed
+    python -m llmplan.runtime.finetune_job JOB --db URL   # the detached runner `llmplan submit` starts
+
+Training runs in Ray Train workers (`runtime.distributed.run_ray_train`); each logged step reaches the
+job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
+and the adapter or model directory, against the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmplan.planner.plan import FinetunePlan
+from llmplan.runtime.store.repository import (
+    Artifacts,
+    JobFailure,
+    JobKind,
+    JobSpec,
+    JobStatus,
+    JobUpdate,
+    MeasuredResults,
+    MetricPoint,
+    PlanRecord,
+    create_job,
+    get_job,
+    record_metrics,
+    transition,
+)
+
+from .failures import classify, describe
+from .train_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class FinetuneOutcome:
+    job_id: int
+    status: JobStatus
+    final_loss: float | None = None
+    tokens_per_s: float | None = None
+    artifact: str | None = None
+    error: str | None = None
+
+
+def submit(engine: Any, plan: FinetunePlan, config: TrainConfig, *, name: str, submitter: str,
+           retry_of: int | None = None) -> Any:
+    """Record the job as queued: the plan, and the config it fixes (everything needed to run or resume it)."""
+    record = PlanRecord(plan.to_dict(), plan.estimated_device_bytes, plan.estimated_tokens_per_s)
+    if retry_of is not None:
+        from llmplan.runtime.store.repository import retry_job
+
+        return retry_job(engine, retry_of, submitter=submitter, request={"task": "finetune", "config": config.to_dict()})
+    return create_job(engine, JobSpec(name=name, kind=JobKind.FINETUNE, model=plan.model_name, submitter=submitter,
+                                      request={"task": "finetune", "config": config.to_dict()}, plan=record))
+
+
+def run(engine: Any, job_id: int, config: TrainConfig) -> FinetuneOutcome:
+    """Run a queued job to its end; every failure ends the job as failed with its class, never raises."""
+    try:
+        config = _setup(engine, job_id, config)
+        result = _train(engine, job_id, config)
+        return _record_success(engine, job_id, config, result)
+    except Exception as error:  # noqa: BLE001 - the job records whatever ended it
+        return _record_failure(engine, job_id, error)
+
+
+def run_recorded(engine: Any, job_id: int) -> FinetuneOutcome:
+    job = get_job(engine, job_id)
+    return run(engine, job_id, TrainConfig.from_dict(job.request["config"]))
+
+
+# ---- setup ----------------------------------------------------------------------------------------------
+def _setup(engine: Any, job_id: int, config: TrainConfig) -> TrainConfig:
+    from .model_store import ensure_model
+    from .ray_cluster import ensure_ray
+
+    transition(engine, job_id, JobStatus.SCHEDULED, message=f"{config.workers} worker(s), {config.backend}")
+    local = ensure_model(config.model)
+    ensure_ray()
+    transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}",
+               update=JobUpdate(artifacts=Artifacts(output_dir=config.output_dir)))
+    return dataclasses.replace(config, model=str(local.path))
+
+
+# ---- train ----------------------------------------------------------------------------------------------
+def _train(engine: Any, job_id: int, config: TrainConfig) -> Any:
+    from .distributed import run_ray_train
+
+    def on_metrics(step: Any) -> None:
+        record_metrics(engine, job_id, [MetricPoint(step=step.step, loss=step.loss, learning_rate=step.lr,
+                                                    tokens_per_s=step.tokens_per_s, memory_bytes=step.memory_bytes)])
+
+    return run_ray_train(config, on_metrics)
+
+
+# ---- record ---------------------------------------------------------------------------------------------
+def _record_success(engine: Any, job_id: int, config: TrainConfig, result: Any) -> FinetuneOutcome:
+    artifact = str(result.adapter_dir or result.model_dir)
+    peaks = tuple(int(p) for p in (result.peak_memory_per_rank or ()) if p is not None)
+    update = JobUpdate(
+        results=MeasuredResults(peak_memory_per_gpu_bytes=peaks or None, tokens_per_s=result.tokens_per_s,
+                                final_loss=result.final_loss),
+        artifacts=Artifacts(output_dir=config.output_dir, adapter_path=str(result.adapter_dir) if result.adapter_dir else None),
+    )
+    transition(engine, job_id, JobStatus.SUCCEEDED, update=update,
+               message=f"{result.steps} steps, final loss {result.final_loss:.4f} -> {artifact}")
+    return FinetuneOutcome(job_id, JobStatus.SUCCEEDED, result.final_loss, result.tokens_per_s, artifact)
+
+
+def _record_failure(engine: Any, job_id: int, error: BaseException) -> FinetuneOutcome:
+    message = describe(error)
+    if not get_job(engine, job_id).status.is_terminal():
+        transition(engine, job_id, JobStatus.FAILED, message=message, failure=JobFailure(classify(error), message))
+    return FinetuneOutcome(job_id, JobStatus.FAILED, error=message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m llmplan.runtime.finetune_job JOB_ID --db URL`: the detached runner."""
+    from llmplan.runtime.store.db import open_store
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--db", required=True)
+    args = parser.parse_args(argv)
+    outcome = run_recorded(open_store(args.db), args.job_id)
+    print(f"job {outcome.job_id}: {outcome.status.value}" + (f": {outcome.error}" if outcome.error else ""), flush=True)
+    return 0 if outcome.status is JobStatus.SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
