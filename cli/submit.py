@@ -81,6 +81,8 @@ def follow(engine, job_id: int):
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------
 METHOD_CHOICES = ("auto", "full", "lora", "qlora")
+FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: install DeepSpeed with a CUDA toolkit "
+                "(nvcc) and plan with `llmplan fit --deepspeed`, or use --method qlora")
 
 
 @submit.command("finetune")
@@ -103,6 +105,8 @@ METHOD_CHOICES = ("auto", "full", "lora", "qlora")
 @click.option("--zero", type=click.IntRange(0, 3), default=None, help="DeepSpeed ZeRO stage (0: DDP).")
 @click.option("--offload", type=click.Choice(("none", "optimizer", "params")), default=None)
 @click.option("--gpus", type=int, default=None, callback=positive, help="GPUs to use (default: all NVML finds).")
+@click.option("--fsdp", type=click.Choice(("full-shard", "shard-grad-op")), default=None, hidden=True)
+@click.option("--fsdp-offload", is_flag=True, hidden=True)
 @click.option("--workers", type=int, default=1, show_default=True, callback=positive,
               help="Data-parallel processes when training on the CPU (on GPUs: one per GPU).")
 @click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
@@ -145,6 +149,8 @@ def plan_training(model: str, data: str, options: dict):
     from llmplan.planner.resolve import resolve_model
     from llmplan.runtime.data_formats import DataError, load_examples
 
+    if options["fsdp"] or options["fsdp_offload"]:
+        raise UserError(FSDP_MISSING)
     try:
         load_examples(data, options["data_format"])
     except DataError as error:
@@ -176,8 +182,7 @@ def train_config(plan, data: str, options: dict):
     from llmplan.runtime.train_config import DataConfig, TrainConfig
 
     if plan.backend == "fsdp":
-        raise UserError("the plan needs FSDP, which llmplan's runtime does not run yet: install DeepSpeed with a CUDA "
-                        "toolkit (nvcc) and pass --deepspeed to `llmplan fit`, or use --method qlora")
+        raise UserError(FSDP_MISSING)
     output = options["output"] or str(jobs_dir() / "finetune" / f"{plan.model_name}-{int(time.time())}")
     return TrainConfig(
         model=plan.model, data=DataConfig(path=str(Path(data).resolve()), format=options["data_format"],
