@@ -154,7 +154,8 @@ def plan_training(model: str, data: str, options: dict):
     try:
         load_examples(data, options["data_format"])
     except DataError as error:
-        raise UserError(str(error)) from error
+        more = f" (and {error.count - 1} more problem{'s' if error.count > 2 else ''})" if error.count > 1 else ""
+        raise UserError(f"{error.first}{more}") from error
     spec = resolve_model(model).spec
     methods = tuple(Method) if options["method"] == "auto" else (Method(options["method"]),)
     targets = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
