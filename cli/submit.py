@@ -226,7 +226,9 @@ def start_detached_module(module: str, job_id: int, db_url: str, *extra: str) ->
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-u", "-m", module, str(job_id), "--db", db_url, *extra]
     with log.open("ab") as sink:
-        subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    (log.parent / "runner.pid").write_text(str(runner.pid))
     return log
 
 
