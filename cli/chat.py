@@ -11,7 +11,7 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import INFERENCE_PRECISIONS, announce_model, describe_plan, jobs_dir, make_plan
+from .generate import INFERENCE_PRECISIONS, announce_model, jobs_dir, make_plan
 from .jobs import db_option, open_engine
 from .options import choice_of, positive, user_errors
 
@@ -47,7 +47,7 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
     inputs = inference_job.InferenceInputs(items=(), settings=settings, adapter=adapter)
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"chat {plan.model_name}", submitter=getpass.getuser())
-        click.echo(f"job {job.id}: {describe_plan(plan)}", err=True)
+        click.echo(f"job {job.id}: {plan.summary()}", err=True)
         replicas = []
         try:
             replicas = inference_job.start(engine, job.id, plan, adapter)

@@ -68,14 +68,6 @@ def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
     return items
 
 
-def describe_plan(plan: InferencePlan) -> str:
-    where = "CPU" if plan.device == "cpu" else (
-        f"{plan.replicas} replica(s) x {plan.gpus_per_replica} GPU" + ("s" if plan.gpus_per_replica > 1 else ""))
-    rate = f", ~{plan.estimated_tokens_per_s:,.0f} tokens/s" if plan.estimated_tokens_per_s else ""
-    return (f"plan: {plan.model_name}, {plan.dtype}, quant {plan.quant}, {where}, batch {plan.batch_size}, "
-            f"{plan.estimated_device_bytes / 2**30:.1f} GiB per device{rate}")
-
-
 def generation_options(command):
     """The options `generate` and `submit infer` share: inputs, sampling, and what to plan for."""
     options = [
@@ -134,7 +126,7 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
     streamed = not as_json and len(inputs.items) == 1
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"generate {plan.model_name}", submitter=getpass.getuser())
-        click.echo(f"job {job.id}: {describe_plan(plan)}", err=True)
+        click.echo(f"job {job.id}: {plan.summary()}", err=True)
         on_text = (lambda piece: click.echo(piece, nl=False)) if streamed else None
         outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir(), on_text=on_text)
     if outcome.error:

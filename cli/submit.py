@@ -13,7 +13,7 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import announce_model, describe_plan, generation_options, jobs_dir, prepare
+from .generate import announce_model, generation_options, jobs_dir, prepare
 from .jobs import db_option, open_engine
 from .options import UserError, json_option, positive, print_json, user_errors
 
@@ -240,7 +240,7 @@ def report_submitted(engine, job_id: int, plan, log: Path, as_json: bool, wait: 
     if as_json and not wait:
         print_json({"id": job_id, "plan": plan.to_dict(), "log": str(log)})
         return
-    click.echo(f"job {job_id} submitted: {describe_plan(plan)}; log {log}", err=True)
+    click.echo(f"job {job_id} submitted: {plan.summary()}; log {log}", err=True)
     if not as_json:
         click.echo(job_id)
     if wait:

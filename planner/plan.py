@@ -55,6 +55,13 @@ class InferencePlan:
     def gpus(self) -> int:
         return self.replicas * self.gpus_per_replica
 
+    def summary(self) -> str:
+        where = "CPU" if self.device == "cpu" else (
+            f"{self.replicas} replica(s) x {self.gpus_per_replica} GPU" + ("s" if self.gpus_per_replica > 1 else ""))
+        rate = f", ~{self.estimated_tokens_per_s:,.0f} tokens/s" if self.estimated_tokens_per_s else ""
+        return (f"plan: {self.model_name}, {self.dtype}, quant {self.quant}, {where}, batch {self.batch_size}, "
+                f"{self.estimated_device_bytes / 2**30:.1f} GiB per device{rate}")
+
 
 @dataclass(frozen=True)
 class InferenceAsk:
@@ -155,6 +162,15 @@ class FinetunePlan:
         data = asdict(self)
         data["notes"], data["lora_targets"] = list(self.notes), list(self.lora_targets)
         return data
+
+    def summary(self) -> str:
+        where = "CPU" if self.device == "cpu" else "GPU"
+        zero = f" ZeRO-{self.zero}" if self.zero else ""
+        parallel = f", {self.workers} {where} workers ({self.backend}{zero})" if self.workers > 1 else f", 1 {where}"
+        checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        rate = f", ~{self.estimated_tokens_per_s:,.0f} tokens/s" if self.estimated_tokens_per_s else ""
+        return (f"plan: {self.model_name}, {self.method}, {self.precision}, micro-batch {self.micro_batch} x "
+                f"{self.grad_accum}{parallel}{checkpointing}, {self.estimated_device_bytes / 2**30:.1f} GiB per device{rate}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetunePlan":

@@ -14,6 +14,7 @@ METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
 BACKENDS = ("single", "ddp", "deepspeed")
+OFFLOADS = ("none", "optimizer", "params")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
 
@@ -46,6 +47,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0: no clipping
     warmup_steps: int = 10
     max_steps: int | None = None  # optimizer steps; None: run `epochs`
     epochs: float = 1.0
@@ -79,6 +81,27 @@ class TrainConfig:
             raise TrainConfigError("several workers need backend ddp or deepspeed")
         if self.backend == "deepspeed" and self.zero not in (1, 2, 3):
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
+        if self.offload not in OFFLOADS:
+            raise TrainConfigError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
+        if self.offload != "none" and self.backend != "deepspeed":
+            raise TrainConfigError(f"offload {self.offload} needs backend deepspeed (with zero 1, 2 or 3 for the "
+                                   "optimizer, zero 3 for the parameters)")
+        if self.offload == "params" and self.zero != 3:
+            raise TrainConfigError("offload params needs zero 3: DeepSpeed offloads parameters only with ZeRO-3")
+        if self.method == "full" and self.precision == "fp16-true":
+            raise TrainConfigError("full fine-tuning in fp16-true keeps no fp32 master weights and loses small "
+                                   "updates: use fp16-mixed (or bf16 where the card has it)")
+        if self.backend == "deepspeed" and self.optimizer != "adamw":
+            raise TrainConfigError(f"DeepSpeed runs llmplan's torch AdamW on its ZeRO partitions (which already shard "
+                                   f"the optimizer states); {self.optimizer} is not supported there: use adamw")
+        if self.backend == "deepspeed" and self.zero == 3 and self.method == "qlora":
+            raise TrainConfigError("ZeRO-3 would partition QLoRA's 4-bit weights, which bitsandbytes cannot compute "
+                                   "with: use zero 2 (or backend ddp)")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise TrainConfigError(f"lr and epochs must be positive, got lr {self.lr}, epochs {self.epochs}")
+        for name in ("warmup_steps", "eval_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.data.format not in DATA_FORMATS or self.data.template not in TEMPLATES:
             raise TrainConfigError(f"data format must be one of {DATA_FORMATS} and template one of {TEMPLATES}")
 

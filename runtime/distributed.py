@@ -1,0 +1,436 @@
+"""Data parallelism for the training recipe: one engine interface over a single process, DDP and DeepSpeed,
+and Ray Train to start the processes.
+
+    engine = prepare(model, optimizer, config, world_size=2, device=device, precision=precision)
+    with engine.accumulating(last=False), engine.autocast():
+        loss = engine.module(**batch).loss
+        engine.backward(loss)
+    ...
+    engine.step()                                   # clip, optimizer step, zero the gradients
+    result = run_ray_train(config, on_metrics)      # the whole run in `config.workers` Ray Train workers
+
+Loss convention: the recipe hands `backward` this process's share of the global batch's token-mean loss
+(the sum of its token losses over the number of loss tokens in the whole global batch, every rank and
+micro-batch together). The shares add up to the global loss; DDP and DeepSpeed average gradients over the
+ranks, so `backward` multiplies by the world size. The gradient is then the same whichever way the global
+batch is split into ranks and micro-batches, which is what lets 2 workers match 1.
+
+- single process: `TorchEngine` without a wrapper.
+- DDP: `torch.nn.parallel.DistributedDataParallel` with `gradient_as_bucket_view=True` (the gradients live in
+  the communication buckets, no second copy: what the memory estimator assumes); `no_sync` on every
+  micro-batch but the last of an optimizer step. gloo on the CPU, nccl on GPUs (Ray Train's TorchConfig
+  picks it from `use_gpu`).
+- DeepSpeed: `deepspeed_config(config)` from the plan (ZeRO stage, CPU offload, bf16 / fp16, micro-batch,
+  accumulation, clipping). The optimizer is always the client's torch optimizer from
+  `modeling.make_optimizer` (`zero_allow_untested_optimizer`, `zero_force_ds_cpu_optimizer` off): it runs
+  with ZeRO-1/2/3 on GPUs and on the CPU alike, where DeepSpeed's own CPU Adam would first have to be
+  compiled (a C++ build on first use). With `offload optimizer` the torch AdamW then steps the fp32
+  partitions on the CPU. DeepSpeed's bf16 / fp16 modes keep fp32 master weights in the ZeRO optimizer and
+  cast the model itself, so the recipe's autocast is off under DeepSpeed; `bf16-true` and `bf16-mixed` both
+  run as DeepSpeed's bf16.
+
+Metrics from Ray workers reach the driver through a small actor (`MetricsSink`): rank 0 sends each
+`StepMetrics` to it without waiting, a driver thread drains it every `POLL_SECONDS` and calls `on_metrics`
+in step order while `TorchTrainer.fit()` runs; rank 0 leaves its `TrainResult` there at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .train_config import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .train import Precision, StepMetrics, TrainResult
+
+POLL_SECONDS = 0.5
+DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a checkpoint that DeepSpeed writes
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+# ---- the DeepSpeed configuration ------------------------------------------------------------------
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config that runs `config` (the optimizer stays the client's torch optimizer)."""
+    zero: dict[str, Any] = {"stage": config.zero}
+    pin = config.device == "cuda"
+    if config.offload in ("optimizer", "params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if config.offload == "params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": config.micro_batch,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.global_batch,
+        "gradient_clipping": config.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.precision.startswith("bf16")},
+        "fp16": {"enabled": config.precision.startswith("fp16"), "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # the client's torch AdamW
+        "zero_force_ds_cpu_optimizer": False,  # ... also when the optimizer is offloaded
+        "steps_per_print": 2**31 - 1,  # the recipe logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+# ---- engines --------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class TorchEngine:
+    """One process, or DDP: backward (scaled by GradScaler for fp16), clipping, the optimizer step."""
+
+    module: Any  # what the forward runs on: the DDP wrapper, or the model itself
+    model: Any  # the unwrapped model (PEFT or HF): what is saved
+    optimizer: Any
+    world_size: int
+    max_grad_norm: float
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    scaler: Any = None  # torch.amp.GradScaler for fp16
+    ddp: bool = False
+
+    @contextlib.contextmanager
+    def accumulating(self, *, last: bool) -> Iterator[None]:
+        """Around a micro-batch's forward and backward: DDP all-reduces the gradients only on the last one."""
+        with contextlib.nullcontext() if last or not self.ddp else self.module.no_sync():
+            yield
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        loss = loss * self.world_size
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Every parameter whole on this rank (they always are without ZeRO-3)."""
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path, rank: int) -> None:
+        """The trainable weights and the optimizer (and loss scaler) state; rank 0 writes, the others wait."""
+        from safetensors.torch import save_file
+
+        if rank == 0:
+            weights = {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters()
+                       if p.requires_grad}
+            save_file(weights, str(directory / TRAINABLE_FILE))
+            state = {"optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+            torch.save(state, directory / OPTIMIZER_FILE)
+        barrier()
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / TRAINABLE_FILE))
+        parameters = dict(self.model.named_parameters())
+        missing = sorted(set(n for n, p in parameters.items() if p.requires_grad) - set(weights))
+        if missing:
+            raise CheckpointMismatch(directory, f"it has no weights for {missing[0]} (and {len(missing) - 1} more)")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                if name not in parameters or parameters[name].shape != tensor.shape:
+                    raise CheckpointMismatch(directory, f"its weight {name} does not fit this model")
+                parameters[name].copy_(tensor)
+        state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+@dataclass(eq=False)
+class DeepSpeedEngine:
+    """A DeepSpeed engine behind the same interface; DeepSpeed counts micro-batches and steps at the boundary."""
+
+    module: Any  # deepspeed.DeepSpeedEngine (its forward runs the model)
+    model: Any
+    world_size: int
+    zero: int
+
+    def accumulating(self, *, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed knows the boundary from its own micro-step count
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed casts the model for bf16 / fp16 itself
+
+    def backward(self, loss: torch.Tensor, *, last: bool = True) -> None:
+        # scale_wrt_gas=False: the loss is already this micro-batch's share of the global batch's mean.
+        self.module.backward(loss * self.world_size, scale_wrt_gas=False)
+        if not last:
+            self.module.step()  # DeepSpeed wants step() after every backward; off the boundary it only counts
+
+    def step(self) -> None:
+        self.module.step()  # the boundary: clipping, optimizer step, zeroing, as the DeepSpeed config says
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        if self.zero != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    def save(self, directory: Path, rank: int) -> None:
+        """Every rank writes its optimizer partition; rank 0 the trainable weights (frozen ones are left out)."""
+        self.module.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        barrier()
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.module.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointMismatch(directory, "DeepSpeed found no checkpoint in it")
+
+
+Engine = TorchEngine | DeepSpeedEngine
+
+
+class CheckpointMismatch(RuntimeError):
+    def __init__(self, directory: Path, why: str) -> None:
+        super().__init__(f"cannot resume from {directory}: {why}; resume with the configuration that wrote it, "
+                         "or start again in a new output_dir")
+
+
+def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int, device: torch.device,
+            precision: "Precision") -> Engine:
+    """Wrap the model and optimizer for `config.backend`; the process group must exist when world_size > 1
+    (Ray Train creates it; under torchrun, `init_process_group` first)."""
+    if config.backend != "single" and not dist.is_initialized():
+        raise RuntimeError(f"backend {config.backend} needs a torch.distributed process group: run through "
+                           "run_ray_train (or call torch.distributed.init_process_group first)")
+    if config.backend == "deepspeed":
+        return _deepspeed_engine(model, optimizer, config, world_size, device)
+    module = model
+    if config.backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        module = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
+    return TorchEngine(module, model, optimizer, world_size, config.max_grad_norm, precision.autocast, device,
+                       scaler, ddp=config.backend == "ddp")
+
+
+def _deepspeed_engine(model: Any, optimizer: Any, config: TrainConfig, world_size: int,
+                      device: torch.device) -> DeepSpeedEngine:
+    deepspeed = import_deepspeed(config.device)
+    ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+    return DeepSpeedEngine(ds_engine, ds_engine.module, world_size, config.zero)
+
+
+def import_deepspeed(device: str) -> Any:
+    """deepspeed, with a clear error when it is missing; on the CPU without its shared-memory all-reduce.
+
+    On the CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce kernel (a C++
+    build of about a minute on first use in every fresh environment) that only its inference path calls
+    (`inference_all_reduce`); training all-reduces through torch.distributed (gloo). Marking the op as not
+    buildable skips the compile; training is the same.
+    """
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("backend deepspeed needs DeepSpeed: pip install --no-build-isolation deepspeed "
+                          "(after torch)") from None
+    if device == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def trainable_parameters(model: Any) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---- collectives (no-ops in one process) ----------------------------------------------------------
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_across(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each value summed over the ranks."""
+    if not distributed():
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def gather_across(value: Any) -> list[Any]:
+    """Every rank's value, in rank order."""
+    if not distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    if not distributed():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+# ---- Ray Train -----------------------------------------------------------------------------------
+@dataclass
+class MetricsSink:
+    """A Ray actor between rank 0 and the driver: metrics in, in order; the result at the end."""
+
+    pending: list[Any] = field(default_factory=list)
+    result: Any = None
+
+    def put(self, metrics: Any) -> None:
+        self.pending.append(metrics)
+
+    def drain(self) -> list[Any]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def finish(self, result: Any) -> None:
+        self.result = result
+
+    def outcome(self) -> Any:
+        return self.result
+
+
+def run_ray_train(config: TrainConfig, on_metrics: Callable[["StepMetrics"], None] | None = None) -> "TrainResult":
+    """Train in `config.workers` Ray Train workers (one per GPU, or per CPU slot on the CPU) and return rank 0's
+    result. Each logged step reaches `on_metrics` on this process (from a forwarding thread, in step order)
+    while the workers train. A worker's exception is raised here as itself (Ray's wrapper as its cause)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .ray_cluster import ensure_ray
+
+    ensure_ray()
+    sink = ray.remote(num_cpus=0)(MetricsSink).remote()
+    env = {"DS_ACCELERATOR": "cpu"} if config.device == "cpu" and config.backend == "deepspeed" else {}
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.to_dict(), "sink": sink},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.device == "cuda"),
+        run_config=RunConfig(name="train", storage_path=str(Path(config.output_dir).resolve() / "ray"),
+                             worker_runtime_env={"env_vars": env} if env else None),
+    )
+    try:
+        _fit(trainer, _Forwarder(sink, on_metrics))
+        result = ray.get(sink.outcome.remote())
+    finally:
+        ray.kill(sink)
+    if result is None:
+        raise RuntimeError("the training workers ended without a result: see the Ray worker logs")
+    return result
+
+
+def _fit(trainer: Any, forwarder: "_Forwarder") -> None:
+    forwarder.start()
+    try:
+        trainer.fit()
+    except Exception as error:
+        cause = _worker_error(error)
+        if cause is error:
+            raise
+        raise cause from error
+    finally:
+        forwarder.stop()
+    forwarder.raise_error()
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the recipe, with its rank and device from Ray Train's context."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from .train import cleanup, setup, train
+
+    config = TrainConfig.from_dict(loop_config["config"])
+    sink = loop_config["sink"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    state = setup(config, rank=rank, world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
+    try:
+        result = train(state, on_metrics=sink.put.remote if rank == 0 else None)
+    finally:
+        cleanup(state)
+    if rank == 0:
+        ray.get(sink.finish.remote(result))
+
+
+class _Forwarder:
+    """A driver thread handing the sink's metrics to `on_metrics`; its first error is raised after the run."""
+
+    def __init__(self, sink: Any, on_metrics: Callable[[Any], None] | None) -> None:
+        self.sink = sink
+        self.on_metrics = on_metrics
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="llmplan-train-metrics")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self._forward()  # what arrived after the last poll
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            self._forward()
+
+    def _forward(self) -> None:
+        import ray
+
+        if self.error is not None:
+            return
+        try:
+            for metrics in ray.get(self.sink.drain.remote()):
+                if self.on_metrics is not None:
+                    self.on_metrics(metrics)
+        except Exception as error:  # noqa: BLE001 - raised on the driver once training has ended
+            self.error = error
+
+
+def _worker_error(error: Exception) -> Exception:
+    """The lowest rank's own exception out of Ray Train's WorkerGroupError (the error itself otherwise)."""
+    from .failures import root_cause
+
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return error
+    first = failures[min(failures)]
+    return root_cause(first)

@@ -1,0 +1,556 @@
+"""Fine-tuning on one rank: the training recipe, reading top to bottom (setup, train, cleanup).
+
+    state = setup(config)                               # rank 0 of 1; Ray Train workers pass their rank
+    result = train(state, on_metrics=print)             # StepMetrics every `log_every` steps on rank 0
+    result.adapter_dir, result.final_loss, result.tokens_per_s
+    cleanup(state)
+
+`setup` seeds every RNG, loads the tokenizer and the model the runtime's way (`runtime.modeling`:
+`load_pretrained`, `apply_lora`, `enable_gradient_checkpointing`, `make_optimizer`, the allocator), builds
+the data (`runtime.data.build_datasets`), the cosine schedule with linear warmup and the engine
+(`runtime.distributed.prepare`: one process, DDP or DeepSpeed), and with `config.resume` restores the latest
+checkpoint. Precision (`PRECISIONS`): bf16-true trains bf16 weights (LoRA adapters stay fp32, as PEFT keeps
+them); bf16-mixed and fp16-mixed keep fp32 weights and autocast the forward (fp16 with a GradScaler); QLoRA
+loads the base in NF4 and runs PEFT's `prepare_model_for_kbit_training` before LoRA.
+
+`train` runs optimizer steps until `max_steps` (or `epochs` over the data). One step is `grad_accum`
+micro-batches on every rank; its loss is the mean over every loss token of the global batch, whatever the
+split into ranks and micro-batches (see `runtime.distributed`), so 2 workers compute what 1 does. The data
+order is a `DistributedSampler` permutation per epoch (seeded, the same for any world size: rank r takes
+every W-th index), consumed in whole steps; the tail that does not fill a step is left out of that epoch.
+
+Checkpoints (`output_dir/checkpoints/step-N`, every `save_every` steps, the last 2 kept) hold the trainable
+weights, the optimizer, the scheduler, the step, the data position, the loss history and every rank's RNG
+states: a resumed run continues exactly where the saved one was (same next batch, same next loss). Rank 0
+writes everything but DeepSpeed's optimizer partitions (each rank writes its own). At the end rank 0 writes
+the PEFT adapter (`output_dir/adapter`, for `PeftModel.from_pretrained`) or the full model
+(`output_dir/model`) with the tokenizer, `loss.png` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, pad_token_id
+from .distributed import Engine, barrier, gather_across, prepare, sum_across
+from .modeling import (
+    LoraSettings,
+    apply_lora,
+    configure_allocator,
+    enable_gradient_checkpointing,
+    load_pretrained,
+    make_optimizer,
+)
+from .train_config import TrainConfig, TrainConfigError
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+STATE_FILE = "trainer_state.pt"
+
+
+# ---- what the recipe reports ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int  # optimizer steps done
+    epoch: float  # epochs done (fractional)
+    loss: float  # mean loss per token over the step's global batch
+    lr: float  # the learning rate the step used
+    tokens_per_s: float  # tokens (padding excluded, all ranks) per second of training since the last log
+    memory_bytes: int | None  # rank 0's peak: torch.cuda.max_memory_reserved, or the process's peak RSS on the CPU
+    tokens: int  # tokens trained on so far, all ranks
+    eval_loss: float | None = None  # mean loss per token over the validation set, when evaluated at this step
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float | None  # the last step's training loss
+    eval_loss: float | None  # at the end (None without validation data)
+    tokens_per_s: float  # over the whole run's training time
+    peak_memory_per_rank: tuple[int | None, ...]
+    output_dir: str
+    adapter_dir: str | None  # LoRA / QLoRA
+    model_dir: str | None  # full fine-tuning
+    summary_path: str
+    plot_path: str | None
+    resumed_from: int | None = None  # the checkpoint step this run continued from
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: str  # the dtype the model is loaded in (runtime.modeling names: bf16, fp16, fp32)
+    autocast: torch.dtype | None  # the forward's autocast dtype (mixed precision)
+    loss_scaling: bool  # fp16: a GradScaler keeps small gradients from flushing to zero
+
+
+PRECISIONS = {
+    "bf16-true": Precision("bf16", None, False),
+    "bf16-mixed": Precision("fp32", torch.bfloat16, False),
+    "fp16-true": Precision("fp16", None, True),
+    "fp16-mixed": Precision("fp32", torch.float16, True),
+    "fp32": Precision("fp32", None, False),
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int  # whole optimizer steps in one pass over this rank's share of the data
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    epoch: int
+    micro_batch: int  # micro-batches of this epoch already trained on (the same count on every rank)
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything a run holds between setup and cleanup; `train` advances it, checkpoints save it."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: Precision
+    tokenizer: Any
+    engine: Engine
+    scheduler: Any
+    train_data: TrainingData
+    val_data: TrainingData
+    data_stats: Any
+    schedule: Schedule
+    step: int = 0
+    position: DataPosition = DataPosition(0, 0)
+    tokens: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # every StepMetrics, as dicts
+    resumed_from: int | None = None
+
+    @property
+    def model(self) -> Any:
+        """The trained model (PEFT or HF), unwrapped from DDP / DeepSpeed."""
+        return self.engine.model
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+def setup(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: str | None = None) -> TrainState:
+    """Load, build and (with `config.resume`) restore everything one rank trains with."""
+    _check_run(config, world_size)
+    torch_device = _device(config, device)
+    seed_everything(config.seed)
+    precision = PRECISIONS[config.precision]
+    tokenizer = load_tokenizer(config.model)
+    train_data, val_data, stats = build_datasets(config.data, tokenizer, config.seq_len, config.seed)
+    schedule = plan_schedule(config, len(train_data), world_size)
+    model = build_model(config, precision, torch_device)
+    optimizer = make_optimizer(model, config.optimizer, config.lr)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = config.weight_decay
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, schedule.total_steps)
+    engine = prepare(model, optimizer, config, world_size=world_size, device=torch_device, precision=precision)
+    state = TrainState(config, rank, world_size, torch_device, precision, tokenizer, engine, scheduler,
+                       train_data, val_data, stats, schedule)
+    checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is not None and not config.resume:
+        raise TrainConfigError(f"{config.output_dir} already holds checkpoints ({checkpoint.name}): resume to "
+                               "continue that run, or choose a new output_dir")
+    if checkpoint is not None:
+        restore(state, checkpoint)
+    return state
+
+
+def _check_run(config: TrainConfig, world_size: int) -> None:
+    if world_size != config.workers:
+        raise TrainConfigError(f"the config plans {config.workers} worker(s) but {world_size} process(es) run it: "
+                               "start as many processes as config.workers")
+    if not (Path(config.model) / "config.json").is_file():
+        raise TrainConfigError(f"{config.model} is not a Hugging Face model directory (no config.json): resolve "
+                               "catalog names and Meta checkpoints to a local directory first (model_store)")
+
+
+def _device(config: TrainConfig, device: str | None) -> torch.device:
+    if config.device == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainConfigError("the config trains on cuda but this process sees no GPU: plan for device cpu")
+        configure_allocator()  # before the first CUDA allocation
+        chosen = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+        torch.cuda.set_device(chosen)
+        return chosen
+    return torch.device(device or "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: the same LoRA initialisation everywhere (DDP also broadcasts rank 0's)."""
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """The model's tokenizer; batches are padded on the right (`data.collate`) with the pad or EOS token."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def plan_schedule(config: TrainConfig, examples: int, world_size: int) -> Schedule:
+    per_rank = math.ceil(examples / world_size)  # DistributedSampler pads the last round with repeats
+    per_step = config.micro_batch * config.grad_accum
+    steps_per_epoch = per_rank // per_step
+    if steps_per_epoch == 0:
+        raise TrainConfigError(f"{examples} training sequences make {per_rank} per worker, fewer than one step's "
+                               f"{per_step} (micro_batch x grad_accum): lower them or add data")
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return Schedule(steps_per_epoch, total)
+
+
+def build_model(config: TrainConfig, precision: Precision, device: torch.device) -> Any:
+    """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base, PEFT's k-bit preparation)."""
+    quant = "nf4" if config.method == "qlora" else "none"
+    model = load_pretrained(config.model, precision.weights, quant, str(device))
+    model.config.use_cache = False  # no KV cache in training
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if config.method in ("lora", "qlora"):
+        targets = config.lora_targets[0] if config.lora_targets == ("all-linear",) else config.lora_targets
+        model = apply_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets))
+    model.train()
+    return model
+
+
+def cosine_with_warmup(optimizer: Any, warmup_steps: int, total_steps: int) -> Any:
+    """Linear warmup from 0 to the peak lr over `warmup_steps`, then a half cosine to 0 at `total_steps`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, min(warmup_steps, total_steps), total_steps)
+
+
+# ---- train ----------------------------------------------------------------------------------------
+def train(state: TrainState, on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
+    """Train to the schedule's last step; rank 0 calls `on_metrics` with every logged step, then saves."""
+    config, schedule = state.config, state.schedule
+    batches = micro_batches(state)
+    logged_tokens, logged_seconds = 0, 0.0
+    eval_loss = None
+    reset_peak_memory(state.device)
+    while state.step < schedule.total_steps:
+        lr = state.scheduler.get_last_lr()[0]
+        started = time.perf_counter()
+        loss, tokens = train_step(state, [next(batches) for _ in range(config.grad_accum)])
+        seconds = time.perf_counter() - started
+        state.step += 1
+        state.tokens += tokens
+        state.train_seconds += seconds
+        logged_tokens, logged_seconds = logged_tokens + tokens, logged_seconds + seconds
+        last = state.step == schedule.total_steps
+        eval_loss = evaluate(state) if last or (config.eval_every and state.step % config.eval_every == 0) else None
+        if last or eval_loss is not None or state.step % config.log_every == 0:
+            report(state, StepMetrics(state.step, state.step / schedule.steps_per_epoch, loss, lr,
+                                      logged_tokens / logged_seconds if logged_seconds else 0.0,
+                                      peak_memory(state.device), state.tokens, eval_loss), on_metrics)
+            logged_tokens, logged_seconds = 0, 0.0
+        if state.step % config.save_every == 0:
+            save_checkpoint(state)
+    if eval_loss is None and state.history and state.history[-1]["step"] == state.step:
+        eval_loss = state.history[-1]["eval_loss"]  # resumed at the end: the saved run evaluated already
+    return finish(state, eval_loss)
+
+
+def micro_batches(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's micro-batches from the saved data position on, epoch after epoch; advances the position."""
+    epoch, start = state.position.epoch, state.position.micro_batch
+    collate_fn = partial(collate, pad_id=pad_token_id(state.tokenizer))
+    while True:
+        order = epoch_order(state, epoch)
+        for index in range(start, len(order)):
+            state.position = DataPosition(epoch, index + 1)
+            yield collate_fn([state.train_data[i] for i in order[index]])
+        epoch, start = epoch + 1, 0
+
+
+def epoch_order(state: TrainState, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) for one epoch: whole optimizer steps only."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(state.train_data, num_replicas=state.world_size, rank=state.rank, shuffle=True,
+                                 seed=state.config.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    size = state.config.micro_batch
+    used = state.schedule.steps_per_epoch * state.config.grad_accum * size
+    return [indices[i:i + size] for i in range(0, used, size)]
+
+
+def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """One optimizer step over `grad_accum` micro-batches: (the global batch's mean token loss, its tokens)."""
+    engine = state.engine
+    loss_tokens = int(sum_across([sum(_loss_tokens(batch) for batch in batches)], state.device)[0])
+    total = torch.zeros((), dtype=torch.float64, device=state.device)
+    tokens = 0
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        batch = {name: tensor.to(state.device) for name, tensor in batch.items()}
+        with engine.accumulating(last=last):
+            with engine.autocast():
+                # num_items_in_batch: HF's loss sums the token losses and divides by this count of the whole
+                # global batch, so the micro-batch losses (over every rank) add up to the global mean.
+                loss = engine.module(**batch, num_items_in_batch=max(loss_tokens, 1)).loss
+            engine.backward(loss, last=last)
+        total += loss.detach().to(torch.float64)
+        tokens += int(batch["attention_mask"].sum())
+    engine.step()
+    state.scheduler.step()
+    global_loss, global_tokens = sum_across([total.item(), tokens], state.device)
+    return global_loss, int(global_tokens)
+
+
+def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss: HF's causal LM loss predicts labels[:, 1:]."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def evaluate(state: TrainState) -> float | None:
+    """Mean loss per token over the validation set, every rank taking every W-th example; None without one."""
+    data = state.val_data
+    if len(data) == 0:
+        return None
+    model = state.engine.model
+    size = state.config.micro_batch
+    shard = list(range(state.rank, len(data), state.world_size))
+    rounds = math.ceil(math.ceil(len(data) / state.world_size) / size)  # the same on every rank (ZeRO-3 gathers)
+    collate_fn = partial(collate, pad_id=pad_token_id(state.tokenizer))
+    loss_sum, count = 0.0, 0
+    model.eval()
+    with torch.no_grad(), state.engine.autocast():
+        for round_ in range(rounds):
+            indices = shard[round_ * size:(round_ + 1) * size]
+            batch = collate_fn([data[i] for i in (indices or [0])])
+            batch = {name: tensor.to(state.device) for name, tensor in batch.items()}
+            summed = model(**batch, num_items_in_batch=1).loss  # with a count of 1, HF's loss is the sum
+            if indices:
+                loss_sum += float(summed)
+                count += _loss_tokens(batch)
+    model.train()
+    loss_sum, count = sum_across([loss_sum, count], state.device)
+    return loss_sum / count if count else None
+
+
+def report(state: TrainState, metrics: StepMetrics, on_metrics: Callable[[StepMetrics], None] | None) -> None:
+    state.history.append(asdict(metrics))
+    if state.rank == 0 and on_metrics is not None:
+        on_metrics(metrics)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """torch.cuda.max_memory_reserved on a GPU (what the estimator predicts); the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    if sys.platform.startswith("linux"):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return None
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save cut short leaves a `.partial` folder, never a step-N)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = saved_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(state: TrainState) -> Path:
+    """Write step-N (through step-N.partial, renamed when complete) and drop all but the last two."""
+    final = checkpoint_dir(state.config.output_dir, state.step)
+    partial_dir = final.with_name(final.name + ".partial")
+    if state.rank == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        partial_dir.mkdir(parents=True)
+    barrier()
+    state.engine.save(partial_dir, state.rank)
+    rng = gather_across(rng_states(state.device))
+    if state.rank == 0:
+        torch.save(trainer_state(state, rng), partial_dir / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        partial_dir.rename(final)
+        for old in saved_checkpoints(state.config.output_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def trainer_state(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "step": state.step, "position": asdict(state.position), "tokens": state.tokens,
+        "train_seconds": state.train_seconds, "history": list(state.history), "world_size": state.world_size,
+        "scheduler": state.scheduler.state_dict(), "rng": rng,
+    }
+
+
+def restore(state: TrainState, directory: Path) -> None:
+    """Continue from a checkpoint: weights, optimizer, scheduler, step, data position, history, RNG states."""
+    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    if saved["world_size"] != state.world_size:
+        raise TrainConfigError(f"{directory} was written by {saved['world_size']} worker(s), this run has "
+                               f"{state.world_size}: resume with workers {saved['world_size']}")
+    state.engine.load(directory)
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step = saved["step"]
+    state.position = DataPosition(**saved["position"])
+    state.tokens = saved["tokens"]
+    state.train_seconds = saved["train_seconds"]
+    state.history = list(saved["history"])
+    state.resumed_from = saved["step"]
+    set_rng_states(saved["rng"][state.rank], state.device)
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    import numpy
+
+    states = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    import numpy
+
+    random.setstate(states["python"])
+    numpy.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+# ---- the end of the run ---------------------------------------------------------------------------
+def finish(state: TrainState, eval_loss: float | None) -> TrainResult:
+    """Rank 0 saves the adapter or model, the loss plot and summary.json; every rank gets the result."""
+    out = Path(state.config.output_dir)
+    peaks = tuple(gather_across(peak_memory(state.device)))
+    peft = state.config.method in ("lora", "qlora")
+    artifact = out / ("adapter" if peft else "model")
+    with state.engine.gathered():  # ZeRO-3: every rank takes part in gathering the weights
+        if state.rank == 0:
+            save_artifact(state, artifact)
+    final_loss = next((h["loss"] for h in reversed(state.history)), None)
+    tokens_per_s = state.tokens / state.train_seconds if state.train_seconds else 0.0
+    plot = out / "loss.png"
+    result = TrainResult(
+        steps=state.step, final_loss=final_loss, eval_loss=eval_loss, tokens_per_s=tokens_per_s,
+        peak_memory_per_rank=peaks, output_dir=str(out), adapter_dir=str(artifact) if peft else None,
+        model_dir=None if peft else str(artifact), summary_path=str(out / "summary.json"), plot_path=str(plot),
+        resumed_from=state.resumed_from,
+    )
+    if state.rank == 0:
+        plot_loss(state.history, plot)
+        write_summary(state, result)
+    barrier()
+    return result
+
+
+def save_artifact(state: TrainState, directory: Path) -> None:
+    """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state.model.save_pretrained(str(directory))
+    state.tokenizer.save_pretrained(str(directory))
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss per step (raw and smoothed, as LLaMA-Factory's --plot_loss draws it) and eval loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    axes.plot(steps, losses, color="#1f77b4", alpha=0.4, label="train loss")
+    axes.plot(steps, smooth(losses), color="#1f77b4", label="train loss (smoothed)")
+    evals = [(h["step"], h["eval_loss"]) for h in history if h["eval_loss"] is not None]
+    if evals:
+        axes.plot(*zip(*evals), "o-", color="#d62728", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Exponential moving average with LLaMA-Factory's weight (stronger for longer curves)."""
+    if not values:
+        return []
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    smoothed, last = [], values[0]
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last)
+    return smoothed
+
+
+def write_summary(state: TrainState, result: TrainResult) -> None:
+    summary = {
+        "steps": result.steps, "epochs": result.steps / state.schedule.steps_per_epoch,
+        "final_loss": result.final_loss, "eval_loss": result.eval_loss, "tokens": state.tokens,
+        "train_seconds": state.train_seconds, "tokens_per_s": result.tokens_per_s,
+        "peak_memory_per_rank": list(result.peak_memory_per_rank),
+        "peak_memory_kind": "cuda max_memory_reserved" if state.device.type == "cuda" else "process peak RSS",
+        "adapter_dir": result.adapter_dir, "model_dir": result.model_dir, "resumed_from": result.resumed_from,
+        "data": state.data_stats.to_dict() if hasattr(state.data_stats, "to_dict") else None,
+        "config": state.config.to_dict(),
+    }
+    Path(result.summary_path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# ---- cleanup --------------------------------------------------------------------------------------
+def cleanup(state: TrainState) -> None:
+    """Drop the model, optimizer and data and give the memory back (the CUDA cache too)."""
+    state.engine = None  # type: ignore[assignment]
+    state.scheduler = None
+    gc.collect()
+    if state.device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

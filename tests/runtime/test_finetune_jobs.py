@@ -1,0 +1,100 @@
+"""Fine-tuning jobs end to end on the CPU: submit (detached), Ray Train workers, SmolLM2 LoRA, the record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TEST_CACHE
+
+pytest.importorskip("ray")
+
+from llmplan.cli.main import cli  # noqa: E402
+from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.repository import JobFailure, JobStatus, get_job, get_job_details, transition  # noqa: E402
+from llmplan.runtime.store.status import ErrorClass  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
+SMALL = ["--micro-batch", "2", "--grad-accum", "1", "--seq-len", "96", "--lr", "1e-3", "--warmup-steps", "2"]
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
+    values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
+              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def submit(*args: str):
+    return CliRunner().invoke(cli, ["submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args])
+
+
+def test_lora_job_learns_records_its_curve_and_its_adapter_generates(env, tmp_path: Path) -> None:
+    result = submit("--max-steps", "12", "--save-every", "6", "--output", str(tmp_path / "out"), "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "succeeded", data
+    details = get_job_details(open_store(env["LLMPLAN_DB"]), data["id"])
+    losses = [metric.loss for metric in details.metrics if metric.loss is not None]
+    assert len(losses) >= 12
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3
+    assert details.job.final_loss is not None and details.job.measured_tokens_per_s > 0
+    adapter = Path(data["adapter_path"])
+    assert (adapter / "adapter_config.json").exists() and (tmp_path / "out" / "loss.png").exists()
+    generated = CliRunner().invoke(cli, ["generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
+                                         "--max-new-tokens", "8", "--json"])
+    assert generated.exit_code == 0, generated.output
+
+
+def test_a_broken_record_fails_before_anything_starts(env, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    lines = DATA.read_text().splitlines()[:6] + ['{"instruction": "Say hi", "output": ""}']
+    broken.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(cli, ["submit", "finetune", "--model", MODEL, "--data", str(broken)])
+    assert result.exit_code == 2
+    assert f"{broken}:7: field output" in result.output
+    assert not Path(env["LLMPLAN_DB"].removeprefix("sqlite:///")).exists() or \
+        CliRunner().invoke(cli, ["jobs", "--json"]).output.strip() in ("[]", "")
+
+
+def test_a_yaml_spec_with_an_unknown_key_is_refused(env, tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"task: finetune\nmodel: {MODEL}\ndata: {DATA}\nmicro-batch: 2\nlearning_rate: 0.1\n")
+    result = CliRunner().invoke(cli, ["submit", str(spec)])
+    assert result.exit_code == 2
+    assert "unknown key(s) learning_rate" in result.output
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_as_a_linked_job(env, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = submit("--max-steps", "8", "--save-every", "2", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    job_id = int(result.stdout.strip())
+    checkpoint = out / "checkpoints" / "step-4"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert checkpoint.exists(), "no checkpoint appeared"
+    pid = int((Path(env["LLMPLAN_JOBS_DIR"]) / str(job_id) / "runner.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    engine = open_store(env["LLMPLAN_DB"])
+    # What reconciliation does when a runner vanishes (the scheduler's job): fail it as infrastructure.
+    transition(engine, job_id, JobStatus.FAILED, message="runner killed",
+               failure=JobFailure(ErrorClass.INFRASTRUCTURE, "runner killed"))
+    resumed = CliRunner().invoke(cli, ["submit", "finetune", "--model", MODEL, "--data", str(DATA),
+                                       "--resume", str(job_id), "--wait", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    second = get_job_details(engine, json.loads(resumed.stdout)["id"])
+    assert second.job.retry_of == job_id and second.job.attempt == 2
+    steps = [metric.step for metric in second.metrics]
+    assert min(steps) > 4 - 1 and max(steps) == 8
+    assert get_job(engine, job_id).status is JobStatus.FAILED
