@@ -219,7 +219,7 @@ def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int,
         raise RuntimeError(f"backend {config.backend} needs a torch.distributed process group: run through "
                            "run_ray_train (or call torch.distributed.init_process_group first)")
     if config.backend == "deepspeed":
-        return _deepspeed_engine(model, optimizer, config, world_size, device)
+        return _deepspeed_engine(model, optimizer, config, world_size)
     module = model
     if config.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -232,8 +232,7 @@ def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int,
                        scaler, ddp=config.backend == "ddp")
 
 
-def _deepspeed_engine(model: Any, optimizer: Any, config: TrainConfig, world_size: int,
-                      device: torch.device) -> DeepSpeedEngine:
+def _deepspeed_engine(model: Any, optimizer: Any, config: TrainConfig, world_size: int) -> DeepSpeedEngine:
     deepspeed = import_deepspeed(config.device)
     ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
     return DeepSpeedEngine(ds_engine, ds_engine.module, world_size, config.zero)
@@ -245,7 +244,7 @@ def import_deepspeed(device: str) -> Any:
     On the CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce kernel (a C++
     build of about a minute on first use in every fresh environment) that only its inference path calls
     (`inference_all_reduce`); training all-reduces through torch.distributed (gloo). Marking the op as not
-    buildable skips the compile; training is the same.
+    buildable (in DeepSpeed's per-process table of compatible ops) skips the compile; training is the same.
     """
     try:
         import deepspeed
@@ -284,14 +283,6 @@ def gather_across(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def broadcast_from_rank0(value: Any) -> Any:
-    if not distributed():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def barrier() -> None:

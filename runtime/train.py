@@ -70,7 +70,8 @@ class StepMetrics:
     loss: float  # mean loss per token over the step's global batch
     lr: float  # the learning rate the step used
     tokens_per_s: float  # tokens (padding excluded, all ranks) per second of training since the last log
-    memory_bytes: int | None  # rank 0's peak: torch.cuda.max_memory_reserved, or the process's peak RSS on the CPU
+    memory_bytes: int | None  # rank 0's peak: torch.cuda.max_memory_reserved (since training began), or on the
+    # CPU the process's peak RSS since it started (a Ray worker's is the run's own)
     tokens: int  # tokens trained on so far, all ranks
     eval_loss: float | None = None  # mean loss per token over the validation set, when evaluated at this step
 
@@ -150,7 +151,7 @@ class TrainState:
 # ---- setup ----------------------------------------------------------------------------------------
 def setup(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: str | None = None) -> TrainState:
     """Load, build and (with `config.resume`) restore everything one rank trains with."""
-    _check_run(config, world_size)
+    checkpoint = _checked_run(config, world_size)
     torch_device = _device(config, device)
     seed_everything(config.seed)
     precision = PRECISIONS[config.precision]
@@ -159,28 +160,30 @@ def setup(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: st
     schedule = plan_schedule(config, len(train_data), world_size)
     model = build_model(config, precision, torch_device)
     optimizer = make_optimizer(model, config.optimizer, config.lr)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # make_optimizer keeps torch's default; the config decides
         group["weight_decay"] = config.weight_decay
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, schedule.total_steps)
     engine = prepare(model, optimizer, config, world_size=world_size, device=torch_device, precision=precision)
     state = TrainState(config, rank, world_size, torch_device, precision, tokenizer, engine, scheduler,
                        train_data, val_data, stats, schedule)
-    checkpoint = latest_checkpoint(config.output_dir)
-    if checkpoint is not None and not config.resume:
-        raise TrainConfigError(f"{config.output_dir} already holds checkpoints ({checkpoint.name}): resume to "
-                               "continue that run, or choose a new output_dir")
     if checkpoint is not None:
         restore(state, checkpoint)
     return state
 
 
-def _check_run(config: TrainConfig, world_size: int) -> None:
+def _checked_run(config: TrainConfig, world_size: int) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), once the run is known to be possible."""
     if world_size != config.workers:
         raise TrainConfigError(f"the config plans {config.workers} worker(s) but {world_size} process(es) run it: "
                                "start as many processes as config.workers")
     if not (Path(config.model) / "config.json").is_file():
         raise TrainConfigError(f"{config.model} is not a Hugging Face model directory (no config.json): resolve "
                                "catalog names and Meta checkpoints to a local directory first (model_store)")
+    checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is not None and not config.resume:
+        raise TrainConfigError(f"{config.output_dir} already holds checkpoints ({checkpoint.name}): resume to "
+                               "continue that run, or choose a new output_dir")
+    return checkpoint
 
 
 def _device(config: TrainConfig, device: str | None) -> torch.device:
@@ -312,6 +315,7 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> tup
     tokens = 0
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
+        tokens += int(batch["attention_mask"].sum())  # padding excluded
         batch = {name: tensor.to(state.device) for name, tensor in batch.items()}
         with engine.accumulating(last=last):
             with engine.autocast():
@@ -320,7 +324,6 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> tup
                 loss = engine.module(**batch, num_items_in_batch=max(loss_tokens, 1)).loss
             engine.backward(loss, last=last)
         total += loss.detach().to(torch.float64)
-        tokens += int(batch["attention_mask"].sum())
     engine.step()
     state.scheduler.step()
     global_loss, global_tokens = sum_across([total.item(), tokens], state.device)

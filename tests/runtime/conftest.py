@@ -50,3 +50,42 @@ def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
     path.write_bytes(buffer.getvalue())
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, sentencepiece_model: Path) -> Path:
+    """A random 2-layer Llama (hidden 64, vocab 320: the sentencepiece tokenizer above) as a local HF directory.
+
+    The MLP width is 128: bitsandbytes' CPU NF4 kernel packs weights in blocks of 64 input features.
+    """
+    import dataclasses
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaTokenizer
+
+    from llmplan.planner.model_catalog import MODELS
+    from llmplan.runtime.modeling import build_random_model
+
+    spec = dataclasses.replace(next(m for m in MODELS if m.name == "SmolLM2-135M"), name="tiny-llama", hidden_size=64,
+                               intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=320,
+                               head_dim=0)
+    root = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    build_random_model(spec, "fp32", "cpu").save_pretrained(root / "model")
+    (root / "tokenizer").mkdir()
+    shutil.copyfile(sentencepiece_model, root / "tokenizer" / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(root / "tokenizer").save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 Alpaca records of the tokenizer's words (instruction and output: one line each)."""
+    import json
+
+    lines = training_lines(128, seed=1)
+    path = tmp_path_factory.mktemp("tiny-alpaca") / "data.jsonl"
+    path.write_text("".join(json.dumps({"instruction": lines[2 * i], "output": lines[2 * i + 1]}) + "\n"
+                            for i in range(64)))
+    return path
