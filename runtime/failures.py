@@ -44,3 +44,13 @@ def describe(error: BaseException) -> str:
     cause = root_cause(error)
     message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return f"{type(cause).__name__}: {message}" if message else type(cause).__name__
+
+
+def fail_job(engine, job_id: int, error: BaseException) -> str:
+    """End a job as failed with the error's class (unless it already ended); return the one-line message."""
+    from llmplan.runtime.store.repository import JobFailure, JobStatus, get_job, transition
+
+    message = describe(error)
+    if not get_job(engine, job_id).status.is_terminal():
+        transition(engine, job_id, JobStatus.FAILED, message=message, failure=JobFailure(classify(error), message))
+    return message

@@ -15,13 +15,11 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from llmplan.planner.plan import FinetunePlan
 from llmplan.runtime.store.repository import (
     Artifacts,
-    JobFailure,
     JobKind,
     JobSpec,
     JobStatus,
@@ -35,7 +33,7 @@ from llmplan.runtime.store.repository import (
     transition,
 )
 
-from .failures import classify, describe
+from .failures import fail_job
 from .train_config import TrainConfig
 
 
@@ -115,10 +113,7 @@ def _record_success(engine: Any, job_id: int, config: TrainConfig, result: Any) 
 
 
 def _record_failure(engine: Any, job_id: int, error: BaseException) -> FinetuneOutcome:
-    message = describe(error)
-    if not get_job(engine, job_id).status.is_terminal():
-        transition(engine, job_id, JobStatus.FAILED, message=message, failure=JobFailure(classify(error), message))
-    return FinetuneOutcome(job_id, JobStatus.FAILED, error=message)
+    return FinetuneOutcome(job_id, JobStatus.FAILED, error=fail_job(engine, job_id, error))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from typing import Any
 from llmplan.planner.plan import InferencePlan
 from llmplan.runtime.store.repository import (
     Artifacts,
-    JobFailure,
     JobKind,
     JobSpec,
     JobStatus,
@@ -35,7 +34,7 @@ from llmplan.runtime.store.repository import (
 )
 
 from .chat import PromptItem, as_message
-from .failures import classify, describe
+from .failures import fail_job
 from .inference import Completion, GenerationSettings
 
 
@@ -191,12 +190,7 @@ def record_success(engine: Any, job_id: int, completions: Sequence[Completion], 
 
 
 def record_failure(engine: Any, job_id: int, error: BaseException) -> InferenceOutcome:
-    from llmplan.runtime.store.repository import get_job
-
-    message = describe(error)
-    if not get_job(engine, job_id).status.is_terminal():
-        transition(engine, job_id, JobStatus.FAILED, message=message, failure=JobFailure(classify(error), message))
-    return InferenceOutcome(job_id, JobStatus.FAILED, error=message)
+    return InferenceOutcome(job_id, JobStatus.FAILED, error=fail_job(engine, job_id, error))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
