@@ -89,3 +89,13 @@ def tiny_alpaca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text("".join(json.dumps({"instruction": lines[2 * i], "output": lines[2 * i + 1]}) + "\n"
                             for i in range(64)))
     return path
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
+    """A job store, a jobs folder and the shared model cache for a test that runs jobs (SmolLM2 pulled)."""
+    values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
+              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values

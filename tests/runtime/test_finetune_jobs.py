@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TEST_CACHE
 
 pytest.importorskip("ray")
 
@@ -23,15 +22,6 @@ from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
 SMALL = ["--micro-batch", "2", "--grad-accum", "1", "--seq-len", "96", "--lr", "1e-3", "--warmup-steps", "2"]
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
-    values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
-              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
 
 
 def submit(*args: str):

@@ -35,15 +35,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
-    values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
-              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
-
-
 def cpu_plan(model: str = MODEL, replicas: int = 1):
     from dataclasses import replace
 
