@@ -63,20 +63,32 @@ def submit_infer(model: str, prompts: tuple[str, ...], wait: bool, db_url: str |
 
 
 def follow(engine, job_id: int):
-    """Print each status the job reaches until it ends; return the final record."""
-    from llmplan.runtime.store.repository import get_job
+    """Follow the job until it ends: its statuses, and for training a progress bar of optimizer steps.
 
-    seen = None
-    while True:
-        job = get_job(engine, job_id)
-        if job.status != seen:
-            seen = job.status
-            click.echo(f"job {job_id}: {job.status.value}", err=True)
-        if job.status.is_terminal():
-            if job.error_message:
-                click.echo(f"job {job_id}: {job.error_class}: {job.error_message}", err=True)
-            return job
-        time.sleep(POLL_SECONDS)
+    Returns the final record."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmplan.runtime.store.repository import get_job, latest_metric
+
+    job = get_job(engine, job_id)
+    total = (job.request.get("config") or {}).get("max_steps") if job.kind.value == "finetune" else None
+    columns = [TextColumn("job {task.fields[job]}: {task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task("job", total=total, job=job_id, status=job.status.value, detail="")
+        while True:
+            job = get_job(engine, job_id)
+            metric = latest_metric(engine, job_id)
+            detail = f"loss {metric.loss:.4f}" if metric is not None and metric.loss is not None else ""
+            progress.update(task, completed=metric.step if metric is not None else 0, status=job.status.value,
+                            detail=detail)
+            if job.status.is_terminal():
+                break
+            time.sleep(POLL_SECONDS)
+    if job.error_message:
+        click.echo(f"job {job_id}: {job.error_class}: {job.error_message}", err=True)
+    return job
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------

@@ -263,6 +263,13 @@ def get_job_details(engine: Engine, job_id: int) -> JobDetails:
     return JobDetails(job=job, events=events, metrics=metrics)
 
 
+def latest_metric(engine: Engine, job_id: int) -> JobMetric | None:
+    """The job's metric with the highest step (what a progress display shows), or None before the first."""
+    statement = select(JobMetric).where(JobMetric.job_id == job_id).order_by(col(JobMetric.step).desc()).limit(1)
+    with read_session(engine) as session:
+        return session.exec(statement).first()
+
+
 def job_events(engine: Engine, job_id: int) -> list[JobEvent]:
     with read_session(engine) as session:
         return _events_of(session, job_id)
