@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
 from llmplan.planner.resolve import meta_ffn_dim  # noqa: E402
-from llmplan.runtime import model_store  # noqa: E402
+from llmplan.runtime import meta_checkpoint  # noqa: E402
 from llmplan.runtime.model_store import (  # noqa: E402
     LLAMA2_CHAT_TEMPLATE,
     ModelStoreError,
@@ -198,7 +198,7 @@ def test_chat_checkpoints_get_the_llama2_chat_template(tmp_path: Path, sentencep
 
 def test_large_models_are_written_in_several_safetensors_files(tmp_path: Path, sentencepiece_model: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model_store, "MAX_FILE_BYTES", 200_000)
+    monkeypatch.setattr(meta_checkpoint, "MAX_FILE_BYTES", 200_000)
     src, weights = make_checkpoint(tmp_path, GQA, sentencepiece_model)
     out = convert_meta_checkpoint(src, tmp_path / "hf")
     index = json.loads((out / "model.safetensors.index.json").read_text())
