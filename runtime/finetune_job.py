@@ -11,7 +11,6 @@ and the adapter or model directory, against the plan.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,15 +117,9 @@ def _record_failure(engine: Any, job_id: int, error: BaseException) -> FinetuneO
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m llmplan.runtime.finetune_job JOB_ID --db URL`: the detached runner."""
-    from llmplan.runtime.store.db import open_store
+    from .runner import detached_main
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("job_id", type=int)
-    parser.add_argument("--db", required=True)
-    args = parser.parse_args(argv)
-    outcome = run_recorded(open_store(args.db), args.job_id)
-    print(f"job {outcome.job_id}: {outcome.status.value}" + (f": {outcome.error}" if outcome.error else ""), flush=True)
-    return 0 if outcome.status is JobStatus.SUCCEEDED else 1
+    return detached_main(argv, main.__doc__, run_recorded)
 
 
 if __name__ == "__main__":

@@ -195,19 +195,9 @@ def record_failure(engine: Any, job_id: int, error: BaseException) -> InferenceO
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m llmplan.runtime.inference_job JOB_ID --db URL --jobs-dir DIR`: the detached runner."""
-    import argparse
+    from .runner import detached_main
 
-    from llmplan.runtime.store.db import open_store
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("job_id", type=int)
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--jobs-dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    engine = open_store(args.db)
-    outcome = run_recorded(engine, args.job_id, jobs_dir=args.jobs_dir)
-    print(f"job {outcome.job_id}: {outcome.status.value}" + (f": {outcome.error}" if outcome.error else ""))
-    return 0 if outcome.status is JobStatus.SUCCEEDED else 1
+    return detached_main(argv, main.__doc__, run_recorded, needs_jobs_dir=True)
 
 
 if __name__ == "__main__":
