@@ -8,7 +8,7 @@ GPU, the CPU in fp32 unless asked otherwise.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .estimator import estimate
@@ -22,6 +22,17 @@ DTYPE_OF_PRECISION = {Precision.BF16_TRUE: "bf16", Precision.FP16_TRUE: "fp16", 
 
 class PlanError(ValueError):
     """Nothing the planner can run fits; the message says what would."""
+
+
+def plan_to_dict(plan: Any) -> dict[str, Any]:
+    """A plan as JSON-ready data: tuples become lists."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(plan).items()}
+
+
+def plan_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """The plan `plan_to_dict` wrote: the lists of tuple-typed fields become tuples again."""
+    tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+    return cls(**{key: tuple(value) if key in tuples else value for key, value in data.items()})
 
 
 @dataclass(frozen=True)
@@ -43,13 +54,11 @@ class InferencePlan:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["notes"] = list(self.notes)
-        return data
+        return plan_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "InferencePlan":
-        return cls(**{**data, "notes": tuple(data.get("notes", ()))})
+        return plan_from_dict(cls, data)
 
     @property
     def gpus(self) -> int:
@@ -159,9 +168,7 @@ class FinetunePlan:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["notes"], data["lora_targets"] = list(self.notes), list(self.lora_targets)
-        return data
+        return plan_to_dict(self)
 
     def summary(self) -> str:
         where = "CPU" if self.device == "cpu" else "GPU"
@@ -174,7 +181,7 @@ class FinetunePlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetunePlan":
-        return cls(**{**data, "notes": tuple(data.get("notes", ())), "lora_targets": tuple(data["lora_targets"])})
+        return plan_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
