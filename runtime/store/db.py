@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,8 +40,12 @@ WRITE_OPTION = "llmplan_write"
 
 _BEGIN_DEFERRED = "BEGIN"
 _BEGIN_IMMEDIATE = "BEGIN IMMEDIATE"
+_SQLITE_WAL = "PRAGMA journal_mode = WAL"
+# Switching a new database to WAL needs its exclusive lock, and SQLite answers "database is locked"
+# at once, without its busy handler, when another connection holds a lock it might upgrade (the
+# deadlock rule of sqlite3_busy_handler): processes opening a new database together must retry.
+SQLITE_WAL_RETRY_S = 0.05
 _SQLITE_PRAGMAS = (
-    "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = NORMAL",
     "PRAGMA foreign_keys = ON",
 )
@@ -130,10 +136,23 @@ def _configure_sqlite_connection(dbapi_connection: Any, connection_record: Any) 
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
+        _switch_to_wal(cursor)
         for pragma in _SQLITE_PRAGMAS:
             cursor.execute(pragma)
     finally:
         cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute(_SQLITE_WAL)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(SQLITE_WAL_RETRY_S)
 
 
 def _begin_sqlite_transaction(connection: Connection) -> None:
