@@ -11,7 +11,7 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import INFERENCE_PRECISIONS, announce_model, jobs_dir, make_plan
+from .generate import INFERENCE_PRECISIONS, announce_model, detect_hardware, jobs_dir, make_plan
 from .jobs import db_option, open_engine
 from .options import choice_of, positive, user_errors
 
@@ -40,7 +40,7 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
     from llmplan.runtime.ray_inference import stop_replicas
 
     plan = make_plan(model, batch_size=1, prompt_len=context_len, max_new_tokens=max_new_tokens,
-                     precision=precision, quant=quant, gpus=1)
+                     precision=precision, quant=quant, hardware=detect_hardware(1))
     announce_model(plan.model)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   batch_size=1)

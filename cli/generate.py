@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import os
 from pathlib import Path
 
 import click
@@ -16,11 +15,12 @@ from .jobs import db_option, open_engine
 from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
 
 INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
-JOBS_DIR = Path("~/.llmplan/jobs")
 
 
 def jobs_dir() -> Path:
-    return Path(os.environ.get("LLMPLAN_JOBS_DIR", JOBS_DIR)).expanduser()
+    from llmplan.runtime.paths import jobs_dir as configured
+
+    return configured()
 
 
 def detect_hardware(gpus: int | None):
@@ -35,12 +35,12 @@ def detect_hardware(gpus: int | None):
 
 
 def make_plan(model: str, *, batch_size: int, prompt_len: int, max_new_tokens: int, precision: str | None,
-              quant: str | None, gpus: int | None) -> InferencePlan:
+              quant: str | None, hardware) -> InferencePlan:
     spec = resolve_model(model).spec
     ask = InferenceAsk(model=model, spec=spec, batch_size=batch_size, prompt_len=prompt_len,
                        max_new_tokens=max_new_tokens, precision=Precision(precision) if precision else None,
                        quant=Quant(quant) if quant else None)
-    return plan_inference(ask, detect_hardware(gpus))
+    return plan_inference(ask, hardware)
 
 
 def announce_model(model: str) -> None:
@@ -96,14 +96,16 @@ def generation_options(command):
 
 def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, output: str | None,
             max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int, prompt_len: int,
-            adapter: str | None, precision: str | None, quant: str | None, gpus: int | None):
-    """The plan and the inputs of an inference job, checked before anything starts."""
+            adapter: str | None, precision: str | None, quant: str | None, gpus: int | None, hardware=None):
+    """The plan and the inputs of an inference job, checked before anything starts.
+
+    `hardware(gpus)` says what to plan for (`llmplan submit`: the cluster's GPUs); default: this machine's."""
     from llmplan.runtime.inference import GenerationSettings, InferenceError
     from llmplan.runtime.inference_job import InferenceInputs
 
     items = load_items(prompts, input_path)
     plan = make_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                     precision=precision, quant=quant, gpus=gpus)
+                     precision=precision, quant=quant, hardware=(hardware or detect_hardware)(gpus))
     try:
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       seed=seed, batch_size=plan.batch_size)

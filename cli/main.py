@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "models": "models:models",
     "convert": "convert:convert",
     "merge": "merge:merge",
+    "cancel": "cancel:cancel",
+    "cluster": "cluster:cluster",
 }
 
 

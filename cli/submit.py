@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import getpass
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,9 +13,11 @@ from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
 from .generate import announce_model, generation_options, jobs_dir, prepare
 from .jobs import db_option, open_engine
-from .options import UserError, json_option, positive, print_json, user_errors
+from .options import UserError, json_option, positive, user_errors
+from .scheduling import enqueue, join_cluster, scheduling_options
 
 POLL_SECONDS = 0.5
+RETRY_PATIENCE_S = 10.0
 
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -45,27 +45,50 @@ def submit() -> None:
 @submit.command("infer")
 @click.option("--model", required=True, help="Catalog name, Hugging Face directory or Meta checkpoint directory.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several); or --input FILE.jsonl.")
-@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if it failed.")
+@scheduling_options
 @generation_options
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
-def submit_infer(model: str, prompts: tuple[str, ...], wait: bool, db_url: str | None, as_json: bool, **options) -> None:
-    """Batch inference as a job: prints the job id and returns (or follows it with --wait)."""
+def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retries: int, address: str | None,
+                 wait: bool, db_url: str | None, as_json: bool, **options) -> None:
+    """Batch inference as a job, queued on the Ray cluster: prints the job id and returns (or follows it with --wait)."""
     from llmplan.runtime import inference_job
-    from llmplan.runtime.store.db import database_url_from_environment
 
-    plan, inputs = prepare(model, prompts, **options)
-    announce_model(plan.model)
     with open_engine(db_url) as (engine, _):
-        job = inference_job.submit(engine, plan, inputs, name=f"infer {plan.model_name}", submitter=getpass.getuser())
-        log = start_detached_module("llmplan.runtime.inference_job", job.id, database_url_from_environment(db_url),
-                                    "--jobs-dir", str(jobs_dir()))
-        report_submitted(engine, job.id, plan, log, as_json, wait)
+        cluster = join_cluster(engine, address)
+        plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
+        cluster.refuse_if_never_fits("infer", plan)
+        announce_model(plan.model)
+        job = inference_job.submit(engine, plan, inputs, name=f"infer {plan.model_name}", submitter=getpass.getuser(),
+                                   priority=priority,
+                                   scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
+        enqueue(engine, cluster, job.id, plan, as_json, wait)
 
 
 def follow(engine, job_id: int):
-    """Follow the job until it ends: its statuses, and for training a progress bar of optimizer steps.
+    """Follow the job until it ends (and its re-planned retries after running out of memory): its statuses,
+    and for training a progress bar of optimizer steps. Returns the last attempt's final record."""
+    from llmplan.runtime.store.status import ErrorClass
 
-    Returns the final record."""
+    while True:
+        job = follow_one(engine, job_id)
+        retry = next_attempt(engine, job) if job.error_class is ErrorClass.OOM else None
+        if retry is None:
+            return job
+        click.echo(f"job {job_id} ran out of memory: re-planned as job {retry}", err=True)
+        job_id = retry
+
+
+def next_attempt(engine, job, patience_s: float = RETRY_PATIENCE_S) -> int | None:
+    """The id of the job retrying `job`, waiting a little for the scheduler to create it."""
+    from llmplan.runtime.store.repository import retry_of_job
+
+    deadline = time.monotonic() + patience_s
+    while (retry := retry_of_job(engine, job.id)) is None and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    return retry
+
+
+def follow_one(engine, job_id: int):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -132,29 +155,30 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
 @click.option("--output", type=click.Path(file_okay=False), help="Output directory [default: the job's folder].")
 @click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
               help="Continue a failed or cancelled job from its latest checkpoint (a new, linked job).")
-@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if it failed.")
+@scheduling_options
 @db_option
 @json_option
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
-def submit_finetune(model: str, data: str, resume_job: int | None, wait: bool, db_url: str | None, as_json: bool,
-                    **options) -> None:
-    """Fine-tuning as a job: planned, checked, recorded, run detached in Ray Train workers."""
+def submit_finetune(model: str, data: str, resume_job: int | None, priority: int, max_retries: int,
+                    address: str | None, wait: bool, db_url: str | None, as_json: bool, **options) -> None:
+    """Fine-tuning as a job: planned for the cluster's GPUs, checked, queued, run in Ray Train workers."""
     from llmplan.runtime import finetune_job
-    from llmplan.runtime.store.db import database_url_from_environment
 
     with open_engine(db_url) as (engine, _):
+        cluster = join_cluster(engine, address)
         if resume_job is not None:
             plan, config = resumed(engine, resume_job)
         else:
-            plan, config = plan_training(model, data, options)
+            plan, config = plan_training(model, data, options, cluster.hardware)
+        cluster.refuse_if_never_fits("finetune", plan)
         announce_model(plan.model)
         job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
-                                  retry_of=resume_job)
-        log = start_detached_module("llmplan.runtime.finetune_job", job.id, database_url_from_environment(db_url))
-        report_submitted(engine, job.id, plan, log, as_json, wait)
+                                  retry_of=resume_job, priority=priority,
+                                  scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
+        enqueue(engine, cluster, job.id, plan, as_json, wait)
 
 
-def plan_training(model: str, data: str, options: dict):
+def plan_training(model: str, data: str, options: dict, hardware_for):
     """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first."""
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
     from llmplan.planner.request import LoraSpec, Method, Offload, Precision
@@ -179,7 +203,7 @@ def plan_training(model: str, data: str, options: dict):
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
     )
-    plan = plan_finetune(ask, detect_hardware(options["gpus"]))
+    plan = plan_finetune(ask, hardware_for(options["gpus"]))
     return plan, train_config(plan, data, options)
 
 
@@ -224,45 +248,6 @@ def resumed(engine, job_id: int):
         raise UserError(f"job {job_id} is an inference job: only fine-tuning resumes from checkpoints")
     config = dataclasses.replace(TrainConfig.from_dict(job.request["config"]), resume=True)
     return FinetunePlan.from_dict(job.plan), config
-
-
-def detect_hardware(gpus: int | None):
-    from .generate import detect_hardware as detect
-
-    return detect(gpus)
-
-
-def start_detached_module(module: str, job_id: int, db_url: str, *extra: str) -> Path:
-    """Run a job's recipe in its own process session, so closing this terminal does not stop it."""
-    log = jobs_dir() / str(job_id) / "log.txt"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-u", "-m", module, str(job_id), "--db", db_url, *extra]
-    with log.open("ab") as sink:
-        runner = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    (log.parent / "runner.pid").write_text(str(runner.pid))
-    return log
-
-
-def report_submitted(engine, job_id: int, plan, log: Path, as_json: bool, wait: bool) -> None:
-    """Record the log, print the id (or JSON), and follow the job when asked; exit 1 if it failed."""
-    from llmplan.runtime.store.repository import Artifacts, JobUpdate, update_job
-
-    update_job(engine, job_id, JobUpdate(artifacts=Artifacts(log_path=str(log))))
-    if as_json and not wait:
-        print_json({"id": job_id, "plan": plan.to_dict(), "log": str(log)})
-        return
-    click.echo(f"job {job_id} submitted: {plan.summary()}; log {log}", err=True)
-    if not as_json:
-        click.echo(job_id)
-    if wait:
-        final = follow(engine, job_id)
-        if as_json:
-            print_json({"id": job_id, "status": final.status.value, "output_dir": final.output_dir,
-                        "adapter_path": final.adapter_path, "final_loss": final.final_loss,
-                        "error": final.error_message})
-        if final.status.value != "succeeded":
-            raise SystemExit(1)
 
 
 # ---- job specs -------------------------------------------------------------------------------------------

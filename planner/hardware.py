@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .gpus import GpuProbe, GpuSpec, default_gpu, default_planning_notice, gpu_with_memory, lookup_gpu
+from .gpus import GpuProbe, GpuSpec, default_gpu, default_planning_notice, find_gpu, gpu_with_memory, lookup_gpu
 from .units import format_gib, parse_size
 
 
@@ -43,7 +43,8 @@ class Hardware:
 
     @property
     def memory_basis(self) -> str:
-        return {"nvml": "free now, NVML", "catalog": "catalog", "user": "--gpu-mem", "default": "catalog"}[self.source]
+        return {"nvml": "free now, NVML", "catalog": "catalog", "user": "--gpu-mem", "default": "catalog",
+                "cluster": "free now, Ray cluster"}[self.source]
 
     def describe(self) -> str:
         """"2 x A100 80GB, 80.0 GiB each (catalog)"."""
@@ -61,6 +62,13 @@ class Hardware:
             "notice": self.notice or None,
             "notes": list(self.notes),
         }
+
+
+def hardware_from_dict(data: dict) -> Hardware:
+    """`Hardware.to_dict` read back (a recorded job re-planned later): catalog cards by name, others by memory."""
+    spec = find_gpu(data["gpu"]) or gpu_with_memory(int(data["memory_bytes"]))
+    return Hardware(spec, int(data["count"]), int(data["memory_bytes"]), data.get("source", "catalog"),
+                    notes=tuple(data.get("notes") or ()))
 
 
 def plan_hardware(gpus: int | None, gpu_name: str | None, gpu_mem: str | int | None,

@@ -320,7 +320,7 @@ def run_ray_train(config: TrainConfig, on_metrics: Callable[["StepMetrics"], Non
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_cluster import ensure_ray
+    from .cluster import ensure_ray
 
     ensure_ray()
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()

@@ -54,3 +54,11 @@ def fail_job(engine, job_id: int, error: BaseException) -> str:
     if not get_job(engine, job_id).status.is_terminal():
         transition(engine, job_id, JobStatus.FAILED, message=message, failure=JobFailure(classify(error), message))
     return message
+
+
+def mark_scheduled(engine, job_id: int, message: str) -> None:
+    """queued -> scheduled when a recipe runs a job itself; a job the scheduler placed is scheduled already."""
+    from llmplan.runtime.store.repository import JobStatus, get_job, transition
+
+    if get_job(engine, job_id).status is JobStatus.QUEUED:
+        transition(engine, job_id, JobStatus.SCHEDULED, message=message, expected_from=JobStatus.QUEUED)

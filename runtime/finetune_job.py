@@ -2,7 +2,7 @@
 
     job = submit(engine, plan, config)                    # queued, with the plan and the full TrainConfig
     outcome = run(engine, job.id, config)                 # scheduled -> running -> succeeded | failed
-    python -m llmplan.runtime.finetune_job JOB --db URL   # the detached runner `llmplan submit` starts
+    # `llmplan submit finetune` queues the job; the scheduler's JobDriver runs run_recorded(engine, job.id)
 
 Training runs in Ray Train workers (`runtime.distributed.run_ray_train`); each logged step reaches the
 job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
@@ -12,7 +12,6 @@ and the adapter or model directory, against the plan.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,7 @@ from llmplan.runtime.store.repository import (
     transition,
 )
 
-from .failures import fail_job
+from .failures import fail_job, mark_scheduled
 from .train_config import TrainConfig
 
 
@@ -47,15 +46,18 @@ class FinetuneOutcome:
 
 
 def submit(engine: Any, plan: FinetunePlan, config: TrainConfig, *, name: str, submitter: str,
-           retry_of: int | None = None) -> Any:
-    """Record the job as queued: the plan, and the config it fixes (everything needed to run or resume it)."""
+           retry_of: int | None = None, priority: int = 0, scheduling: dict[str, Any] | None = None) -> Any:
+    """Record the job as queued: the plan, and the config it fixes (everything needed to run or resume it).
+
+    `scheduling` adds what the scheduler reads (max_retries, jobs_dir, the hardware planned for)."""
     record = PlanRecord(plan.to_dict(), plan.estimated_device_bytes, plan.estimated_tokens_per_s)
+    request = {"task": "finetune", "config": config.to_dict(), **(scheduling or {})}
     if retry_of is not None:
         from llmplan.runtime.store.repository import retry_job
 
-        return retry_job(engine, retry_of, submitter=submitter, request={"task": "finetune", "config": config.to_dict()})
+        return retry_job(engine, retry_of, submitter=submitter, request=request)
     return create_job(engine, JobSpec(name=name, kind=JobKind.FINETUNE, model=plan.model_name, submitter=submitter,
-                                      request={"task": "finetune", "config": config.to_dict()}, plan=record))
+                                      request=request, plan=record, priority=priority))
 
 
 def run(engine: Any, job_id: int, config: TrainConfig) -> FinetuneOutcome:
@@ -76,9 +78,9 @@ def run_recorded(engine: Any, job_id: int) -> FinetuneOutcome:
 # ---- setup ----------------------------------------------------------------------------------------------
 def _setup(engine: Any, job_id: int, config: TrainConfig) -> TrainConfig:
     from .model_store import ensure_model
-    from .ray_cluster import ensure_ray
+    from .cluster import ensure_ray
 
-    transition(engine, job_id, JobStatus.SCHEDULED, message=f"{config.workers} worker(s), {config.backend}")
+    mark_scheduled(engine, job_id, f"{config.workers} worker(s), {config.backend}")
     local = ensure_model(config.model)
     ensure_ray()
     transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}",
@@ -113,14 +115,3 @@ def _record_success(engine: Any, job_id: int, config: TrainConfig, result: Any) 
 
 def _record_failure(engine: Any, job_id: int, error: BaseException) -> FinetuneOutcome:
     return FinetuneOutcome(job_id, JobStatus.FAILED, error=fail_job(engine, job_id, error))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llmplan.runtime.finetune_job JOB_ID --db URL`: the detached runner."""
-    from .runner import detached_main
-
-    return detached_main(argv, main.__doc__, run_recorded)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,12 +29,13 @@ from llmplan.runtime.store.repository import (
     PlanRecord,
     RayIds,
     create_job,
+    get_job,
     record_metrics,
     transition,
 )
 
 from .chat import PromptItem, as_message
-from .failures import fail_job
+from .failures import fail_job, mark_scheduled
 from .inference import Completion, GenerationSettings
 
 
@@ -65,12 +66,14 @@ class InferenceOutcome:
     error: str | None = None
 
 
-def submit(engine: Any, plan: InferencePlan, inputs: InferenceInputs, *, name: str, submitter: str) -> Any:
-    """Record the job as queued, with everything needed to run (or re-run) it."""
-    request = {"task": "infer", "model": plan.model, **inputs.to_dict()}
+def submit(engine: Any, plan: InferencePlan, inputs: InferenceInputs, *, name: str, submitter: str,
+           priority: int = 0, scheduling: dict[str, Any] | None = None) -> Any:
+    """Record the job as queued, with everything needed to run (or re-run) it (and, from `llmplan submit`,
+    what the scheduler reads: max_retries, jobs_dir, the hardware planned for)."""
+    request = {"task": "infer", "model": plan.model, **inputs.to_dict(), **(scheduling or {})}
     record = PlanRecord(plan.to_dict(), plan.estimated_device_bytes, plan.estimated_tokens_per_s)
     return create_job(engine, JobSpec(name=name, kind=JobKind.INFER, model=plan.model_name, submitter=submitter,
-                                      request=request, plan=record))
+                                      request=request, plan=record, priority=priority))
 
 
 def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, *, jobs_dir: Path,
@@ -103,8 +106,6 @@ def inputs_from_request(request: dict[str, Any]) -> InferenceInputs:
 
 def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcome:
     """Run a queued job from its record alone (what a detached `llmplan submit infer` does)."""
-    from llmplan.runtime.store.repository import get_job
-
     job = get_job(engine, job_id)
     return run(engine, job_id, InferencePlan.from_dict(job.plan), inputs_from_request(job.request), jobs_dir=jobs_dir)
 
@@ -115,16 +116,17 @@ def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None) ->
     import ray
 
     from .model_store import ensure_model
-    from .ray_cluster import ensure_ray
+    from .cluster import ensure_ray
     from .ray_inference import start_replicas
 
-    transition(engine, job_id, JobStatus.SCHEDULED, message=f"{plan.replicas} replica(s) on {plan.device}")
+    mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
     ensure_ray()
     replicas = start_replicas(plan, str(local.path), adapter)
     where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
-    update = JobUpdate(placement=Placement(node=where["node"], gpus=tuple(where["gpus"])),
-                       ray=RayIds(job_id=where["job"], actor_id=where["actor"]))
+    placed_by_scheduler = get_job(engine, job_id).placement_node is not None
+    update = JobUpdate(placement=None if placed_by_scheduler else Placement(node=where["node"], gpus=tuple(where["gpus"])),
+                       ray=None if placed_by_scheduler else RayIds(job_id=where["job"], actor_id=where["actor"]))
     transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}", update=update)
     return replicas
 
@@ -191,14 +193,3 @@ def record_success(engine: Any, job_id: int, completions: Sequence[Completion], 
 
 def record_failure(engine: Any, job_id: int, error: BaseException) -> InferenceOutcome:
     return InferenceOutcome(job_id, JobStatus.FAILED, error=fail_job(engine, job_id, error))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m llmplan.runtime.inference_job JOB_ID --db URL --jobs-dir DIR`: the detached runner."""
-    from .runner import detached_main
-
-    return detached_main(argv, main.__doc__, run_recorded, needs_jobs_dir=True)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

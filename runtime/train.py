@@ -32,6 +32,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -58,6 +59,7 @@ from .modeling import (
 from .train_config import TrainConfig, TrainConfigError
 
 CHECKPOINTS = "checkpoints"
+TEST_OOM_ENV = "LLMPLAN_TEST_OOM_ABOVE_MICRO_BATCH"
 KEEP_CHECKPOINTS = 2
 STATE_FILE = "trainer_state.pt"
 
@@ -262,6 +264,7 @@ def train(state: TrainState, on_metrics: Callable[[StepMetrics], None] | None = 
     while state.step < schedule.total_steps:
         lr = state.scheduler.get_last_lr()[0]
         started = time.perf_counter()
+        fail_injected_out_of_memory(config, state.step)
         loss, tokens = train_step(state, [next(batches) for _ in range(config.grad_accum)])
         seconds = time.perf_counter() - started
         state.step += 1
@@ -280,6 +283,15 @@ def train(state: TrainState, on_metrics: Callable[[StepMetrics], None] | None = 
     if eval_loss is None and state.history and state.history[-1]["step"] == state.step:
         eval_loss = state.history[-1]["eval_loss"]  # resumed at the end: the saved run evaluated already
     return finish(state, eval_loss)
+
+
+def fail_injected_out_of_memory(config: TrainConfig, step: int) -> None:
+    """The test hook of the scheduler's re-planning: with $LLMPLAN_TEST_OOM_ABOVE_MICRO_BATCH=N, a run
+    whose micro-batch exceeds N raises torch's out-of-memory error at its first step boundary."""
+    limit = os.environ.get(TEST_OOM_ENV)
+    if limit is not None and step == 0 and config.micro_batch > int(limit):
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by ${TEST_OOM_ENV}={limit}: micro-batch "
+                                     f"{config.micro_batch} > {limit})")
 
 
 def micro_batches(state: TrainState) -> Iterator[dict[str, torch.Tensor]]:

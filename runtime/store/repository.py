@@ -149,10 +149,11 @@ def create_job(engine: Engine, spec: JobSpec) -> Job:
 
 
 def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None,
-              request: Mapping[str, Any] | None = None) -> Job:
+              request: Mapping[str, Any] | None = None, plan: PlanRecord | None = None, message: str = "") -> Job:
     """A new queued job repeating a failed or cancelled one, with attempt + 1 and retry_of set.
 
-    `request` replaces the original request (a resumed fine-tuning asks to continue from its checkpoint).
+    `request` replaces the original request (a resumed fine-tuning asks to continue from its checkpoint),
+    `plan` the original plan (a re-plan after running out of memory).
     A job is retried at most once (a unique index backs this up when two callers race).
     """
     original = get_job(engine, job_id)
@@ -166,12 +167,12 @@ def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None,
         model=original.model,
         submitter=submitter or original.submitter,
         request=original.request if request is None else dict(request),
-        plan=_plan_record_of(original),
+        plan=plan or _plan_record_of(original),
         priority=original.priority,
     )
     try:
         return _insert_job(
-            engine, spec, attempt=original.attempt + 1, retry_of=job_id, message=f"retry of job {job_id}"
+            engine, spec, attempt=original.attempt + 1, retry_of=job_id, message=message or f"retry of job {job_id}"
         )
     except IntegrityError:
         raise InvalidJobDataError(f"job {job_id} was already retried as job {_retry_id_of(engine, job_id)}") from None
@@ -324,6 +325,11 @@ def _insert_job(engine: Engine, spec: JobSpec, *, attempt: int, retry_of: int | 
         assert job.id is not None
         session.add(JobEvent(job_id=job.id, at=now, from_status=None, to_status=INITIAL_STATUS, message=message))
     return job
+
+
+def retry_of_job(engine: Engine, job_id: int) -> int | None:
+    """The id of the job that retries `job_id`, if any."""
+    return _retry_id_of(engine, job_id)
 
 
 def _retry_id_of(engine: Engine, job_id: int) -> int | None:

@@ -22,7 +22,7 @@ STEPS = 5
 def local_ray():
     import ray
 
-    from llmplan.runtime.ray_cluster import ensure_ray
+    from llmplan.runtime.cluster import ensure_ray
 
     ensure_ray()
     yield

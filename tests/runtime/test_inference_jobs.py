@@ -28,7 +28,7 @@ MODEL = "smollm2-135m-instruct"
 def local_ray():
     import ray
 
-    from llmplan.runtime.ray_cluster import ensure_ray
+    from llmplan.runtime.cluster import ensure_ray
 
     ensure_ray()
     yield

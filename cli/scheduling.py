@@ -1,0 +1,96 @@
+"""What every submission shares: the cluster it goes to, the queue options, the fit check, the hand-off."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from .options import UserError
+
+PRIORITY_HELP = "Higher runs first; equal priorities run in submission order."
+
+
+def scheduling_options(command):
+    options = [
+        click.option("--priority", type=int, default=0, show_default=True, help=PRIORITY_HELP),
+        click.option("--max-retries", type=click.IntRange(0, 10), default=2, show_default=True,
+                     help="Re-planned retries after running out of memory."),
+        click.option("--address", metavar="HOST:PORT",
+                     help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else llmplan's local Ray head]."),
+        click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if it failed."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The cluster a job is submitted to: its scheduler (running), and its GPUs as they are now."""
+
+    scheduler: Any
+    slots: tuple[Any, ...]
+    db_url: str
+
+    def hardware(self, gpus: int | None):
+        """What to plan for: the cluster's GPUs (its largest node), or None for the CPU."""
+        from llmplan.runtime.cluster import cluster_hardware
+
+        return cluster_hardware(list(self.slots), gpus)
+
+    def refuse_if_never_fits(self, kind: str, plan: Any) -> None:
+        from llmplan.runtime.admission import demand_of, never_fits
+
+        reason = never_fits(demand_of(kind, plan.to_dict()), list(self.slots))
+        if reason is not None:
+            raise click.ClickException(f"refused: {reason}; plan for this cluster with `llmplan fit` "
+                                       "(--gpus, --method qlora) or add GPUs")
+
+    def request_fields(self, plan: Any, max_retries: int, gpus: int | None) -> dict[str, Any]:
+        from llmplan.runtime.paths import jobs_dir
+
+        hardware = self.hardware(gpus) if plan.device == "cuda" else None
+        return {"max_retries": max_retries, "jobs_dir": str(jobs_dir()),
+                "hardware": hardware.to_dict() if hardware else None}
+
+
+def join_cluster(engine: Any, address: str | None) -> Cluster:
+    """Connect (starting llmplan's local Ray head if needed), start the database's scheduler, read the GPUs."""
+    from llmplan.runtime.cluster import ClusterError
+    from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
+
+    url = worker_database_url(engine)
+    try:
+        scheduler = ensure_scheduler(url, address)
+    except ClusterError as error:
+        raise UserError(str(error)) from error
+    import ray
+
+    return Cluster(scheduler, tuple(ray.get(scheduler.inventory.remote(True))), url)
+
+
+def enqueue(engine: Any, cluster: Cluster, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:
+    """Wake the scheduler for the new job, print its id (or JSON), and follow it when asked."""
+    from llmplan.runtime.paths import LOG_NAME, jobs_dir
+
+    from .options import print_json
+    from .submit import follow
+
+    cluster.scheduler.poke.remote()
+    log = jobs_dir() / str(job_id) / LOG_NAME
+    if as_json and not wait:
+        print_json({"id": job_id, "plan": plan.to_dict(), "log": str(log)})
+        return
+    click.echo(f"job {job_id} queued: {plan.summary()}; log {log}", err=True)
+    if not as_json:
+        click.echo(job_id)
+    if wait:
+        final = follow(engine, job_id)
+        if as_json:
+            print_json({"id": job_id, "status": final.status.value, "output_dir": final.output_dir,
+                        "adapter_path": final.adapter_path, "final_loss": final.final_loss,
+                        "error": final.error_message})
+        if final.status.value != "succeeded":
+            raise SystemExit(1)

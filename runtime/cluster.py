@@ -1,0 +1,216 @@
+"""The Ray cluster llmplan submits to, and what its GPUs are.
+
+Which cluster: `--address`, else `$LLMPLAN_RAY_ADDRESS`, else llmplan's own local head (`ray start
+--head`, started on first use and left running, so jobs outlive the command that submitted them; its
+address is kept in ~/.llmplan/ray-head). `llmplan cluster stop` stops that local head.
+
+GPUs: every node is asked through Ray (a task pinned to it) what NVML sees there. A node without NVML
+GPUs may declare logical ones: `ray start --num-gpus 2 --resources '{"llmplan_gpu_mib": 24576}'`
+declares two GPUs of 24 GiB each (the resource's value is the memory of one GPU, in MiB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .admission import GpuSlot
+
+ADDRESS_ENV = "LLMPLAN_RAY_ADDRESS"
+NAMESPACE = "llmplan"
+DECLARED_GPU_MIB = "llmplan_gpu_mib"
+HEAD_FILE_ENV = "LLMPLAN_RAY_HEAD_FILE"
+DEFAULT_HEAD_FILE = Path("~/.llmplan/ray-head")
+HEAD_START_TIMEOUT_S = 120
+RAY_TOKEN_FILE = Path("~/.ray/auth_token")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be reached or started; the message says what to do."""
+
+
+# ---- which cluster ------------------------------------------------------------------------------------
+def ensure_ray(address: str | None = None) -> None:
+    """Ray in this process, once: inside a job's driver it is already up; a recipe run directly (`llmplan
+    generate`, tests) joins `address` or $LLMPLAN_RAY_ADDRESS, else starts a private local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get(ADDRESS_ENV) or None
+    ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster (once per process): `address`, else $LLMPLAN_RAY_ADDRESS, else the local head."""
+    _send_auth_token()  # before Ray is imported: it reads its configuration then
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get(ADDRESS_ENV) or local_head_address(start=True)
+    try:
+        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    except ConnectionError as error:
+        raise ClusterError(f"cannot reach the Ray cluster at {target}: {error}; start it (`ray start --head`) "
+                           f"or fix --address / ${ADDRESS_ENV}") from None
+
+
+def _send_auth_token() -> None:
+    # Ray >= 2.59 starts `ray start --head` clusters with token authentication and keeps the token in
+    # ~/.ray/auth_token, but a client joining by address sends it only with RAY_AUTH_MODE=token.
+    if os.environ.get("RAY_AUTH_TOKEN") or RAY_TOKEN_FILE.expanduser().is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def head_file() -> Path:
+    return Path(os.environ.get(HEAD_FILE_ENV) or DEFAULT_HEAD_FILE).expanduser()
+
+
+def local_head_address(*, start: bool) -> str | None:
+    """The address of llmplan's local head if it is up; with `start`, start it when it is not."""
+    path = head_file()
+    if path.is_file():
+        address = json.loads(path.read_text())["address"]
+        if _listening(address):
+            return address
+    if not start:
+        return None
+    return start_local_head(path)
+
+
+def start_local_head(path: Path) -> str:
+    port = _free_port()
+    command = [_ray_executable(), "start", "--head", f"--port={port}", "--include-dashboard=false",
+               "--disable-usage-stats"]
+    print(f"starting a local Ray head for llmplan jobs on port {port} (`llmplan cluster stop` stops it)",
+          file=sys.stderr)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=HEAD_START_TIMEOUT_S)
+    if done.returncode != 0:
+        raise ClusterError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    address = f"127.0.0.1:{port}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"address": address}))
+    return address
+
+
+def stop_local_head() -> bool:
+    """Stop llmplan's local head (and every job on it); False when none was running."""
+    address = local_head_address(start=False)
+    if address is None:
+        return False
+    subprocess.run([_ray_executable(), "stop", "--force"], capture_output=True, timeout=HEAD_START_TIMEOUT_S)
+    head_file().unlink(missing_ok=True)
+    return True
+
+
+def _ray_executable() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ---- what the cluster has -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeView:
+    node_id: str
+    address: str
+    is_head: bool
+    cpus: float
+    gpus: tuple[GpuSlot, ...]
+    gpu_source: str  # nvml | declared | none
+    processes: tuple[dict[str, Any], ...] = ()
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def nodes() -> list[NodeView]:
+    """Every live node with its GPUs: NVML's, asked on the node itself, else the ones it declares."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    found = alive_nodes()
+    probe = ray.remote(num_cpus=0)(_probe_node)
+    probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+              for node in found]
+    views = []
+    for node, report in zip(found, ray.get(probes)):
+        views.append(_node_view(node, report))
+    return views
+
+
+def gpu_slots(views: list[NodeView] | None = None) -> list[GpuSlot]:
+    return [slot for view in (views if views is not None else nodes()) for slot in view.gpus]
+
+
+def _probe_node() -> dict[str, Any]:
+    from llmplan.planner.nvml_probe import probe_gpus
+
+    probe = probe_gpus()
+    return {
+        "gpus": [{"index": gpu.index, "name": gpu.name, "total": gpu.memory_total_bytes, "free": gpu.memory_free_bytes}
+                 for gpu in probe.gpus],
+        "processes": [{"gpu": gpu.index, "pid": process.pid, "bytes": process.used_memory_bytes}
+                      for gpu in probe.gpus for process in gpu.processes],
+    }
+
+
+def _node_view(node: dict[str, Any], report: dict[str, Any]) -> NodeView:
+    resources = node.get("Resources", {})
+    node_id = node["NodeID"]
+    if report["gpus"]:
+        slots = tuple(GpuSlot(node_id, g["index"], g["total"], g["free"], g["name"]) for g in report["gpus"])
+        source = "nvml"
+    elif resources.get("GPU") and resources.get(DECLARED_GPU_MIB):
+        per_gpu = int(resources[DECLARED_GPU_MIB]) * 2**20
+        slots = tuple(GpuSlot(node_id, i, per_gpu, None, "declared") for i in range(int(resources["GPU"])))
+        source = "declared"
+    else:
+        slots, source = (), "none"
+    return NodeView(node_id=node_id, address=node.get("NodeManagerAddress", ""),
+                    is_head="node:__internal_head__" in resources, cpus=float(resources.get("CPU", 0)),
+                    gpus=slots, gpu_source=source, processes=tuple(report["processes"]))
+
+
+def cluster_hardware(slots: list[GpuSlot], gpus: int | None):
+    """The `Hardware` to plan for on this cluster: the node with the most GPUs; None when it has none (CPU)."""
+    from llmplan.planner.gpus import gpu_with_memory, match_nvml_name
+    from llmplan.planner.hardware import Hardware
+
+    if not slots:
+        return None
+    per_node: dict[str, list[GpuSlot]] = {}
+    for slot in slots:
+        per_node.setdefault(slot.node_id, []).append(slot)
+    node = max(per_node.values(), key=lambda s: (len(s), max(g.total_bytes for g in s)))
+    chosen = sorted(node, key=lambda g: g.free_bytes if g.free_bytes is not None else g.total_bytes,
+                    reverse=True)[: gpus or len(node)]
+    memory = min(g.free_bytes if g.free_bytes is not None else g.total_bytes for g in chosen)
+    card = match_nvml_name(chosen[0].name) if chosen[0].free_bytes is not None else None
+    notes = ()
+    if gpus and gpus > len(node):
+        notes = (f"the cluster's largest node has {len(node)} GPU(s); planning for {gpus} like them",)
+    return Hardware(card or gpu_with_memory(chosen[0].total_bytes), gpus or len(node), memory, "cluster", notes=notes)
