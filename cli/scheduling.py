@@ -49,10 +49,11 @@ class Cluster:
                                        "(--gpus, --method qlora) or add GPUs")
 
     def request_fields(self, plan: Any, max_retries: int, gpus: int | None) -> dict[str, Any]:
+        from llmplan.runtime.model_store import cache_root
         from llmplan.runtime.paths import jobs_dir
 
         hardware = self.hardware(gpus) if plan.device == "cuda" else None
-        return {"max_retries": max_retries, "jobs_dir": str(jobs_dir()),
+        return {"max_retries": max_retries, "jobs_dir": str(jobs_dir()), "model_cache": str(cache_root()),
                 "hardware": hardware.to_dict() if hardware else None}
 
 

@@ -209,7 +209,12 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
     if hardware is None:
         return _cpu_finetune(ask)
     fit = FitRequest(model=ask.spec, hardware=hardware, task=Task.FINETUNE, methods=ask.methods, seq_len=ask.seq_len,
-                     batch_size=ask.batch_size, lora=ask.lora, margin=ask.margin, deepspeed=ask.deepspeed)
+                     batch_size=ask.batch_size, lora=ask.lora, margin=ask.margin, deepspeed=ask.deepspeed,
+                     micro_batch=ask.micro_batch)
+    per_gpu = ask.batch_size // hardware.count
+    if ask.micro_batch and (ask.batch_size % hardware.count or per_gpu % ask.micro_batch):
+        raise PlanError(f"--batch-size {ask.batch_size} over {hardware.count} GPU(s) is not a multiple of "
+                        f"--micro-batch {ask.micro_batch}")
     result = search(fit)
     wanted = [c for c in result.candidates if _honours(c, ask)]
     if not wanted:

@@ -128,6 +128,7 @@ class FitRequest:
     epochs: float = 1.0
     margin: float = 0.10
     deepspeed: bool = False
+    micro_batch: int | None = None  # fine-tuning: only this micro-batch (the user's, or a re-plan's)
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -423,7 +424,7 @@ def _batch_sizes(fit: FitRequest, family: _Family) -> list[int]:
     """Batch sizes to try, ascending: the divisors of the per-GPU share of the global batch (fine-tuning:
     the rest is gradient accumulation), or powers of two up to each copy's share (inference)."""
     if fit.task is Task.FINETUNE:
-        return divisors(fit.batch_size // fit.hardware.count)
+        return [fit.micro_batch] if fit.micro_batch else divisors(fit.batch_size // fit.hardware.count)
     per_copy = math.ceil(fit.batch_size / family.strategy.replicas)
     return sorted({min(2**k, per_copy) for k in range(per_copy.bit_length() + 1)})
 

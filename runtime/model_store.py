@@ -117,9 +117,12 @@ LLAMA2_CHAT_TEMPLATE = (
 
 
 # ---- where things live -----------------------------------------------------------------------------
+CACHE_ENV = "LLMPLAN_CACHE"
+
+
 def cache_root() -> Path:
     """`$LLMPLAN_CACHE`, or `~/.cache/llmplan`."""
-    configured = os.environ.get("LLMPLAN_CACHE", "").strip()
+    configured = os.environ.get(CACHE_ENV, "").strip()
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "llmplan"
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
 from .cluster import NAMESPACE
+from .model_store import CACHE_ENV as MODEL_CACHE_ENV
 from .paths import LOG_NAME, job_folder
 
 POLL_S = 0.5
@@ -108,6 +109,8 @@ class JobDriver:
         engine = open_store(self.db_url)
         try:
             job = get_job(engine, self.job_id)
+            if job.request.get("model_cache"):
+                os.environ[MODEL_CACHE_ENV] = job.request["model_cache"]  # where the submitter pulled the model
             folder = job_folder(job.request.get("jobs_dir"), job.id)
             _redirect_output(folder / LOG_NAME)
             update_job(engine, job.id, JobUpdate(artifacts=Artifacts(log_path=str(folder / LOG_NAME))))

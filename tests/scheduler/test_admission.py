@@ -1,0 +1,79 @@
+"""Admission decisions on declared GPUs: priorities, first come first, memory per GPU, no backfilling."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from llmplan.runtime.admission import (
+    Demand,
+    GpuSlot,
+    QueuedJob,
+    Reservation,
+    admit,
+    available_bytes,
+    demand_of,
+    never_fits,
+)
+
+GIB = 2**30
+T0 = datetime(2026, 11, 30, tzinfo=timezone.utc)
+
+
+def gpus(node: str, count: int, gib: int, free_gib: list[int] | None = None) -> list[GpuSlot]:
+    return [GpuSlot(node, i, gib * GIB, None if free_gib is None else free_gib[i] * GIB) for i in range(count)]
+
+
+def job(job_id: int, gib: float, *, gpus: int = 1, priority: int = 0, minute: int | None = None) -> QueuedJob:
+    created = T0 + timedelta(minutes=job_id if minute is None else minute)
+    return QueuedJob(job_id, priority, created, Demand(gpus, int(gib * GIB)))
+
+
+def admitted(queue, slots, reservations=()) -> list[tuple[int, str | None, tuple[int, ...]]]:
+    return [(a.job_id, a.node_id, a.gpu_indices) for a in admit(queue, slots, reservations)]
+
+
+def test_higher_priority_first_then_first_come() -> None:
+    queue = [job(1, 20), job(2, 20, priority=5), job(3, 20, priority=5), job(4, 20)]
+    assert admitted(queue, gpus("a", 2, 24)) == [(2, "a", (0,)), (3, "a", (1,))]
+
+
+def test_jobs_share_a_gpu_while_their_plans_fit_its_memory() -> None:
+    queue = [job(1, 10), job(2, 10), job(3, 10)]
+    assert admitted(queue, gpus("a", 1, 24)) == [(1, "a", (0,)), (2, "a", (0,))]
+
+
+def test_a_waiting_gpu_job_is_not_overtaken_by_smaller_ones_but_cpu_jobs_run() -> None:
+    queue = [job(1, 30), job(2, 4), job(3, 0, gpus=0)]
+    slots = gpus("a", 1, 40)
+    reservations = [Reservation(99, (("a", 0),), 20 * GIB)]  # 20 GiB left: job 1 waits, so must job 2
+    assert admitted(queue, slots, reservations) == [(3, None, ())]
+
+
+def test_nvml_free_memory_counts_other_processes() -> None:
+    slots = gpus("a", 2, 80, free_gib=[10, 79])  # GPU 0 busy with a process llmplan did not start
+    assert admitted([job(1, 40)], slots) == [(1, "a", (1,))]
+    assert available_bytes(slots, [Reservation(7, (("a", 1),), 40 * GIB)]) == {("a", 0): 10 * GIB, ("a", 1): 40 * GIB}
+
+
+def test_multi_gpu_jobs_stay_on_one_node_and_pick_the_tightest_fit() -> None:
+    slots = gpus("a", 2, 80) + gpus("b", 4, 24)
+    assert admitted([job(1, 20, gpus=2)], slots) == [(1, "b", (0, 1))]  # 24 GiB cards leave less unused
+    assert admitted([job(1, 20, gpus=3)], gpus("a", 2, 80) + gpus("b", 2, 80)) == []
+
+
+def test_never_fits_says_what_the_cluster_has() -> None:
+    slots = gpus("a", 2, 24)
+    assert never_fits(Demand(1, 20 * GIB), slots) is None
+    assert never_fits(Demand(0, 0), []) is None
+    assert "largest node has 2 GPU(s) of 24.0 GiB" in never_fits(Demand(1, 30 * GIB), slots)
+    assert never_fits(Demand(4, GIB), slots).startswith("the plan needs 4 GPUs with 1.0 GiB each on one node")
+    assert "no GPUs" in never_fits(Demand(1, GIB), [])
+
+
+def test_demand_is_read_from_the_recorded_plan() -> None:
+    finetune = {"device": "cuda", "workers": 2, "estimated_device_bytes": 5 * GIB}
+    inference = {"device": "cuda", "replicas": 2, "gpus_per_replica": 2, "estimated_device_bytes": 7 * GIB}
+    assert demand_of("finetune", finetune) == Demand(2, 5 * GIB)
+    assert demand_of("infer", inference) == Demand(4, 7 * GIB)
+    assert demand_of("finetune", {"device": "cpu", "workers": 2, "estimated_device_bytes": GIB}) == Demand(0, 0)
+    assert demand_of("infer", None) == Demand(0, 0)
