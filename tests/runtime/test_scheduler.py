@@ -1,0 +1,198 @@
+"""The scheduler on real Ray clusters started on this machine (`ray start`), driven like a user drives it:
+records in the job store, `llmplan cluster`, `llmplan submit`, `llmplan cancel`.
+
+GPU jobs here are declared, not real: the nodes declare logical GPUs and their memory
+(`--num-gpus`, `llmplan_gpu_mib`), the recorded plans ask for GPU memory, and the work itself trains a
+tiny Llama on the CPU (its TrainConfig says device cpu). Admission, placement and cancellation only
+read the plans, so they are exercised exactly as on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+
+from llmplan.planner.plan import FinetuneAsk, plan_finetune  # noqa: E402
+from llmplan.planner.resolve import resolve_model  # noqa: E402
+from llmplan.runtime import finetune_job  # noqa: E402
+from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details, retry_of_job  # noqa: E402
+from llmplan.runtime.store.status import ErrorClass  # noqa: E402
+from llmplan.runtime.train import TEST_OOM_ENV  # noqa: E402
+from llmplan.runtime.train_config import DataConfig, TrainConfig  # noqa: E402
+
+from .conftest import TEST_CACHE  # noqa: E402
+from .ray_nodes import RayNode, free_port, start_node  # noqa: E402
+
+GIB = 2**30
+LLMPLAN = str(Path(sys.executable).with_name("llmplan"))
+FOREVER = 1_000_000  # steps: a job that runs until it is cancelled or lost
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Site:
+    """One test's job store, jobs folder and cluster, as the CLI sees them."""
+
+    tmp: Path
+    node: RayNode
+    model: Path
+    data: Path
+
+    @property
+    def db(self) -> str:
+        return f"sqlite:///{self.tmp / 'jobs.db'}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LLMPLAN_DB": self.db, "LLMPLAN_JOBS_DIR": str(self.tmp / "jobs"),
+                "LLMPLAN_RAY_ADDRESS": self.node.address, "LLMPLAN_CACHE": str(TEST_CACHE)}
+
+    def llmplan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([LLMPLAN, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
+
+    def cluster(self) -> dict[str, Any]:
+        """`llmplan cluster --json` (which also starts the scheduler when it is not running)."""
+        done = self.llmplan("cluster", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def queue(self, *, gpu_gib: float | None, steps: int, priority: int = 0, micro_batch: int = 1,
+              save_every: int = 100_000, name: str = "job") -> int:
+        """A queued fine-tuning record, as `llmplan submit` writes one: its plan asks for one GPU with
+        `gpu_gib` (None: a CPU plan); it trains the tiny model on the CPU."""
+        spec = resolve_model(str(self.model)).spec
+        plan = plan_finetune(FinetuneAsk(model=str(self.model), spec=spec, batch_size=2 * micro_batch,
+                                         micro_batch=micro_batch, seq_len=64), None)
+        if gpu_gib is not None:
+            plan = dataclasses.replace(plan, device="cuda", estimated_device_bytes=int(gpu_gib * GIB))
+        config = TrainConfig(model=str(self.model), data=DataConfig(path=str(self.data), template="alpaca"),
+                             output_dir=str(self.tmp / "out" / f"{name}-{time.monotonic_ns()}"), method="lora",
+                             precision="fp32", micro_batch=plan.micro_batch, grad_accum=plan.grad_accum, seq_len=64,
+                             lr=1e-3, warmup_steps=1, max_steps=steps, save_every=save_every, device="cpu")
+        engine = open_store(self.db)
+        try:
+            job = finetune_job.submit(engine, plan, config, name=name, submitter="test", priority=priority,
+                                      scheduling={"jobs_dir": str(self.tmp / "jobs"), "max_retries": 2})
+        finally:
+            engine.dispose()
+        return job.id
+
+    def job(self, job_id: int) -> Any:
+        engine = open_store(self.db)
+        try:
+            return get_job(engine, job_id)
+        finally:
+            engine.dispose()
+
+    def details(self, job_id: int) -> Any:
+        engine = open_store(self.db)
+        try:
+            return get_job_details(engine, job_id)
+        finally:
+            engine.dispose()
+
+    def retry_of(self, job_id: int) -> int | None:
+        engine = open_store(self.db)
+        try:
+            return retry_of_job(engine, job_id)
+        finally:
+            engine.dispose()
+
+    def wait(self, job_id: int, until: Callable[[Any], bool], timeout: float = 180) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            if time.monotonic() > deadline:
+                log = Path(job.log_path).read_text()[-3000:] if job.log_path and Path(job.log_path).exists() else ""
+                raise AssertionError(f"job {job_id} is {job.status.value} after {timeout}s: {job.error_message}\n{log}")
+            time.sleep(0.3)
+
+
+def status_is(*statuses: JobStatus) -> Callable[[Any], bool]:
+    return lambda job: job.status in statuses
+
+
+ended = status_is(JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@pytest.fixture(scope="module")
+def gpu_site(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_alpaca: Path) -> Iterator[Site]:
+    """A one-node cluster declaring one 24 GiB GPU; runs with micro-batch > 1 run out of memory (the test hook)."""
+    node = start_node(cpus=4, gpus=1, gpu_mib=24 * 1024, env={TEST_OOM_ENV: "1"})
+    try:
+        yield Site(tmp_path_factory.mktemp("sched"), node, tiny_llama, tiny_alpaca)
+    finally:
+        node.kill()
+
+
+# ---- queueing -----------------------------------------------------------------------------------------
+def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site: Site) -> None:
+    site = gpu_site
+    blocker = site.queue(gpu_gib=16, steps=FOREVER, name="blocker")
+    site.cluster()  # starts the scheduler
+    site.wait(blocker, status_is(JobStatus.RUNNING))
+
+    low = site.queue(gpu_gib=16, steps=2, name="low")
+    high = site.queue(gpu_gib=16, steps=2, priority=5, name="high")
+    high_later = site.queue(gpu_gib=16, steps=2, priority=5, name="high-later")
+    withdrawn = site.queue(gpu_gib=16, steps=2, name="withdrawn")
+    cpu = site.queue(gpu_gib=None, steps=2, name="cpu")
+
+    site.wait(cpu, status_is(JobStatus.SUCCEEDED))  # needs no GPU: not held behind the GPU queue
+    view = site.cluster()
+    gpu = view["nodes"][0]["gpus"][0]
+    assert (gpu["name"], gpu["total_bytes"], gpu["jobs"]) == ("declared", 24 * GIB, [blocker])
+    assert gpu["available_bytes"] == 8 * GIB and view["queued"] == 4
+    assert {site.job(j).status for j in (low, high, high_later, withdrawn)} == {JobStatus.QUEUED}
+
+    cancelled = site.llmplan("cancel", str(withdrawn))
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"job {withdrawn}: cancelled", cancelled.stderr
+    stopped = site.llmplan("cancel", str(blocker))
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"job {blocker}: cancelled", stopped.stderr
+
+    finished = [site.wait(j, ended) for j in (high, high_later, low)]
+    assert [job.status for job in finished] == [JobStatus.SUCCEEDED] * 3
+    starts = [job.started_at for job in finished]
+    assert starts == sorted(starts)  # priority 5 first, in submission order, then priority 0
+    assert finished[0].started_at >= site.job(blocker).finished_at  # only once the cancel freed the GPU
+    assert site.job(withdrawn).started_at is None
+    messages = [event.message for event in site.details(high).events]
+    assert any(m.startswith("admitted on GPU 0 of node") for m in messages), messages
+    assert site.job(blocker).error_class is ErrorClass.CANCELLED
+
+
+def test_out_of_memory_is_replanned_with_more_headroom_and_retried(gpu_site: Site) -> None:
+    site = gpu_site
+    first = site.queue(gpu_gib=None, steps=2, micro_batch=2, name="oom")
+    site.cluster()
+    failed = site.wait(first, ended)
+    assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.OOM), failed.error_message
+    assert "CUDA out of memory (injected" in failed.error_message
+
+    retry_id = None
+    deadline = time.monotonic() + 30
+    while retry_id is None and time.monotonic() < deadline:
+        retry_id = site.retry_of(first)
+        time.sleep(0.3)
+    assert retry_id is not None, "no retry was queued"
+    retry = site.wait(retry_id, ended)
+    assert retry.status is JobStatus.SUCCEEDED, retry.error_message
+    assert (retry.attempt, retry.retry_of) == (2, first)
+    assert (failed.plan["micro_batch"], failed.plan["grad_accum"]) == (2, 2)
+    assert (retry.plan["micro_batch"], retry.plan["grad_accum"]) == (1, 4)  # the same global batch
+    assert retry.request["config"]["micro_batch"] == 1
+    assert retry.request["margin"] == pytest.approx(0.15)  # one recorded OOM of this model on this card
+    assert "after out of memory: micro-batch 1 x 4 accumulation" in site.details(retry_id).events[0].message
