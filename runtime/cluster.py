@@ -28,6 +28,8 @@ DECLARED_GPU_MIB = "llmplan_gpu_mib"
 HEAD_FILE_ENV = "LLMPLAN_RAY_HEAD_FILE"
 DEFAULT_HEAD_FILE = Path("~/.llmplan/ray-head")
 HEAD_START_TIMEOUT_S = 120
+PROBE_TIMEOUT_S = 30
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node only
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
 
 
@@ -60,6 +62,24 @@ def connect(address: str | None = None) -> None:
     except ConnectionError as error:
         raise ClusterError(f"cannot reach the Ray cluster at {target}: {error}; start it (`ray start --head`) "
                            f"or fix --address / ${ADDRESS_ENV}") from None
+    _cluster_messages_to_stderr()
+
+
+def _cluster_messages_to_stderr() -> None:
+    # Ray's driver prints the cluster's warnings ("(raylet) node ... died") to stdout from a background
+    # thread, into the middle of `--json` output; llmplan's stdout is for results only. No public switch
+    # exists (ray 2.60), so the printer is wrapped to mark them as errors, which it writes to stderr.
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "llmplan_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.llmplan_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
 
 
 def _send_auth_token() -> None:
@@ -147,6 +167,10 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [node for node in ray.nodes() if node.get("Alive")]
 
 
+def head_node_id() -> str:
+    return next(node["NodeID"] for node in alive_nodes() if HEAD_RESOURCE in node.get("Resources", {}))
+
+
 def nodes() -> list[NodeView]:
     """Every live node with its GPUs: NVML's, asked on the node itself, else the ones it declares."""
     import ray
@@ -157,7 +181,11 @@ def nodes() -> list[NodeView]:
     probes = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
               for node in found]
     views = []
-    for node, report in zip(found, ray.get(probes)):
+    for node, ref in zip(found, probes):
+        try:
+            report = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            continue  # the node died (or hangs) since Ray listed it: it has nothing to offer
         views.append(_node_view(node, report))
     return views
 
@@ -191,7 +219,7 @@ def _node_view(node: dict[str, Any], report: dict[str, Any]) -> NodeView:
     else:
         slots, source = (), "none"
     return NodeView(node_id=node_id, address=node.get("NodeManagerAddress", ""),
-                    is_head="node:__internal_head__" in resources, cpus=float(resources.get("CPU", 0)),
+                    is_head=HEAD_RESOURCE in resources, cpus=float(resources.get("CPU", 0)),
                     gpus=slots, gpu_source=source, processes=tuple(report["processes"]))
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
-from .cluster import NAMESPACE
+from .cluster import NAMESPACE, head_node_id
 from .model_store import CACHE_ENV as MODEL_CACHE_ENV
 from .paths import LOG_NAME, job_folder
 
@@ -67,10 +67,12 @@ def ensure_scheduler(db_url: str, address: str | None = None) -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
+    # On the head node, which lives as long as the cluster; restarted by Ray if its process dies (the
+    # new one adopts the running drivers, see `_reconcile`).
     scheduler = ray.remote(Scheduler).options(
         name=scheduler_name(db_url), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-        max_concurrency=8, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        max_concurrency=8, max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
     ).remote(db_url)
     ray.get(scheduler.poke.remote())
     return scheduler

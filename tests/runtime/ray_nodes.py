@@ -24,17 +24,34 @@ class RayNode:
     log: Path
     address: str  # the head's GCS address (the one the node started or joined)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the node's raylet and every worker it started, like a machine that dies (SIGKILL) or shuts down."""
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
+    def kill(self) -> None:
+        """Kill the node's processes at once, like a machine that dies: `ray start`, its raylet and the other
+        services, and every worker process (Ray starts workers in process groups of their own)."""
+        if self.process.poll() is not None:
             return
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=30)
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (from /proc: children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [root]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
 
 
 def free_port() -> int:
