@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import click
@@ -26,50 +26,57 @@ def scheduling_options(command):
     return command
 
 
-@dataclass(frozen=True)
 class Cluster:
-    """The cluster a job is submitted to: its scheduler (running), and its GPUs as they are now."""
+    """The cluster a job is submitted to. Joined on first use (after the request's own checks, so a bad
+    data file is reported without starting Ray): its scheduler (running), and its GPUs as they are now."""
 
-    scheduler: Any
-    slots: tuple[Any, ...]
-    db_url: str
+    def __init__(self, engine: Any, address: str | None) -> None:
+        self.engine, self.address = engine, address
+
+    @cached_property
+    def scheduler(self) -> Any:
+        from llmplan.runtime.cluster import ClusterError
+        from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
+
+        try:
+            return ensure_scheduler(worker_database_url(self.engine), self.address)
+        except ClusterError as error:
+            raise UserError(str(error)) from error
+
+    @cached_property
+    def slots(self) -> list[Any]:
+        scheduler = self.scheduler
+        import ray  # after ensure_scheduler has connected (see cluster.connect)
+
+        return ray.get(scheduler.inventory.remote(True))
 
     def hardware(self, gpus: int | None):
         """What to plan for: the cluster's GPUs (its largest node), or None for the CPU."""
         from llmplan.runtime.cluster import cluster_hardware
 
-        return cluster_hardware(list(self.slots), gpus)
+        return cluster_hardware(self.slots, gpus)
 
     def refuse_if_never_fits(self, kind: str, plan: Any) -> None:
         from llmplan.runtime.admission import demand_of, never_fits
 
-        reason = never_fits(demand_of(kind, plan.to_dict()), list(self.slots))
+        reason = never_fits(demand_of(kind, plan.to_dict()), self.slots)
         if reason is not None:
             raise click.ClickException(f"refused: {reason}; plan for this cluster with `llmplan fit` "
                                        "(--gpus, --method qlora) or add GPUs")
 
     def request_fields(self, plan: Any, max_retries: int, gpus: int | None) -> dict[str, Any]:
+        """What the scheduler reads from a job's request, besides its plan."""
         from llmplan.runtime.model_store import cache_root
         from llmplan.runtime.paths import jobs_dir
+        from llmplan.runtime.scheduler import RUNNER_KEY, SCHEDULER_RUNNER
 
         hardware = self.hardware(gpus) if plan.device == "cuda" else None
-        return {"max_retries": max_retries, "jobs_dir": str(jobs_dir()), "model_cache": str(cache_root()),
+        return {RUNNER_KEY: SCHEDULER_RUNNER, "max_retries": max_retries, "jobs_dir": str(jobs_dir()), "model_cache": str(cache_root()),
                 "hardware": hardware.to_dict() if hardware else None}
 
 
 def join_cluster(engine: Any, address: str | None) -> Cluster:
-    """Connect (starting llmplan's local Ray head if needed), start the database's scheduler, read the GPUs."""
-    from llmplan.runtime.cluster import ClusterError
-    from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
-
-    url = worker_database_url(engine)
-    try:
-        scheduler = ensure_scheduler(url, address)
-    except ClusterError as error:
-        raise UserError(str(error)) from error
-    import ray
-
-    return Cluster(scheduler, tuple(ray.get(scheduler.inventory.remote(True))), url)
+    return Cluster(engine, address)
 
 
 def enqueue(engine: Any, cluster: Cluster, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:

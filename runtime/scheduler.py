@@ -37,10 +37,16 @@ from .paths import LOG_NAME, job_folder
 POLL_S = 0.5
 INVENTORY_TTL_S = 5.0
 PLACED_STATUSES = ("scheduled", "running", "cancelling")
+RUNNER_KEY, SCHEDULER_RUNNER = "runner", "scheduler"  # in a job's request
 
 
 def _url_key(db_url: str) -> str:
     return hashlib.sha1(db_url.encode()).hexdigest()[:12]
+
+
+def managed(job: Any) -> bool:
+    """Jobs `llmplan submit` queued for the scheduler; `llmplan generate` and `chat` run their own jobs."""
+    return job.request.get(RUNNER_KEY) == SCHEDULER_RUNNER
 
 
 def scheduler_name(db_url: str) -> str:
@@ -257,7 +263,7 @@ class Scheduler:
 
         placed = list_jobs(self.engine, JobFilter(statuses=tuple(JobStatus(s) for s in PLACED_STATUSES), limit=10_000))
         for job in placed:
-            if job.id in self.watched:
+            if job.id in self.watched or not managed(job):
                 continue
             try:
                 driver = ray.get_actor(driver_name(self.db_url, job.id), namespace=NAMESPACE)
@@ -290,6 +296,8 @@ class Scheduler:
         from llmplan.runtime.store.repository import JobFilter, JobStatus, list_jobs, transition
 
         for job in list_jobs(self.engine, JobFilter(statuses=(JobStatus.CANCELLING,), limit=10_000)):
+            if not managed(job):
+                continue  # a foreground job: its own process ends it
             watch = self.watched.pop(job.id, None)
             if watch is not None:
                 ray.kill(watch.driver, no_restart=True)
@@ -303,7 +311,8 @@ class Scheduler:
     def _admit(self) -> None:
         from llmplan.runtime.store.repository import JobFilter, JobStatus, list_jobs
 
-        queued = list_jobs(self.engine, JobFilter(statuses=(JobStatus.QUEUED,), limit=10_000))
+        queued = [job for job in list_jobs(self.engine, JobFilter(statuses=(JobStatus.QUEUED,), limit=10_000))
+                  if managed(job)]
         if not queued:
             return
         waiting = [QueuedJob(job.id, job.priority, job.created_at, demand_of(job.kind.value, job.plan)) for job in queued]

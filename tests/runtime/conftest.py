@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,26 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, s
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A Ray cluster for jobs submitted through the CLI (`ray start --head`, stopped after the session)."""
+    from .ray_nodes import start_node
+
+    node = start_node(cpus=4)
+    yield node
+    node.kill()
+
+
+@pytest.fixture
+def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`env`, with jobs submitted to the session's Ray cluster."""
+    monkeypatch.setenv("LLMPLAN_RAY_ADDRESS", ray_head.address)
+    return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address}
+
+
+def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `llmplan` command in its own process (as users run it), with this test's environment."""
+    command = [str(Path(sys.executable).with_name("llmplan")), *args]
+    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=dict(os.environ))

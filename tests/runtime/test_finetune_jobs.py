@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -14,10 +12,11 @@ from click.testing import CliRunner
 
 pytest.importorskip("ray")
 
+from .conftest import run_llmplan  # noqa: E402
+
 from llmplan.cli.main import cli  # noqa: E402
 from llmplan.runtime.store.db import open_store  # noqa: E402
-from llmplan.runtime.store.repository import JobFailure, JobStatus, get_job, get_job_details, transition  # noqa: E402
-from llmplan.runtime.store.status import ErrorClass  # noqa: E402
+from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
@@ -25,12 +24,13 @@ SMALL = ["--micro-batch", "2", "--grad-accum", "1", "--seq-len", "96", "--lr", "
 
 
 def submit(*args: str):
-    return CliRunner().invoke(cli, ["submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args])
+    return run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args)
 
 
-def test_lora_job_learns_records_its_curve_and_its_adapter_generates(env, tmp_path: Path) -> None:
+def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env, tmp_path: Path) -> None:
+    env = cluster_env
     result = submit("--max-steps", "12", "--save-every", "6", "--output", str(tmp_path / "out"), "--wait", "--json")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["status"] == "succeeded", data
     details = get_job_details(open_store(env["LLMPLAN_DB"]), data["id"])
@@ -64,27 +64,24 @@ def test_a_yaml_spec_with_an_unknown_key_is_refused(env, tmp_path: Path) -> None
     assert "unknown key(s) learning_rate" in result.output
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_as_a_linked_job(env, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env, tmp_path: Path) -> None:
+    env, out = cluster_env, tmp_path / "out"
     result = submit("--max-steps", "8", "--save-every", "2", "--output", str(out))
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     job_id = int(result.stdout.strip())
     checkpoint = out / "checkpoints" / "step-4"
     deadline = time.time() + 240
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.5)
     assert checkpoint.exists(), "no checkpoint appeared"
-    pid = int((Path(env["LLMPLAN_JOBS_DIR"]) / str(job_id) / "runner.pid").read_text())
-    os.killpg(pid, signal.SIGKILL)
+    cancelled = run_llmplan("cancel", str(job_id))
+    assert cancelled.stdout.strip() == f"job {job_id}: cancelled", cancelled.stderr
+    resumed = run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), "--resume", str(job_id),
+                          "--wait", "--json")
+    assert resumed.returncode == 0, resumed.stderr
     engine = open_store(env["LLMPLAN_DB"])
-    # What reconciliation does when a runner vanishes (the scheduler's job): fail it as infrastructure.
-    transition(engine, job_id, JobStatus.FAILED, message="runner killed",
-               failure=JobFailure(ErrorClass.INFRASTRUCTURE, "runner killed"))
-    resumed = CliRunner().invoke(cli, ["submit", "finetune", "--model", MODEL, "--data", str(DATA),
-                                       "--resume", str(job_id), "--wait", "--json"])
-    assert resumed.exit_code == 0, resumed.output
     second = get_job_details(engine, json.loads(resumed.stdout)["id"])
     assert second.job.retry_of == job_id and second.job.attempt == 2
     steps = [metric.step for metric in second.metrics]
     assert min(steps) > 4 - 1 and max(steps) == 8
-    assert get_job(engine, job_id).status is JobStatus.FAILED
+    assert get_job(engine, job_id).status is JobStatus.CANCELLED

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TEST_CACHE
+from .conftest import TEST_CACHE, run_llmplan
 
 pytest.importorskip("ray")
 
@@ -106,10 +106,10 @@ def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
     assert job.status is JobStatus.SUCCEEDED and job.name.startswith("chat")
 
 
-def test_submit_returns_an_id_and_the_detached_job_finishes(env) -> None:
-    result = CliRunner().invoke(cli, ["submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
-                                      "--max-new-tokens", "8", "--wait", "--json"])
-    assert result.exit_code == 0, result.output
+def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> None:
+    result = run_llmplan("submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
+                         "--max-new-tokens", "8", "--wait", "--json")
+    assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["status"] == "succeeded"
     completions = Path(data["output_dir"]) / "completions.jsonl"

@@ -83,7 +83,8 @@ class Site:
         engine = open_store(self.db)
         try:
             job = finetune_job.submit(engine, plan, config, name=name, submitter="test", priority=priority,
-                                      scheduling={"jobs_dir": str(self.tmp / "jobs"), "max_retries": 2})
+                                      scheduling={"runner": "scheduler", "jobs_dir": str(self.tmp / "jobs"),
+                                                  "max_retries": 2})
         finally:
             engine.dispose()
         return job.id
