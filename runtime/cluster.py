@@ -11,11 +11,14 @@ declares two GPUs of 24 GiB each (the resource's value is the memory of one GPU,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ DECLARED_GPU_MIB = "llmplan_gpu_mib"
 HEAD_FILE_ENV = "LLMPLAN_RAY_HEAD_FILE"
 DEFAULT_HEAD_FILE = Path("~/.llmplan/ray-head")
 HEAD_START_TIMEOUT_S = 120
+HEAD_STARTED = "Ray runtime started"
+STOP_GRACE_S = 10
 PROBE_TIMEOUT_S = 30
 HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node only
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
@@ -106,27 +111,71 @@ def local_head_address(*, start: bool) -> str | None:
 
 
 def start_local_head(path: Path) -> str:
+    """`ray start --head --block` in a session of its own (it outlives this command); its pid is kept so that
+    `stop_local_head` stops this head only, never another Ray on the machine (`ray stop` would)."""
     port = _free_port()
-    command = [_ray_executable(), "start", "--head", f"--port={port}", "--include-dashboard=false",
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.with_name(path.name + ".log")
+    command = [_ray_executable(), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
                "--disable-usage-stats"]
     print(f"starting a local Ray head for llmplan jobs on port {port} (`llmplan cluster stop` stops it)",
           file=sys.stderr)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=HEAD_START_TIMEOUT_S)
-    if done.returncode != 0:
-        raise ClusterError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    with log.open("w") as sink:
+        head = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     address = f"127.0.0.1:{port}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"address": address}))
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while not (_listening(address) and HEAD_STARTED in log.read_text()):
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            raise ClusterError(f"`{' '.join(command)}` failed: {log.read_text().strip()[-500:]}")
+        time.sleep(0.2)
+    path.write_text(json.dumps({"address": address, "pid": head.pid}))
     return address
 
 
 def stop_local_head() -> bool:
-    """Stop llmplan's local head (and every job on it); False when none was running."""
-    address = local_head_address(start=False)
-    if address is None:
+    """Stop llmplan's local head and every job on it; False when none was running. Ray drains for up
+    to 30 s on SIGTERM; after STOP_GRACE_S what is left is killed."""
+    path = head_file()
+    if local_head_address(start=False) is None:
         return False
-    subprocess.run([_ray_executable(), "stop", "--force"], capture_output=True, timeout=HEAD_START_TIMEOUT_S)
-    head_file().unlink(missing_ok=True)
+    pid = json.loads(path.read_text())["pid"]
+    tree = [pid, *descendants(pid)]
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for process in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root`, read from /proc (Ray starts its workers in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [root]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
     return True
 
 

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmplan.runtime.cluster import HEAD_STARTED, descendants
+
 START_TIMEOUT_S = 90
-STARTED = "Ray runtime started"
 
 
 @dataclass
@@ -35,23 +36,6 @@ class RayNode:
             except ProcessLookupError:
                 pass
         self.process.wait(timeout=30)
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below `root` (from /proc: children, their children, ...)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, pending = [], [root]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
 
 
 def free_port() -> int:
@@ -82,7 +66,7 @@ def start_node(*, head_address: str | None = None, port: int | None = None, cpus
                                    start_new_session=True)
     node = RayNode(process, log, address)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while STARTED not in log.read_text():
+    while HEAD_STARTED not in log.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
             node.kill()
             raise RuntimeError(f"ray start failed: {log.read_text()[-2000:]}")

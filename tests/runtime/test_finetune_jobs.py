@@ -40,9 +40,9 @@ def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env
     assert details.job.final_loss is not None and details.job.measured_tokens_per_s > 0
     adapter = Path(data["adapter_path"])
     assert (adapter / "adapter_config.json").exists() and (tmp_path / "out" / "loss.png").exists()
-    generated = CliRunner().invoke(cli, ["generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
-                                         "--max-new-tokens", "8", "--json"])
-    assert generated.exit_code == 0, generated.output
+    generated = run_llmplan("generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
+                            "--max-new-tokens", "8", "--json")
+    assert generated.returncode == 0, generated.stderr
 
 
 def test_a_broken_record_fails_before_anything_starts(env, tmp_path: Path) -> None:
