@@ -33,6 +33,9 @@ DEFAULT_HEAD_FILE = Path("~/.llmplan/ray-head")
 HEAD_START_TIMEOUT_S = 120
 HEAD_STARTED = "Ray runtime started"
 STOP_GRACE_S = 10
+# Its own temp dir: a plain ray.init() elsewhere must not find (and join) llmplan's head. Short: Ray's
+# socket paths must stay under 107 bytes.
+HEAD_TEMP_DIR = f"/tmp/llmplan-ray-{os.getuid()}"
 PROBE_TIMEOUT_S = 30
 HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node only
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
@@ -50,7 +53,9 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get(ADDRESS_ENV) or None
+    # "local": a new private instance, never whatever `ray start` last left in /tmp/ray (plain
+    # ray.init() would join that, or hang on it when it is gone).
+    target = address or os.environ.get(ADDRESS_ENV) or "local"
     ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
@@ -117,7 +122,7 @@ def start_local_head(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_name(path.name + ".log")
     command = [_ray_executable(), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
-               "--disable-usage-stats"]
+               "--disable-usage-stats", f"--temp-dir={HEAD_TEMP_DIR}"]
     print(f"starting a local Ray head for llmplan jobs on port {port} (`llmplan cluster stop` stops it)",
           file=sys.stderr)
     with log.open("w") as sink:

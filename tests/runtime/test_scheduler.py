@@ -173,6 +173,19 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
     messages = [event.message for event in site.details(high).events]
     assert any(m.startswith("admitted on GPU 0 of node") for m in messages), messages
     assert site.job(blocker).error_class is ErrorClass.CANCELLED
+    log = site.llmplan("logs", str(high))
+    assert log.returncode == 0 and f"job {high}: succeeded" in log.stdout, log.stderr
+
+
+def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
+    site = gpu_site  # one 24 GiB GPU
+    full = site.llmplan("submit", "finetune", "--model", "Llama-2-7B", "--data", str(site.data), "--method", "full")
+    assert full.returncode != 0
+    assert "does not fit 1 x" in full.stderr and "24.0 GiB" in full.stderr, full.stderr
+    two = site.llmplan("submit", "finetune", "--model", "smollm2-135m", "--data", str(site.data), "--gpus", "2")
+    assert two.returncode == 1
+    assert "refused: the plan needs 2 GPUs" in two.stderr and "largest node has 1 GPU(s) of 24.0 GiB" in two.stderr
+    assert site.cluster()["queued"] == 0
 
 
 def test_out_of_memory_is_replanned_with_more_headroom_and_retried(gpu_site: Site) -> None:
