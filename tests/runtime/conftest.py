@@ -121,7 +121,10 @@ def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) 
     return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address}
 
 
-def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The `llmplan` command in its own process (as users run it), with this test's environment."""
+def run_llmplan(*args: str, input: str | None = None, timeout: float = 300,
+                private_ray: bool = False) -> subprocess.CompletedProcess:
+    """The `llmplan` command in its own process (as users run it), with this test's environment; with
+    `private_ray`, foreground commands (generate, chat) start their own Ray instead of joining the cluster."""
     command = [str(Path(sys.executable).with_name("llmplan")), *args]
-    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=dict(os.environ))
+    env = {key: value for key, value in os.environ.items() if not (private_ray and key == "LLMPLAN_RAY_ADDRESS")}
+    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=env)

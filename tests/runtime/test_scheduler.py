@@ -182,7 +182,8 @@ def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: 
     full = site.llmplan("submit", "finetune", "--model", "Llama-2-7B", "--data", str(site.data), "--method", "full")
     assert full.returncode != 0
     assert "does not fit 1 x" in full.stderr and "24.0 GiB" in full.stderr, full.stderr
-    two = site.llmplan("submit", "finetune", "--model", "smollm2-135m", "--data", str(site.data), "--gpus", "2")
+    two = site.llmplan("submit", "finetune", "--model", "smollm2-135m", "--data", str(site.data), "--gpus", "2",
+                       "--method", "lora", "--zero", "0")
     assert two.returncode == 1
     assert "refused: the plan needs 2 GPUs" in two.stderr and "largest node has 1 GPU(s) of 24.0 GiB" in two.stderr
     assert site.cluster()["queued"] == 0
