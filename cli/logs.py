@@ -25,7 +25,12 @@ def logs(job_ref: str, follow: bool, db_url: str | None) -> None:
     job_id = parse_job_id(job_ref)
     with open_engine(db_url) as (engine, _):
         job = get_job(engine, job_id)
+        while follow and not job.log_path and not job.status.is_terminal():
+            time.sleep(POLL_SECONDS)  # queued: the log starts when its driver does
+            job = get_job(engine, job_id)
         if not job.log_path:
+            if job.status.value == "queued":
+                raise UserError(f"job {job_id} is queued: its log starts when it runs (`llmplan logs {job_id} --follow` waits)")
             raise UserError(f"job {job_id} has no log: it ran in the foreground (llmplan generate / chat); "
                             f"see `llmplan show {job_id}`")
         path = Path(job.log_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import time
 from pathlib import Path
@@ -169,7 +170,7 @@ def submit_finetune(model: str, data: str, resume_job: int | None, priority: int
         if resume_job is not None:
             plan, config = resumed(engine, resume_job)
         else:
-            plan, config = plan_training(model, data, options, cluster.hardware)
+            plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine))
         cluster.refuse_if_never_fits("finetune", plan)
         announce_model(plan.model)
         job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
@@ -178,8 +179,10 @@ def submit_finetune(model: str, data: str, resume_job: int | None, priority: int
         enqueue(engine, cluster, job.id, plan, as_json, wait)
 
 
-def plan_training(model: str, data: str, options: dict, hardware_for):
-    """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first."""
+def plan_training(model: str, data: str, options: dict, hardware_for, margin_for=None):
+    """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first.
+
+    `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs)."""
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
     from llmplan.planner.request import LoraSpec, Method, Offload, Precision
     from llmplan.planner.resolve import resolve_model
@@ -203,8 +206,19 @@ def plan_training(model: str, data: str, options: dict, hardware_for):
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
     )
-    plan = plan_finetune(ask, hardware_for(options["gpus"]))
+    hardware = hardware_for(options["gpus"])
+    if margin_for is not None:
+        ask = dataclasses.replace(ask, margin=margin_for(spec.name, hardware.gpu.name if hardware else "cpu"))
+    plan = plan_finetune(ask, hardware)
     return plan, train_config(plan, data, options)
+
+
+def learned_margin_in(engine):
+    """The margin the store teaches for a model on a card: more headroom for each recorded OOM there."""
+    from llmplan.planner.replan import learned_margin
+    from llmplan.runtime.retries import out_of_memory_count
+
+    return lambda model_name, card: learned_margin(out_of_memory_count(engine, model_name, card))
 
 
 def global_batch(options: dict) -> int:
