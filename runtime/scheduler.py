@@ -252,7 +252,11 @@ class Scheduler:
     def _retry_if_out_of_memory(self, job_id: int) -> None:
         from .retries import retry_after_oom
 
-        retried = retry_after_oom(self.engine, job_id)
+        try:
+            retried = retry_after_oom(self.engine, job_id)
+        except Exception:  # noqa: BLE001 - a re-plan that breaks leaves the job failed; the cycle goes on
+            traceback.print_exc()
+            return
         if retried is not None:
             print(f"job {job_id} ran out of memory: retrying as job {retried.id}", flush=True)
 
