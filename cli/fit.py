@@ -450,12 +450,30 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
     accumulation and checkpointing; --task infer searches quantization, precision, replicas and sharding.
     Exit status 1 when nothing fits (the output says what would), 2 for bad input.
     """
+    report = build_report(model, probe=_probe(ctx), preflight=_preflight(ctx, deepspeed), gpus=gpus, gpu_name=gpu_name,
+                          gpu_mem=gpu_mem, task=task, method=method, dataset=dataset, tokens=tokens, epochs=epochs,
+                          margin=margin, top=top, lora_r=lora_r, lora_targets=lora_targets, sizes=sizes)
+    result = report.result
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        from .render import make_console
+
+        render(report, make_console())
+    if not result.feasible:
+        ctx.exit(EXIT_INFEASIBLE)
+
+
+def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = None, gpu_name: str | None = None,
+                 gpu_mem: str | None = None, task: str = "finetune", method: str = "auto", dataset: Path | None = None,
+                 tokens: int | None = None, epochs: float = 1.0, margin: float = 0.10, top: int = 5, lora_r: int = 8,
+                 lora_targets: str = ALL_LINEAR, sizes: dict[str, int]) -> Report:
+    """What `llmplan fit` answers (and the dashboard's plan form shows): the search and everything to print."""
     if dataset is not None and tokens is not None:
         raise UserError("--dataset and --tokens both size the run: give one")
     resolved = resolve_model(model)
     task_ = Task(task)
-    hardware = plan_hardware(gpus, gpu_name, gpu_mem, _probe(ctx))
-    preflight = _preflight(ctx, deepspeed)
+    hardware = plan_hardware(gpus, gpu_name, gpu_mem, probe)
     data_note = ""
     if dataset is not None:
         tokens, data_note = dataset_tokens(dataset, sizes["seq_len"])
@@ -465,17 +483,9 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
         tokens=tokens, epochs=epochs, margin=margin, deepspeed=preflight.deepspeed, **sizes)
     result = search(fit_request)
     inference = search(_inference_request(fit_request), advise=False) if task_ is Task.FINETUNE else None
-    report = Report(resolved, model, hardware, preflight, result, inference,
-                    str(dataset) if dataset is not None else DATA_PLACEHOLDER, data_note,
-                    epochs if tokens is not None else None, top)
-    if as_json:
-        print_json(report.to_dict())
-    else:
-        from .render import make_console
-
-        render(report, make_console())
-    if not result.feasible:
-        ctx.exit(EXIT_INFEASIBLE)
+    return Report(resolved, model, hardware, preflight, result, inference,
+                  str(dataset) if dataset is not None else DATA_PLACEHOLDER, data_note,
+                  epochs if tokens is not None else None, top)
 
 
 def _inference_request(fit_request: FitRequest) -> FitRequest:

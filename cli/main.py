@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "merge": "merge:merge",
     "cancel": "cancel:cancel",
     "cluster": "cluster:cluster",
+    "ui": "ui:ui",
 }
 
 

@@ -1,0 +1,42 @@
+"""`llmplan ui`: the dashboard's server (its JSON API for now: see web_api.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .jobs import db_option
+
+DEFAULT_PORT = 8321  # Ray's dashboard is 8265
+
+
+@click.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; off loopback a token is required.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
+@click.option("--token", default=None, help="The token calls must carry off loopback [default: generated, printed].")
+@click.option("--root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Where data and model paths may be (repeatable) [default: the working directory].")
+@db_option
+def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], db_url: str | None) -> None:
+    """Serve the dashboard's API on HOST:PORT until interrupted."""
+    from llmplan.runtime.scheduler import worker_database_url
+    from llmplan.runtime.store.db import database_url_from_environment, open_store
+
+    from .web_api import make_config, serve
+
+    engine = open_store(database_url_from_environment(db_url))
+    url = worker_database_url(engine)
+    engine.dispose()
+    config = make_config(url, host, port, token, tuple(r.resolve() for r in roots) or (Path.cwd(),))
+    server = serve(config)
+    bound_host, bound_port = server.server_address[:2]
+    click.echo(f"llmplan dashboard API on http://{bound_host}:{bound_port}/api/health", err=True)
+    if config.needs_token:
+        click.echo(f"token: {config.token}  (send it as: Authorization: Bearer TOKEN)", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()

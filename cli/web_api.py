@@ -1,0 +1,275 @@
+"""The dashboard's JSON API (`llmplan ui`): the same planner, store and scheduler functions as the CLI.
+
+    GET  /api/health                   {"ok": true}
+    GET  /api/models                   the model catalog
+    GET  /api/gpus                     the local GPUs (NVML), as `llmplan gpus --json`
+    POST /api/plan                     `llmplan fit --json` for a form: {"model", "gpus", "gpu", "gpu_mem", "task", ...}
+    GET  /api/jobs?status=&kind=&model=&limit=   job history, as `llmplan jobs --json`
+    GET  /api/jobs/ID                  one job with events, metrics and planned vs measured, as `llmplan show --json`
+    GET  /api/jobs/ID/log?offset=N     the log from byte N: {"text", "offset", "ended"}
+    POST /api/jobs/ID/cancel           as `llmplan cancel --no-wait`
+
+Security: bound to loopback by default. On any other address every call needs the token (printed at start,
+or --token) as `Authorization: Bearer TOKEN`. State-changing calls are POST with a JSON body (a cross-site
+form cannot send one) and, when the browser sends an Origin, only from the dashboard's own origin.
+Errors are JSON {"error": "..."} with a 4xx status, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MAX_BODY_BYTES = 1 << 20
+LOG_CHUNK_BYTES = 1 << 16
+JOB_PATH = re.compile(r"^/api/jobs/(\d+)(/log|/cancel)?$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    db_url: str  # the job store, as every process opens it
+    host: str = "127.0.0.1"
+    port: int = 8321  # not Ray's dashboard (8265)
+    token: str | None = None  # required off loopback
+    roots: tuple[Path, ...] = ()  # where data and model paths may be (submit)
+
+    @property
+    def needs_token(self) -> bool:
+        return self.host not in LOOPBACK_HOSTS
+
+
+def make_config(db_url: str, host: str, port: int, token: str | None, roots: tuple[Path, ...]) -> DashboardConfig:
+    """The configuration to serve with; off loopback a token is generated when none is given."""
+    if host not in LOOPBACK_HOSTS and not token:
+        token = secrets.token_urlsafe(24)
+    return DashboardConfig(db_url=db_url, host=host, port=port, token=token, roots=roots)
+
+
+def serve(config: DashboardConfig) -> ThreadingHTTPServer:
+    """A started server (its own thread); `.server_address` says where; `.shutdown()` stops it."""
+    from llmplan.runtime.store.db import open_store
+
+    engine = open_store(config.db_url)
+    handler = type("DashboardHandler", (Handler,), {"config": config, "engine": engine})
+    server = ThreadingHTTPServer((config.host, config.port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="llmplan-ui", daemon=True).start()
+    return server
+
+
+# ---- the handler ------------------------------------------------------------------------------------------
+class Handler(BaseHTTPRequestHandler):
+    config: DashboardConfig
+    engine: Any
+    server_version = "llmplan-ui"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._respond(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._respond(self._post)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: the CLI prints its own line
+        return
+
+    # -- dispatch --
+    def _respond(self, route: Callable[[str, dict[str, list[str]]], Any]) -> None:
+        parts = urlsplit(self.path)
+        try:
+            self._check_token()
+            document = route(parts.path, parse_qs(parts.query))
+            self._send(HTTPStatus.OK, document)
+        except ApiError as error:
+            self._send(error.status, {"error": str(error)})
+        except Exception as error:  # noqa: BLE001 - one line for the page, never a stack trace
+            status, message = _user_facing(error)
+            self._send(status, {"error": message})
+
+    def _get(self, path: str, query: dict[str, list[str]]) -> Any:
+        if path == "/api/health":
+            return {"ok": True}
+        if path == "/api/models":
+            return list_models()
+        if path == "/api/gpus":
+            return local_gpus()
+        if path == "/api/jobs":
+            return list_jobs_json(self.engine, query)
+        match = JOB_PATH.match(path)
+        if match and match.group(2) is None:
+            return job_json(self.engine, int(match.group(1)))
+        if match and match.group(2) == "/log":
+            return log_tail(self.engine, int(match.group(1)), int(_one(query, "offset") or 0))
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+
+    def _post(self, path: str, query: dict[str, list[str]]) -> Any:
+        self._check_same_origin()
+        body = self._json_body()
+        if path == "/api/plan":
+            return plan_json(body)
+        match = JOB_PATH.match(path)
+        if match and match.group(2) == "/cancel":
+            return cancel_json(self.engine, int(match.group(1)))
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such call: POST {path}")
+
+    # -- checks --
+    def _check_token(self) -> None:
+        if not self.config.needs_token:
+            return
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given, self.config.token or ""):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "this dashboard needs its token: Authorization: Bearer TOKEN")
+
+    def _check_same_origin(self) -> None:
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host", "")
+        if origin is not None and urlsplit(origin).netloc != host:
+            raise ApiError(HTTPStatus.FORBIDDEN, f"cross-site request from {origin} refused")
+
+    def _json_body(self) -> dict[str, Any]:
+        if self.headers.get_content_type() != "application/json":
+            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send a JSON body (Content-Type: application/json)")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except json.JSONDecodeError as error:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {error.msg}") from None
+        if not isinstance(body, dict):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+        return body
+
+    def _send(self, status: HTTPStatus, document: Any) -> None:
+        payload = json.dumps(document, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def _user_facing(error: Exception) -> tuple[HTTPStatus, str]:
+    """Errors the planner and store raise for bad input, as one line; anything else as a server error."""
+    import click
+
+    from llmplan.runtime.store.errors import UnknownJobError
+
+    if isinstance(error, UnknownJobError):
+        return HTTPStatus.NOT_FOUND, str(error)
+    if isinstance(error, click.ClickException):
+        return HTTPStatus.BAD_REQUEST, error.format_message()
+    if isinstance(error, (ValueError, LookupError, TypeError)):
+        return HTTPStatus.BAD_REQUEST, str(error).splitlines()[0] if str(error) else type(error).__name__
+    return HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+# ---- what the calls do (the CLI's own functions) ----------------------------------------------------------
+def list_models() -> list[dict[str, Any]]:
+    from llmplan.planner.model_catalog import MODELS
+
+    return [{"name": m.name, "model_type": m.model_type, "params": m.params} for m in MODELS]
+
+
+def local_gpus() -> dict[str, Any]:
+    from llmplan.planner.nvml_probe import probe_gpus
+
+    return probe_gpus().to_dict()
+
+
+PLAN_FIELDS = {"model": str, "gpus": int, "gpu": str, "gpu_mem": str, "task": str, "method": str, "seq_len": int,
+               "batch_size": int, "prompt_len": int, "max_new_tokens": int, "margin": float, "top": int}
+
+
+def plan_json(body: dict[str, Any]) -> dict[str, Any]:
+    """`llmplan fit --json` for the form's fields (unknown fields are refused)."""
+    from llmplan.planner.hardware import deepspeed_preflight, find_nvcc
+    from llmplan.planner.nvml_probe import probe_gpus
+
+    from .fit import build_report
+
+    unknown = sorted(set(body) - set(PLAN_FIELDS))
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s): {', '.join(unknown)}")
+    if not body.get("model"):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "model is required")
+    try:
+        values = {name: PLAN_FIELDS[name](value) for name, value in body.items() if value not in (None, "")}
+    except (TypeError, ValueError) as error:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"bad field value: {error}") from None
+    sizes = {name: values.pop(name, default) for name, default in
+             (("seq_len", 512), ("batch_size", 16), ("prompt_len", 512), ("max_new_tokens", 256))}
+    report = build_report(values.pop("model"), probe=probe_gpus, preflight=deepspeed_preflight(None, find_nvcc()),
+                          gpus=values.get("gpus"), gpu_name=values.get("gpu"), gpu_mem=values.get("gpu_mem"),
+                          task=values.get("task", "finetune"), method=values.get("method", "auto"),
+                          margin=values.get("margin", 0.10), top=values.get("top", 5), sizes=sizes)
+    return report.to_dict()
+
+
+def list_jobs_json(engine: Any, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+    from llmplan.runtime.store.repository import DEFAULT_LIST_LIMIT, JobFilter, list_jobs
+
+    from .jobs import job_to_json, parse_kind, parse_statuses
+
+    statuses = tuple(value for values in query.get("status", []) for value in values.split(",") if value)
+    job_filter = JobFilter(statuses=parse_statuses(statuses), kind=parse_kind(_one(query, "kind")),
+                           model=_one(query, "model"), limit=min(int(_one(query, "limit") or DEFAULT_LIST_LIMIT), 1000))
+    return [job_to_json(job) for job in list_jobs(engine, job_filter)]
+
+
+def job_json(engine: Any, job_id: int) -> dict[str, Any]:
+    from llmplan.runtime.store.repository import get_job_details
+
+    from .jobs import details_to_json
+
+    return details_to_json(get_job_details(engine, job_id))
+
+
+def log_tail(engine: Any, job_id: int, offset: int) -> dict[str, Any]:
+    from llmplan.runtime.store.repository import get_job
+
+    job = get_job(engine, job_id)
+    ended = job.status.is_terminal()
+    if not job.log_path or not Path(job.log_path).is_file():
+        return {"text": "", "offset": offset, "ended": ended}
+    with open(job.log_path, "rb") as source:
+        source.seek(max(offset, 0))
+        chunk = source.read(LOG_CHUNK_BYTES)
+    return {"text": chunk.decode(errors="replace"), "offset": max(offset, 0) + len(chunk), "ended": ended}
+
+
+def cancel_json(engine: Any, job_id: int) -> dict[str, Any]:
+    from llmplan.runtime.scheduler import managed, request_cancel
+    from llmplan.runtime.store.repository import get_job
+
+    if get_job(engine, job_id).status.is_terminal():
+        raise ApiError(HTTPStatus.CONFLICT, f"job {job_id} already ended: {get_job(engine, job_id).status.value}")
+    job = request_cancel(engine, job_id)
+    if not job.status.is_terminal() and managed(job):
+        from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
+
+        ensure_scheduler(worker_database_url(engine))
+    return {"id": job_id, "status": job.status.value}
