@@ -1,4 +1,4 @@
-"""`llmplan ui`: the dashboard's server (its JSON API for now: see web_api.py)."""
+"""`llmplan ui`: the dashboard's server: its page and JSON API (web_api.py)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], db_url:
     config = make_config(url, host, port, token, tuple(r.resolve() for r in roots) or (Path.cwd(),))
     server = serve(config)
     bound_host, bound_port = server.server_address[:2]
-    click.echo(f"llmplan dashboard API on http://{bound_host}:{bound_port}/api/health", err=True)
+    page = f"http://{bound_host}:{bound_port}/"
     if config.needs_token:
-        click.echo(f"token: {config.token}  (send it as: Authorization: Bearer TOKEN)", err=True)
+        page += f"#token={config.token}"
+        click.echo(f"token: {config.token}  (API calls send it as: Authorization: Bearer TOKEN)", err=True)
+    click.echo(f"llmplan dashboard on {page}", err=True)
     try:
         while True:
             time.sleep(3600)

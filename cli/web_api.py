@@ -1,4 +1,5 @@
-"""The dashboard's JSON API (`llmplan ui`): the same planner, store and scheduler functions as the CLI.
+"""The dashboard (`llmplan ui`): its page at `/` (web_page.py) and its JSON API, which calls the same planner,
+store and scheduler functions as the CLI.
 
     GET  /api/health                   {"ok": true}
     GET  /api/models                   the model catalog
@@ -81,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "llmplan-ui"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if urlsplit(self.path).path == "/":
+            self._send_page()  # static, holds no data: the calls it makes carry the token
+            return
         self._respond(self._get)
 
     def do_POST(self) -> None:  # noqa: N802
@@ -155,6 +159,18 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         return body
+
+    def _send_page(self) -> None:
+        from .web_page import PAGE
+
+        payload = PAGE.encode()
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
+        self.send_header("X-Frame-Options", "DENY")
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _send(self, status: HTTPStatus, document: Any) -> None:
         payload = json.dumps(document, default=str).encode()

@@ -119,3 +119,11 @@ def test_off_loopback_every_call_needs_the_token(store: str) -> None:
         assert call(base, "/api/health", headers={"Authorization": f"Bearer {config.token}"}) == (200, {"ok": True})
     finally:
         server.shutdown()
+
+
+def test_the_page_is_served_at_the_root_and_calls_only_the_api(api: str) -> None:
+    with urllib.request.urlopen(api + "/", timeout=30) as response:
+        assert response.headers.get_content_type() == "text/html"
+        page = response.read().decode()
+    assert '<form id="plan-form">' in page and 'fetch(path' in page
+    assert "http://" not in page.split("<script>")[1] and "https://" not in page  # no outside assets or calls

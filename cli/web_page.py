@@ -1,0 +1,194 @@
+"""The dashboard page `llmplan ui` serves at `/`: one self-contained HTML file (no external assets: the machine
+may reach nothing) whose script calls the JSON API in web_api.py and nothing else."""
+
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>llmplan</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d232a; background: #f6f7f9; }
+  header { background: #1d232a; color: #fff; padding: 10px 20px; font-weight: 600; }
+  main { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; padding: 16px 20px; }
+  section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 12px 16px; }
+  h2 { font-size: 15px; margin: 0 0 8px; }
+  label { display: inline-block; margin: 0 10px 6px 0; }
+  input, select { font: inherit; padding: 2px 4px; }
+  table { border-collapse: collapse; width: 100%; }
+  th, td { text-align: left; padding: 3px 6px; border-bottom: 1px solid #eef0f2; white-space: nowrap; }
+  .bar { display: flex; height: 12px; width: 220px; background: #eef0f2; border-radius: 3px; overflow: hidden; }
+  .bar span { display: block; height: 100%; }
+  .error { color: #b3261e; }
+  .muted { color: #6b7580; }
+  pre { background: #1d232a; color: #e6e6e6; padding: 8px; max-height: 240px; overflow: auto; font-size: 12px; }
+  #job { grid-column: 1 / span 2; }
+  tr.job { cursor: pointer; }
+</style>
+</head>
+<body>
+<header>llmplan &mdash; what fits, what runs, what it measured</header>
+<main>
+<section id="plan">
+  <h2>Plan</h2>
+  <form id="plan-form">
+    <label>model <input name="model" list="models" value="7B" required></label>
+    <datalist id="models"></datalist>
+    <label>task <select name="task"><option>finetune</option><option>infer</option></select></label>
+    <label>method <select name="method"><option>auto</option><option>lora</option><option>qlora</option><option>full</option></select></label>
+    <label>GPUs <input name="gpus" type="number" min="1" value="1" style="width:4em"></label>
+    <label>card <input name="gpu" placeholder="A100-80GB" style="width:9em"></label>
+    <label>or memory <input name="gpu_mem" placeholder="24GiB" style="width:6em"></label>
+    <label>seq len <input name="seq_len" type="number" value="512" style="width:6em"></label>
+    <label>batch <input name="batch_size" type="number" value="16" style="width:5em"></label>
+    <button type="submit">Plan</button>
+  </form>
+  <p id="plan-error" class="error"></p>
+  <div id="plan-result"></div>
+</section>
+<section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
+<section id="jobs" style="grid-column: 1 / span 2">
+  <h2>Jobs</h2>
+  <label>status <select id="job-status"><option value="">any</option><option>queued</option><option>running</option>
+    <option>succeeded</option><option>failed</option><option>cancelled</option></select></label>
+  <label>model <input id="job-model" style="width:10em"></label>
+  <table><thead><tr><th>id</th><th>name</th><th>status</th><th>model</th><th>created</th><th>error</th></tr></thead>
+  <tbody id="job-rows"></tbody></table>
+</section>
+<section id="job" hidden></section>
+</main>
+<script>
+const GIB = 2 ** 30;
+const colors = ["#3b6ea8", "#e08a2c", "#5a9e4b", "#a8443b", "#7c5aa8", "#2ca3a3", "#a8a23b", "#888"];
+const esc = (text) => String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const gib = (bytes) => bytes == null ? "" : (bytes / GIB).toFixed(1) + " GiB";
+
+async function api(path, body) {
+  const init = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (token) init.headers = {...(init.headers || {}), Authorization: "Bearer " + token};
+  const response = await fetch(path, init);
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.error || response.statusText);
+  return data;
+}
+
+function memoryBar(candidate, capacity) {
+  const parts = (candidate.breakdown || []).filter((term) => term.bytes > 0);
+  const spans = parts.map((term, i) => `<span title="${esc(term.name)}: ${gib(term.bytes)} (${esc(term.note)})"
+    style="width:${100 * term.bytes / capacity}%;background:${colors[i % colors.length]}"></span>`);
+  return `<div class="bar" title="${gib(candidate.memory_bytes)} of ${gib(capacity)}">${spans.join("")}</div>`;
+}
+
+async function plan(event) {
+  event.preventDefault();
+  const form = Object.fromEntries(new FormData(event.target).entries());
+  for (const key of ["gpus", "seq_len", "batch_size"]) if (form[key]) form[key] = Number(form[key]);
+  document.getElementById("plan-error").textContent = "";
+  try {
+    const report = await api("/api/plan", form);
+    const capacity = report.hardware.memory_bytes;
+    const rows = report.candidates.map((c, i) => `<tr><td>${i + 1}</td><td>${esc(c.method)}</td><td>${esc(c.quant)}</td>
+      <td>${esc(c.precision)}</td><td>${esc(c.parallelism.label || c.parallelism.backend)}</td><td>${c.micro_batch} x ${c.grad_accum}</td>
+      <td>${gib(c.memory_bytes)}</td><td>${memoryBar(c, capacity)}</td><td>${c.tokens_per_s ? Math.round(c.tokens_per_s) : ""}</td>
+      <td>${c.time_s ? (c.time_s / 3600).toFixed(1) + " h" : ""}</td></tr>`);
+    document.getElementById("plan-result").innerHTML = `<p>${esc(report.model.name)} on ${report.hardware.count} x
+      ${esc(report.hardware.gpu)} (${gib(capacity)} each); a plan may use ${gib(report.budget_bytes)}</p>` +
+      (report.feasible ? `<table id="candidates"><thead><tr><th>#</th><th>method</th><th>quant</th><th>precision</th>
+      <th>parallelism</th><th>micro x accum</th><th>memory/GPU</th><th>vs capacity</th><th>tokens/s</th><th>time</th></tr></thead>
+      <tbody>${rows.join("")}</tbody></table><p class="muted">${esc(report.recommendation.command)}</p>`
+      : `<p class="error">nothing fits: ${esc((report.suggestions || []).map((s) => s.text).join("; "))}</p>`);
+  } catch (error) {
+    document.getElementById("plan-error").textContent = error.message;
+  }
+}
+
+async function loadGpus() {
+  try {
+    const probe = await api("/api/gpus");
+    document.getElementById("gpu-list").innerHTML = probe.gpus.length ? probe.gpus.map((g) =>
+      `<div>GPU ${g.index} ${esc(g.name)}: ${gib(g.memory_used_bytes)} used of ${gib(g.memory_total_bytes)}</div>`).join("")
+      : esc(probe.reason || "no GPU found");
+  } catch (error) {
+    document.getElementById("gpu-list").textContent = error.message;
+  }
+}
+
+async function loadJobs() {
+  const status = document.getElementById("job-status").value, model = document.getElementById("job-model").value;
+  const query = new URLSearchParams({...(status && {status}), ...(model && {model})});
+  const jobs = await api("/api/jobs?" + query);
+  document.getElementById("job-rows").innerHTML = jobs.map((j) => `<tr class="job" data-id="${j.id}"><td>${j.id}</td>
+    <td>${esc(j.name)}</td><td class="status">${esc(j.status)}</td><td>${esc(j.model)}</td><td>${esc(j.created_at)}</td>
+    <td class="error">${esc(j.error_message)}</td></tr>`).join("");
+}
+
+function lossCurve(metrics) {
+  const points = metrics.filter((m) => m.loss != null);
+  if (points.length < 2) return "";
+  const steps = points.map((m) => m.step), losses = points.map((m) => m.loss);
+  const [x0, x1, y0, y1] = [Math.min(...steps), Math.max(...steps), Math.min(...losses), Math.max(...losses)];
+  const path = points.map((m, i) => `${i ? "L" : "M"}${(400 * (m.step - x0) / ((x1 - x0) || 1)).toFixed(1)},` +
+    `${(110 - 100 * (m.loss - y0) / ((y1 - y0) || 1)).toFixed(1)}`).join(" ");
+  return `<h3>loss</h3><svg id="loss-curve" width="420" height="120" viewBox="-10 0 420 120">
+    <path d="${path}" fill="none" stroke="#3b6ea8" stroke-width="2"/></svg>
+    <span class="muted">${y1.toFixed(3)} &rarr; ${losses[losses.length - 1].toFixed(3)}</span>`;
+}
+
+const shown = (key, value) => value == null ? "" : key.endsWith("bytes") ? gib(value) : Math.round(value);
+
+let followed = null;
+async function showJob(id) {
+  followed = id;
+  const detail = await api(`/api/jobs/${id}`);
+  const job = detail.job, cmp = detail.planned_vs_measured || {};
+  const rows = Object.entries(cmp).filter(([, v]) => v && typeof v === "object" && "planned" in v).map(([k, v]) =>
+    `<tr><td>${esc(k.replaceAll("_", " "))}</td><td>${esc(shown(k, v.planned))}</td><td>${esc(shown(k, v.measured))}</td></tr>`).join("");
+  const section = document.getElementById("job");
+  section.hidden = false;
+  section.innerHTML = `<h2>Job ${job.id}: ${esc(job.name)} &mdash; <span id="job-status-text">${esc(job.status)}</span>
+    ${job.status === "queued" || job.status === "running" || job.status === "scheduled" ? '<button id="cancel">Cancel</button>' : ""}</h2>
+    ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
+    ${lossCurve(detail.metrics)}
+    <h3>events</h3><table>${detail.events.map((e) => `<tr><td>${esc(e.at)}</td><td>${esc(e.from_status)}</td>
+      <td>${esc(e.to_status)}</td><td>${esc(e.message)}</td></tr>`).join("")}</table>
+    <h3>log</h3><pre id="log"></pre>`;
+  const cancel = document.getElementById("cancel");
+  if (cancel) cancel.onclick = async () => { await api(`/api/jobs/${id}/cancel`, {}); showJob(id); loadJobs(); };
+  followLog(id, 0);
+}
+
+async function followLog(id, offset) {
+  if (followed !== id) return;
+  const chunk = await api(`/api/jobs/${id}/log?offset=${offset}`);
+  const log = document.getElementById("log");
+  if (log) { log.textContent += chunk.text; log.scrollTop = log.scrollHeight; }
+  if (!chunk.ended) setTimeout(() => followLog(id, chunk.offset), 1000);
+}
+
+document.getElementById("plan-form").addEventListener("submit", plan);
+document.getElementById("job-rows").addEventListener("click", (e) => {
+  const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));
+});
+for (const id of ["job-status", "job-model"]) document.getElementById(id).addEventListener("change", loadJobs);
+api("/api/models").then((models) => {
+  document.getElementById("models").innerHTML = models.map((m) => `<option value="${esc(m.name)}">`).join("");
+});
+// Links that open a view: #job=ID, or a plan: #model=7B&gpu=A100-80GB&task=finetune (the form's field names).
+function openFromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("job")) showJob(Number(params.get("job")));
+  if (params.get("model")) {
+    const form = document.getElementById("plan-form");
+    for (const [key, value] of params) if (form.elements[key]) form.elements[key].value = value;
+    form.requestSubmit();
+  }
+}
+loadGpus();
+loadJobs();
+openFromHash();
+setInterval(loadJobs, 3000);
+</script>
+</body>
+</html>
+"""
