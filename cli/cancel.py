@@ -21,26 +21,20 @@ POLL_SECONDS = 0.2
 @json_option
 def cancel(job_ref: str, address: str | None, no_wait: bool, db_url: str | None, as_json: bool) -> None:
     """Cancel a job: queued, it never starts; running, its driver and workers are killed and its GPUs freed."""
-    from llmplan.runtime.scheduler import request_cancel
+    from llmplan.runtime.scheduler import cancel_job
     from llmplan.runtime.store.repository import get_job
 
     job_id = parse_job_id(job_ref)
     with open_engine(db_url) as (engine, _):
-        if get_job(engine, job_id).status.is_terminal():
-            raise UserError(f"job {job_id} already ended: {get_job(engine, job_id).status.value}")
-        if not request_cancel(engine, job_id).status.is_terminal():
-            wake_scheduler(engine, address)
+        status = get_job(engine, job_id).status
+        if status.is_terminal():
+            raise UserError(f"job {job_id} already ended: {status.value}")
+        cancel_job(engine, job_id, address)
         final = get_job(engine, job_id) if no_wait else wait_until_ended(engine, job_id)
     if as_json:
         print_json({"id": job_id, "status": final.status.value})
     else:
         click.echo(f"job {job_id}: {final.status.value}")
-
-
-def wake_scheduler(engine, address: str | None) -> None:
-    from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
-
-    ensure_scheduler(worker_database_url(engine), address)
 
 
 def wait_until_ended(engine, job_id: int):

@@ -75,10 +75,6 @@ class Cluster:
                 "hardware": hardware.to_dict() if hardware else None}
 
 
-def join_cluster(engine: Any, address: str | None) -> Cluster:
-    return Cluster(engine, address)
-
-
 def enqueue(engine: Any, cluster: Cluster, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:
     """Wake the scheduler for the new job, print its id (or JSON), and follow it when asked."""
     from llmplan.runtime.paths import LOG_NAME, jobs_dir

@@ -15,7 +15,7 @@ from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 from .generate import announce_model, generation_options, jobs_dir, prepare
 from .jobs import db_option, open_engine
 from .options import UserError, json_option, positive, user_errors
-from .scheduling import enqueue, join_cluster, scheduling_options
+from .scheduling import Cluster, enqueue, scheduling_options
 
 POLL_SECONDS = 0.5
 RETRY_PATIENCE_S = 10.0
@@ -55,7 +55,7 @@ def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retrie
     from llmplan.runtime import inference_job
 
     with open_engine(db_url) as (engine, _):
-        cluster = join_cluster(engine, address)
+        cluster = Cluster(engine, address)
         plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
         cluster.refuse_if_never_fits("infer", plan)
         announce_model(plan.model)
@@ -166,7 +166,7 @@ def submit_finetune(model: str, data: str, resume_job: int | None, priority: int
     from llmplan.runtime import finetune_job
 
     with open_engine(db_url) as (engine, _):
-        cluster = join_cluster(engine, address)
+        cluster = Cluster(engine, address)
         if resume_job is not None:
             plan, config = resumed(engine, resume_job)
         else:

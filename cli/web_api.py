@@ -163,22 +163,19 @@ class Handler(BaseHTTPRequestHandler):
     def _send_page(self) -> None:
         from .web_page import PAGE
 
-        payload = PAGE.encode()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
-        self.send_header("X-Frame-Options", "DENY")
-        self.end_headers()
-        self.wfile.write(payload)
+        self._write(HTTPStatus.OK, PAGE.encode(), {
+            "Content-Type": "text/html; charset=utf-8",
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            "X-Frame-Options": "DENY"})
 
     def _send(self, status: HTTPStatus, document: Any) -> None:
-        payload = json.dumps(document, default=str).encode()
+        self._write(status, json.dumps(document, default=str).encode(), {
+            "Content-Type": "application/json", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    def _write(self, status: HTTPStatus, payload: bytes, headers: dict[str, str]) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in {**headers, "Content-Length": str(len(payload))}.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -278,14 +275,11 @@ def log_tail(engine: Any, job_id: int, offset: int) -> dict[str, Any]:
 
 
 def cancel_json(engine: Any, job_id: int) -> dict[str, Any]:
-    from llmplan.runtime.scheduler import managed, request_cancel
+    from llmplan.runtime.scheduler import cancel_job
     from llmplan.runtime.store.repository import get_job
 
-    if get_job(engine, job_id).status.is_terminal():
-        raise ApiError(HTTPStatus.CONFLICT, f"job {job_id} already ended: {get_job(engine, job_id).status.value}")
-    job = request_cancel(engine, job_id)
-    if not job.status.is_terminal() and managed(job):
-        from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
-
-        ensure_scheduler(worker_database_url(engine))
+    status = get_job(engine, job_id).status
+    if status.is_terminal():
+        raise ApiError(HTTPStatus.CONFLICT, f"job {job_id} already ended: {status.value}")
+    job = cancel_job(engine, job_id)
     return {"id": job_id, "status": job.status.value}

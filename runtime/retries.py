@@ -24,10 +24,10 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import ErrorClass
 
-from .train_config import TrainConfig
+from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig
 
 DEFAULT_MAX_RETRIES = 2
-CHECKPOINT_GLOB = "checkpoints/step-*/trainer_state.pt"  # train.checkpoint_dir / train.STATE_FILE
+CHECKPOINT_GLOB = f"{CHECKPOINTS}/step-*/{STATE_FILE}"
 
 
 def retry_after_oom(engine: Any, job_id: int) -> Any | None:

@@ -85,6 +85,14 @@ def ensure_scheduler(db_url: str, address: str | None = None) -> Any:
     return scheduler
 
 
+def cancel_job(engine: Any, job_id: int, address: str | None = None) -> Any:
+    """Record the cancel and, for a placed job of the scheduler's, wake the scheduler to stop it now."""
+    job = request_cancel(engine, job_id)
+    if not job.status.is_terminal() and managed(job):
+        ensure_scheduler(worker_database_url(engine), address)
+    return job
+
+
 def request_cancel(engine: Any, job_id: int) -> Any:
     """Record a cancel: a queued job becomes cancelled; a placed one cancelling (the scheduler then stops it)."""
     from llmplan.runtime.store.errors import TransitionRefusedError
@@ -188,10 +196,6 @@ class Scheduler:
     def inventory(self, refresh: bool = False) -> list[GpuSlot]:
         with self.lock:
             return self._inventory(refresh)
-
-    def reserved(self) -> list[Reservation]:
-        with self.lock:
-            return [watch.reservation for watch in self.watched.values()]
 
     def cycle(self) -> int:
         """One full cycle now (tests and benchmarks call it; the loop calls it every POLL_S)."""

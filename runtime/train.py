@@ -56,12 +56,10 @@ from .modeling import (
     load_pretrained,
     make_optimizer,
 )
-from .train_config import TrainConfig, TrainConfigError
+from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig, TrainConfigError
 
-CHECKPOINTS = "checkpoints"
 TEST_OOM_ENV = "LLMPLAN_TEST_OOM_ABOVE_MICRO_BATCH"
 KEEP_CHECKPOINTS = 2
-STATE_FILE = "trainer_state.pt"
 
 
 # ---- what the recipe reports ----------------------------------------------------------------------

@@ -17,6 +17,10 @@ BACKENDS = ("single", "ddp", "deepspeed")
 OFFLOADS = ("none", "optimizer", "params")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
+# Where a run keeps its checkpoints: <output_dir>/checkpoints/step-N/trainer_state.pt (train.py writes them;
+# the scheduler looks for them without importing torch).
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
 
 
 class TrainConfigError(ValueError):

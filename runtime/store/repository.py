@@ -175,7 +175,7 @@ def retry_job(engine: Engine, job_id: int, *, submitter: str | None = None,
             engine, spec, attempt=original.attempt + 1, retry_of=job_id, message=message or f"retry of job {job_id}"
         )
     except IntegrityError:
-        raise InvalidJobDataError(f"job {job_id} was already retried as job {_retry_id_of(engine, job_id)}") from None
+        raise InvalidJobDataError(f"job {job_id} was already retried as job {retry_of_job(engine, job_id)}") from None
 
 
 def transition(
@@ -329,10 +329,6 @@ def _insert_job(engine: Engine, spec: JobSpec, *, attempt: int, retry_of: int | 
 
 def retry_of_job(engine: Engine, job_id: int) -> int | None:
     """The id of the job that retries `job_id`, if any."""
-    return _retry_id_of(engine, job_id)
-
-
-def _retry_id_of(engine: Engine, job_id: int) -> int | None:
     with read_session(engine) as session:
         return session.exec(select(Job.id).where(col(Job.retry_of) == job_id)).first()
 
