@@ -12,8 +12,6 @@ memory, the estimator's prediction for the same request, GPU name, library versi
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
 import json
 import os
 import subprocess
@@ -21,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-MODEL_DIR = Path(os.environ.get("LLMPLAN_BENCH_MODELS", "/tmp/llmplan-bench-models")) / "llama2-7b-shape"
+from bench_model import MODEL_DIR, environment, prepare
+
 CASES = [  # (path, quant, cache, batch, prompt, new)
     ("plain", "none", "dynamic", 8, 512, 256),
     ("llmplan", "none", "dynamic", 8, 512, 256),
@@ -29,21 +28,6 @@ CASES = [  # (path, quant, cache, batch, prompt, new)
     ("plain", "nf4", "dynamic", 8, 512, 256),
     ("llmplan", "nf4", "dynamic", 8, 512, 256),
 ]
-
-
-def prepare(tokenizer_dir: Path) -> None:
-    """Save the random 7B-shaped model once, with the tokenizer beside it."""
-    if (MODEL_DIR / "config.json").exists():
-        return
-    from transformers import AutoTokenizer
-
-    from llmplan.planner.resolve import find_model
-    from llmplan.runtime.modeling import build_random_model
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = dataclasses.replace(find_model("Llama-2-7B"), name="llama2-7b-shape", vocab_size=len(tokenizer))
-    build_random_model(spec, "bf16", "cuda").save_pretrained(MODEL_DIR)
-    tokenizer.save_pretrained(MODEL_DIR)
 
 
 def prompts(tokenizer, batch: int, length: int) -> list[str]:
@@ -103,15 +87,11 @@ def estimate_for(quant: str, batch: int, prompt: int, new: int) -> int:
 
 
 def run_case(index: int) -> dict:
-    import torch
-    import transformers
-
     path, quant, cache, batch, prompt, new = CASES[index]
     measured = plain(quant, cache, batch, prompt, new) if path == "plain" else through_llmplan(quant, batch, prompt, new)
     return {"path": path, "quant": quant, "cache": cache, "batch": batch, "prompt_len": prompt, "max_new_tokens": new,
             **measured, "estimated_peak_bytes": estimate_for(quant, batch, prompt, new),
-            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
-            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "date": dt.date.today().isoformat()}
+            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), **environment()}
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""The 7B-shaped model the GPU benchmarks share: Llama-2-7B's architecture with random weights, saved once.
+
+Memory and speed do not depend on weight values, so a random model stands in for the real checkpoint no
+machine here can download. Its vocabulary is that of the tokenizer given (SmolLM2's, carried to the GPU
+machine), so real text tokenizes into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from pathlib import Path
+
+MODEL_DIR = Path(os.environ.get("LLMPLAN_BENCH_MODELS", "/tmp/llmplan-bench-models")) / "llama2-7b-shape"
+DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "alpaca_llmplan.jsonl"
+
+
+def prepare(tokenizer_dir: Path) -> Path:
+    """Save the random 7B-shaped model once, with the tokenizer beside it; its directory."""
+    if (MODEL_DIR / "config.json").exists():
+        return MODEL_DIR
+    from transformers import AutoTokenizer
+
+    from llmplan.planner.resolve import find_model
+    from llmplan.runtime.modeling import build_random_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = dataclasses.replace(find_model("Llama-2-7B"), name="llama2-7b-shape", vocab_size=len(tokenizer))
+    build_random_model(spec, "bf16", "cuda").save_pretrained(MODEL_DIR)
+    tokenizer.save_pretrained(MODEL_DIR)
+    return MODEL_DIR
+
+
+def environment() -> dict:
+    """What a result line records about where it was measured."""
+    import peft
+    import torch
+    import transformers
+
+    return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "date": dt.date.today().isoformat()}
