@@ -64,6 +64,10 @@ class Cluster:
             raise click.ClickException(f"refused: {reason}; plan for this cluster with `llmplan fit` "
                                        "(--gpus, --method qlora) or add GPUs")
 
+    def wake(self) -> None:
+        """Tell the scheduler a job was queued, so that it need not wait for its next cycle."""
+        self.scheduler.poke.remote()
+
     def request_fields(self, plan: Any, max_retries: int, gpus: int | None) -> dict[str, Any]:
         """What the scheduler reads from a job's request, besides its plan."""
         from llmplan.runtime.model_store import cache_root
@@ -75,19 +79,23 @@ class Cluster:
                 "hardware": hardware.to_dict() if hardware else None}
 
 
-def enqueue(engine: Any, cluster: Cluster, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:
-    """Wake the scheduler for the new job, print its id (or JSON), and follow it when asked."""
+def queued_document(job_id: int, plan: Any) -> dict[str, Any]:
+    """What a submission answers (`llmplan submit --json`, the dashboard): the job's id, its plan and its log."""
     from llmplan.runtime.paths import LOG_NAME, jobs_dir
 
+    return {"id": job_id, "plan": plan.to_dict(), "log": str(jobs_dir() / str(job_id) / LOG_NAME)}
+
+
+def report_queued(engine: Any, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:
+    """Print the queued job's id (or JSON), and follow it when asked."""
     from .options import print_json
     from .submit import follow
 
-    cluster.scheduler.poke.remote()
-    log = jobs_dir() / str(job_id) / LOG_NAME
+    queued = queued_document(job_id, plan)
     if as_json and not wait:
-        print_json({"id": job_id, "plan": plan.to_dict(), "log": str(log)})
+        print_json(queued)
         return
-    click.echo(f"job {job_id} queued: {plan.summary()}; log {log}", err=True)
+    click.echo(f"job {job_id} queued: {plan.summary()}; log {queued['log']}", err=True)
     if not as_json:
         click.echo(job_id)
     if wait:

@@ -15,13 +15,19 @@ from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 from .generate import announce_model, generation_options, jobs_dir, prepare
 from .jobs import db_option, open_engine
 from .options import UserError, json_option, positive, user_errors
-from .scheduling import Cluster, enqueue, scheduling_options
+from .scheduling import Cluster, report_queued, scheduling_options
 
 POLL_SECONDS = 0.5
 RETRY_PATIENCE_S = 10.0
 
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+class DataFileError(UserError):
+    """A data file that cannot be trained on: the message names its first problem."""
+
+    field = "data"  # the option (and the dashboard's form field) at fault
 
 
 class SubmitGroup(click.Group):
@@ -52,17 +58,26 @@ def submit() -> None:
 def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retries: int, address: str | None,
                  wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Batch inference as a job, queued on the Ray cluster: prints the job id and returns (or follows it with --wait)."""
+    with open_engine(db_url) as (engine, _):
+        job, plan = queue_inference(Cluster(engine, address), model, prompts, options, priority=priority,
+                                    max_retries=max_retries)
+        report_queued(engine, job.id, plan, as_json, wait)
+
+
+def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], options: dict, *, priority: int,
+                    max_retries: int):
+    """Plan a batch-inference job for the cluster, check it, record it queued and wake the scheduler: what
+    `llmplan submit infer` and the dashboard both do. Returns the job record and its plan."""
     from llmplan.runtime import inference_job
 
-    with open_engine(db_url) as (engine, _):
-        cluster = Cluster(engine, address)
-        plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
-        cluster.refuse_if_never_fits("infer", plan)
-        announce_model(plan.model)
-        job = inference_job.submit(engine, plan, inputs, name=f"infer {plan.model_name}", submitter=getpass.getuser(),
-                                   priority=priority,
-                                   scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
-        enqueue(engine, cluster, job.id, plan, as_json, wait)
+    plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
+    cluster.refuse_if_never_fits("infer", plan)
+    announce_model(plan.model)
+    job = inference_job.submit(cluster.engine, plan, inputs, name=f"infer {plan.model_name}",
+                               submitter=getpass.getuser(), priority=priority,
+                               scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
+    cluster.wake()
+    return job, plan
 
 
 def follow(engine, job_id: int):
@@ -163,20 +178,30 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
 def submit_finetune(model: str, data: str, resume_job: int | None, priority: int, max_retries: int,
                     address: str | None, wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Fine-tuning as a job: planned for the cluster's GPUs, checked, queued, run in Ray Train workers."""
+    with open_engine(db_url) as (engine, _):
+        job, plan = queue_finetune(Cluster(engine, address), model, data, options, priority=priority,
+                                   max_retries=max_retries, resume_job=resume_job)
+        report_queued(engine, job.id, plan, as_json, wait)
+
+
+def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, priority: int, max_retries: int,
+                   resume_job: int | None = None):
+    """Plan a fine-tuning job for the cluster (or take a resumed job's plan), check it, record it queued and
+    wake the scheduler: what `llmplan submit finetune` and the dashboard both do. Returns the job and its plan."""
     from llmplan.runtime import finetune_job
 
-    with open_engine(db_url) as (engine, _):
-        cluster = Cluster(engine, address)
-        if resume_job is not None:
-            plan, config = resumed(engine, resume_job)
-        else:
-            plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine))
-        cluster.refuse_if_never_fits("finetune", plan)
-        announce_model(plan.model)
-        job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
-                                  retry_of=resume_job, priority=priority,
-                                  scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
-        enqueue(engine, cluster, job.id, plan, as_json, wait)
+    engine = cluster.engine
+    if resume_job is not None:
+        plan, config = resumed(engine, resume_job)
+    else:
+        plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine))
+    cluster.refuse_if_never_fits("finetune", plan)
+    announce_model(plan.model)
+    job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
+                              retry_of=resume_job, priority=priority,
+                              scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
+    cluster.wake()
+    return job, plan
 
 
 def plan_training(model: str, data: str, options: dict, hardware_for, margin_for=None):
@@ -194,7 +219,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
         load_examples(data, options["data_format"])
     except DataError as error:
         more = f" (and {error.count - 1} more problem{'s' if error.count > 2 else ''})" if error.count > 1 else ""
-        raise UserError(f"{error.first}{more}") from error
+        raise DataFileError(f"{error.first}{more}") from error
     spec = resolve_model(model).spec
     methods = tuple(Method) if options["method"] == "auto" else (Method(options["method"]),)
     targets = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
@@ -265,33 +290,54 @@ def resumed(engine, job_id: int):
 
 
 # ---- job specs -------------------------------------------------------------------------------------------
+SPEC_TASKS = ("finetune", "infer")
+
+
+def spec_command(task: str) -> click.Command:
+    return {"finetune": submit_finetune, "infer": submit_infer}[task]
+
+
 @submit.command("spec", hidden=True)
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--wait", is_flag=True)
 @click.pass_context
 def submit_spec(ctx: click.Context, path: str, wait: bool) -> None:
     """Submit the job a YAML spec describes."""
-    args = spec_arguments(path, {"finetune": submit_finetune, "infer": submit_infer})
-    command = submit_finetune if args[0] == "finetune" else submit_infer
-    ctx.invoke(command, **command.make_context(command.name, [*args[1:], *(["--wait"] if wait else [])],
+    words = spec_words(read_spec(path), where=path)
+    command = spec_command(words[0])
+    ctx.invoke(command, **command.make_context(command.name, [*words[1:], *(["--wait"] if wait else [])],
                                                parent=ctx).params)
 
 
-def spec_arguments(path: str, commands: dict) -> list[str]:
-    """The spec as command-line words: ["finetune", "--model", "M", ...]; unknown keys are errors."""
+def read_spec(path: str):
     import yaml
 
     try:
-        spec = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from error
-    if not isinstance(spec, dict) or spec.get("task") not in commands:
-        raise UserError(f"{path}: a job spec is a mapping with task: finetune or task: infer")
-    command = commands[spec["task"]]
-    known = {name.lstrip("-") for param in command.params for name in [*param.opts, *param.secondary_opts]}
+
+
+def param_keys(param: click.Parameter) -> set[str]:
+    """The job spec keys of one option: its long names without their dashes."""
+    return {name.lstrip("-") for name in [*param.opts, *param.secondary_opts]}
+
+
+def spec_keys(command: click.Command) -> set[str]:
+    """The keys a job spec may hold for `command`."""
+    return {key for param in command.params for key in param_keys(param)} - {"help"}
+
+
+def spec_words(spec, *, where: str, withheld: frozenset[str] = frozenset()) -> list[str]:
+    """The spec as command-line words: ["finetune", "--model=M", ...]; unknown (or `withheld`) keys are errors.
+
+    Each value is joined to its option by "=", so that no value is ever read as an option of its own."""
+    if not isinstance(spec, dict) or spec.get("task") not in SPEC_TASKS:
+        raise UserError(f"{where}: a job spec is a mapping with task: finetune or task: infer")
+    known = spec_keys(spec_command(spec["task"])) - withheld
     unknown = sorted(str(key) for key in spec if key != "task" and str(key) not in known)
     if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'help'}))}")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     words = [spec["task"]]
     for key, value in spec.items():
         if key == "task" or value is None:
@@ -302,5 +348,15 @@ def spec_arguments(path: str, commands: dict) -> list[str]:
             elif item is False:
                 words.append(f"--no-{key}")
             else:
-                words += [f"--{key}", str(item)]
+                words.append(f"--{key}={item}")
     return words
+
+
+def parse_spec(spec, *, where: str, withheld: frozenset[str] = frozenset()) -> tuple[str, dict]:
+    """A job spec's task and the options its submit command receives (less the `withheld` ones), checked by
+    that command's own option types, choices and callbacks: the dashboard's submissions."""
+    words = spec_words(spec, where=where, withheld=withheld)
+    command = spec_command(words[0])
+    params = command.make_context(command.name, words[1:]).params
+    return words[0], {param.name: params[param.name] for param in command.params
+                      if param.name in params and not param_keys(param) & withheld}

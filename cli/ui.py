@@ -17,10 +17,14 @@ DEFAULT_PORT = 8321  # Ray's dashboard is 8265
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--token", default=None, help="The token calls must carry off loopback [default: generated, printed].")
 @click.option("--root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Where data and model paths may be (repeatable) [default: the working directory].")
+              help="A folder that submitted data, model and output paths may be in (repeatable) "
+                   "[default: the working directory].")
+@click.option("--address", metavar="HOST:PORT",
+              help="Ray cluster for submitted jobs [default: $LLMPLAN_RAY_ADDRESS, else llmplan's local Ray head].")
 @db_option
-def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], db_url: str | None) -> None:
-    """Serve the dashboard's API on HOST:PORT until interrupted."""
+def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], address: str | None,
+       db_url: str | None) -> None:
+    """Serve the dashboard (its page at / and its JSON API) on HOST:PORT until interrupted."""
     from llmplan.runtime.scheduler import worker_database_url
     from llmplan.runtime.store.db import database_url_from_environment, open_store
 
@@ -29,7 +33,7 @@ def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], db_url:
     engine = open_store(database_url_from_environment(db_url))
     url = worker_database_url(engine)
     engine.dispose()
-    config = make_config(url, host, port, token, tuple(r.resolve() for r in roots) or (Path.cwd(),))
+    config = make_config(url, host, port, token, roots or (Path.cwd(),), address)
     server = serve(config)
     bound_host, bound_port = server.server_address[:2]
     page = f"http://{bound_host}:{bound_port}/"

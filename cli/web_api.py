@@ -8,18 +8,27 @@ store and scheduler functions as the CLI.
     GET  /api/jobs?status=&kind=&model=&limit=   job history, as `llmplan jobs --json`
     GET  /api/jobs/ID                  one job with events, metrics and planned vs measured, as `llmplan show --json`
     GET  /api/jobs/ID/log?offset=N     the log from byte N: {"text", "offset", "ended"}
+    POST /api/jobs                     a job spec, as `llmplan submit SPEC.yaml` reads one ({"task": "finetune",
+                                       "model", "data", "micro-batch": 4, "max-steps": 30, ...}; or "task": "infer"
+                                       with "prompt": [...] or "input"): planned for the cluster, checked and queued
+                                       as `llmplan submit` does it: {"id", "plan", "log"}
     POST /api/jobs/ID/cancel           as `llmplan cancel --no-wait`
+
+Paths in a submission (data, input, output, adapter, and a model given as a path rather than a catalog name)
+must resolve, symlinks followed, inside one of the --root folders; the ones read must exist and be readable.
 
 Security: bound to loopback by default. On any other address every call needs the token (printed at start,
 or --token) as `Authorization: Bearer TOKEN`. State-changing calls are POST with a JSON body (a cross-site
 form cannot send one) and, when the browser sends an Origin, only from the dashboard's own origin.
-Errors are JSON {"error": "..."} with a 4xx status, never a stack trace.
+Errors are JSON {"error": "..."} with a 4xx status, never a stack trace; "field" names the job spec key at
+fault when the error is about one.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import secrets
 import threading
@@ -35,12 +44,23 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 MAX_BODY_BYTES = 1 << 20
 LOG_CHUNK_BYTES = 1 << 16
 JOB_PATH = re.compile(r"^/api/jobs/(\d+)(/log|/cancel)?$")
+# An error about one option names it first ("--max-steps must be positive") or quoted ("Invalid value for '--lr'").
+OPTION_AT_FAULT = re.compile(r"^--([a-z][a-z0-9-]*)|'--([a-z][a-z0-9-]*)'")
+# Spec keys that steer the submitting process, not the job: the dashboard decides them (or offers none).
+WITHHELD_KEYS = frozenset({"db", "json", "wait", "address", "resume"})
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.field = status, field
+
+
+class FieldError(ApiError):
+    """A submitted value that is refused: 400, naming its field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(HTTPStatus.BAD_REQUEST, message, field)
 
 
 @dataclass(frozen=True)
@@ -49,18 +69,21 @@ class DashboardConfig:
     host: str = "127.0.0.1"
     port: int = 8321  # not Ray's dashboard (8265)
     token: str | None = None  # required off loopback
-    roots: tuple[Path, ...] = ()  # where data and model paths may be (submit)
+    roots: tuple[Path, ...] = ()  # where data and model paths may be (submit), resolved
+    address: str | None = None  # the Ray cluster jobs are queued on (None: as `llmplan submit` decides)
 
     @property
     def needs_token(self) -> bool:
         return self.host not in LOOPBACK_HOSTS
 
 
-def make_config(db_url: str, host: str, port: int, token: str | None, roots: tuple[Path, ...]) -> DashboardConfig:
+def make_config(db_url: str, host: str, port: int, token: str | None, roots: tuple[Path, ...],
+                address: str | None = None) -> DashboardConfig:
     """The configuration to serve with; off loopback a token is generated when none is given."""
     if host not in LOOPBACK_HOSTS and not token:
         token = secrets.token_urlsafe(24)
-    return DashboardConfig(db_url=db_url, host=host, port=port, token=token, roots=roots)
+    return DashboardConfig(db_url=db_url, host=host, port=port, token=token,
+                           roots=tuple(root.resolve() for root in roots), address=address)
 
 
 def serve(config: DashboardConfig) -> ThreadingHTTPServer:
@@ -68,7 +91,9 @@ def serve(config: DashboardConfig) -> ThreadingHTTPServer:
     from llmplan.runtime.store.db import open_store
 
     engine = open_store(config.db_url)
-    handler = type("DashboardHandler", (Handler,), {"config": config, "engine": engine})
+    # One submission at a time: the first joins the Ray cluster, which a process does once.
+    handler = type("DashboardHandler", (Handler,), {"config": config, "engine": engine,
+                                                   "submit_lock": threading.Lock()})
     server = ThreadingHTTPServer((config.host, config.port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="llmplan-ui", daemon=True).start()
@@ -79,6 +104,7 @@ def serve(config: DashboardConfig) -> ThreadingHTTPServer:
 class Handler(BaseHTTPRequestHandler):
     config: DashboardConfig
     engine: Any
+    submit_lock: threading.Lock
     server_version = "llmplan-ui"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -101,10 +127,10 @@ class Handler(BaseHTTPRequestHandler):
             document = route(parts.path, parse_qs(parts.query))
             self._send(HTTPStatus.OK, document)
         except ApiError as error:
-            self._send(error.status, {"error": str(error)})
+            self._send(error.status, _error_document(str(error), error.field))
         except Exception as error:  # noqa: BLE001 - one line for the page, never a stack trace
             status, message = _user_facing(error)
-            self._send(status, {"error": message})
+            self._send(status, _error_document(message, getattr(error, "field", None) or _option_named(message)))
 
     def _get(self, path: str, query: dict[str, list[str]]) -> Any:
         if path == "/api/health":
@@ -127,6 +153,9 @@ class Handler(BaseHTTPRequestHandler):
         body = self._json_body()
         if path == "/api/plan":
             return plan_json(body)
+        if path == "/api/jobs":
+            with self.submit_lock:
+                return submit_json(self.config, self.engine, body)
         match = JOB_PATH.match(path)
         if match and match.group(2) == "/cancel":
             return cancel_json(self.engine, int(match.group(1)))
@@ -185,6 +214,16 @@ def _one(query: dict[str, list[str]], name: str) -> str | None:
     return values[-1] if values else None
 
 
+def _error_document(message: str, field: str | None) -> dict[str, str]:
+    return {"error": message, "field": field} if field else {"error": message}
+
+
+def _option_named(message: str) -> str | None:
+    """The field an error is about, when its message names the option at fault."""
+    match = OPTION_AT_FAULT.search(message)
+    return (match.group(1) or match.group(2)) if match else None
+
+
 def _user_facing(error: Exception) -> tuple[HTTPStatus, str]:
     """Errors the planner and store raise for bad input, as one line; anything else as a server error."""
     import click
@@ -239,7 +278,18 @@ def plan_json(body: dict[str, Any]) -> dict[str, Any]:
                           gpus=values.get("gpus"), gpu_name=values.get("gpu"), gpu_mem=values.get("gpu_mem"),
                           task=values.get("task", "finetune"), method=values.get("method", "auto"),
                           margin=values.get("margin", 0.10), top=values.get("top", 5), sizes=sizes)
-    return report.to_dict()
+    document = report.to_dict()
+    for shown, candidate in zip(document["candidates"], report.result.candidates):
+        shown["job"] = candidate_spec(report, candidate)
+    return document
+
+
+def candidate_spec(report: Any, candidate: Any) -> dict[str, Any]:
+    """The job spec that runs a candidate (`llmplan fit`'s own), less the data placeholder: the submit form's start."""
+    from .fit import DATA_PLACEHOLDER
+
+    spec = {key: value for key, value in report.spec_for(candidate).items() if value != DATA_PLACEHOLDER}
+    return {"task": candidate.request.task.value, **spec}
 
 
 def list_jobs_json(engine: Any, query: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -283,3 +333,96 @@ def cancel_json(engine: Any, job_id: int) -> dict[str, Any]:
         raise ApiError(HTTPStatus.CONFLICT, f"job {job_id} already ended: {status.value}")
     job = cancel_job(engine, job_id)
     return {"id": job_id, "status": job.status.value}
+
+
+# ---- submissions ------------------------------------------------------------------------------------------
+def submit_json(config: DashboardConfig, engine: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Queue the job a spec describes, as `llmplan submit SPEC.yaml` does, once its paths are checked."""
+    from .scheduling import Cluster, queued_document
+    from .submit import parse_spec, queue_finetune, queue_inference
+
+    task, options = parse_spec(checked_paths(body, config.roots), where="job spec", withheld=WITHHELD_KEYS)
+    cluster = Cluster(engine, config.address)
+    queue = {"priority": options.pop("priority"), "max_retries": options.pop("max_retries")}
+    if task == "finetune":
+        job, plan = queue_finetune(cluster, options.pop("model"), options.pop("data"), options, **queue)
+    else:
+        job, plan = queue_inference(cluster, options.pop("model"), options.pop("prompts"), options, **queue)
+    return queued_document(job.id, plan)
+
+
+def checked_paths(spec: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
+    """The spec with each path it names checked and resolved (FieldError for the first refused one)."""
+    from .submit import SPEC_TASKS
+
+    if spec.get("task") not in SPEC_TASKS:
+        return spec  # parse_spec says what a spec is
+    checked = dict(spec)
+    for key, must_exist in path_keys(spec["task"]).items():
+        value = spec.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (list, dict)):
+            raise FieldError(key, f"{key}: give one path")
+        text = str(value)
+        checked[key] = (checked_model(text, roots) if key == "model"
+                        else str(inside_roots(key, text, roots, must_exist=must_exist)))
+    return checked
+
+
+def path_keys(task: str) -> dict[str, bool]:
+    """The keys of a task's spec that may name paths, and whether each is read (must exist): the model, and
+    the submit command's path options."""
+    import click
+
+    from .submit import spec_command
+
+    paths = {"model": True}
+    for param in spec_command(task).params:
+        if isinstance(param.type, click.Path):
+            paths[param.opts[0].lstrip("-")] = param.type.exists
+    return paths
+
+
+def checked_model(model: str, roots: tuple[Path, ...]) -> str:
+    """A catalog name as given (no path to check); a model directory or file resolved inside the roots."""
+    from llmplan.planner.resolve import UnknownModelError, resolve_model
+
+    if Path(model).expanduser().exists():  # resolve_model's own test: an existing path is a path
+        return str(inside_roots("model", model, roots, must_exist=True))
+    try:
+        resolve_model(model)
+    except UnknownModelError as error:
+        raise FieldError("model", str(error)) from None
+    return model
+
+
+def inside_roots(field: str, text: str, roots: tuple[Path, ...], *, must_exist: bool) -> Path:
+    """`text` as an absolute path with its symlinks resolved, refused unless inside one of `roots` (and, when it
+    is to be read, unless it exists and can be read)."""
+    if not text.strip():
+        raise FieldError(field, f"{field}: give a path")
+    path = Path(text).expanduser().resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise FieldError(field, f"{field}: {text} is outside the folders this dashboard may use ({allowed}; "
+                                "see llmplan ui --root)")
+    if must_exist and not path.exists():
+        raise FieldError(field, f"{field}: {text}: no such file or directory")
+    if must_exist and not readable(path):
+        raise FieldError(field, f"{field}: {text} cannot be read (permission denied, or not a file or directory)")
+    return path
+
+
+def readable(path: Path) -> bool:
+    """Whether this process can open `path` (a regular file) or list it (a directory)."""
+    try:
+        if path.is_dir():
+            with os.scandir(path):
+                return True
+        if path.is_file():
+            with path.open("rb"):
+                return True
+    except OSError:
+        return False
+    return False  # a device, socket or pipe: nothing to train on, and opening a pipe would block

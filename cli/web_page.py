@@ -22,8 +22,10 @@ PAGE = r"""<!doctype html>
   .error { color: #b3261e; }
   .muted { color: #6b7580; }
   pre { background: #1d232a; color: #e6e6e6; padding: 8px; max-height: 240px; overflow: auto; font-size: 12px; }
-  #job { grid-column: 1 / span 2; }
+  #job, #submit { grid-column: 1 / span 2; }
   tr.job { cursor: pointer; }
+  #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
+  .field-error { color: #b3261e; font-size: 12px; max-width: 28em; white-space: normal; }
 </style>
 </head>
 <body>
@@ -45,6 +47,12 @@ PAGE = r"""<!doctype html>
   </form>
   <p id="plan-error" class="error"></p>
   <div id="plan-result"></div>
+</section>
+<section id="submit" hidden>
+  <h2 id="submit-title">Submit</h2>
+  <form id="submit-form"><div id="submit-fields"></div>
+    <button type="submit">Submit job</button> <button type="button" id="submit-close">Close</button></form>
+  <p id="submit-error" class="error"></p>
 </section>
 <section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
 <section id="jobs" style="grid-column: 1 / span 2">
@@ -69,7 +77,7 @@ async function api(path, body) {
   if (token) init.headers = {...(init.headers || {}), Authorization: "Bearer " + token};
   const response = await fetch(path, init);
   const data = await response.json();
-  if (!response.ok) throw new Error(data.error || response.statusText);
+  if (!response.ok) throw Object.assign(new Error(data.error || response.statusText), {field: data.field});
   return data;
 }
 
@@ -88,18 +96,82 @@ async function plan(event) {
   try {
     const report = await api("/api/plan", form);
     const capacity = report.hardware.memory_bytes;
+    planned = report.candidates;
     const rows = report.candidates.map((c, i) => `<tr><td>${i + 1}</td><td>${esc(c.method)}</td><td>${esc(c.quant)}</td>
       <td>${esc(c.precision)}</td><td>${esc(c.parallelism.label || c.parallelism.backend)}</td><td>${c.micro_batch} x ${c.grad_accum}</td>
       <td>${gib(c.memory_bytes)}</td><td>${memoryBar(c, capacity)}</td><td>${c.tokens_per_s ? Math.round(c.tokens_per_s) : ""}</td>
-      <td>${c.time_s ? (c.time_s / 3600).toFixed(1) + " h" : ""}</td></tr>`);
+      <td>${c.time_s ? (c.time_s / 3600).toFixed(1) + " h" : ""}</td>
+      <td><button type="button" class="submit-candidate" data-index="${i}">Submit</button></td></tr>`);
     document.getElementById("plan-result").innerHTML = `<p>${esc(report.model.name)} on ${report.hardware.count} x
       ${esc(report.hardware.gpu)} (${gib(capacity)} each); a plan may use ${gib(report.budget_bytes)}</p>` +
       (report.feasible ? `<table id="candidates"><thead><tr><th>#</th><th>method</th><th>quant</th><th>precision</th>
-      <th>parallelism</th><th>micro x accum</th><th>memory/GPU</th><th>vs capacity</th><th>tokens/s</th><th>time</th></tr></thead>
+      <th>parallelism</th><th>micro x accum</th><th>memory/GPU</th><th>vs capacity</th><th>tokens/s</th><th>time</th><th></th></tr></thead>
       <tbody>${rows.join("")}</tbody></table><p class="muted">${esc(report.recommendation.command)}</p>`
       : `<p class="error">nothing fits: ${esc((report.suggestions || []).map((s) => s.text).join("; "))}</p>`);
   } catch (error) {
     document.getElementById("plan-error").textContent = error.message;
+  }
+}
+
+// The submit form: a candidate's job spec (the keys `llmplan submit SPEC.yaml` reads), plus what a run needs.
+let planned = [];
+const RUN_FIELDS = {finetune: ["data", "max-steps", "epochs", "lr", "output", "priority"],
+                    infer: ["prompt", "input", "output", "priority"]};
+const FIELD_HINTS = {data: "JSONL on the server", output: "folder on the server [default: the job's folder]",
+                     prompt: "one prompt a line", input: "prompts JSONL on the server"};
+
+function specField(key, value) {
+  const error = `<span class="field-error" data-field="${esc(key)}"></span>`;
+  let input;
+  if (typeof value === "boolean") {
+    input = `<select name="${esc(key)}" data-kind="boolean"><option value="">planner's choice</option>
+      <option value="true" ${value ? "selected" : ""}>yes</option><option value="false" ${value ? "" : "selected"}>no</option></select>`;
+  } else if (key === "prompt") {
+    input = `<textarea name="prompt" rows="3" cols="40" data-kind="lines"></textarea>`;
+  } else {
+    input = `<input name="${esc(key)}" value="${esc(value)}" placeholder="${esc(FIELD_HINTS[key] || "")}">`;
+  }
+  return `<label>${esc(key)} ${input}${error}</label>`;
+}
+
+function openSubmit(candidate) {
+  const spec = candidate.job, task = spec.task;
+  const keys = [...Object.keys(spec).filter((k) => k !== "task"), ...RUN_FIELDS[task].filter((k) => !(k in spec))];
+  document.getElementById("submit-fields").innerHTML = keys.map((k) => specField(k, spec[k] ?? "")).join("");
+  const form = document.getElementById("submit-form");
+  form.dataset.task = task;
+  document.getElementById("submit-title").textContent = `Submit: ${task} ${spec.model}`;
+  document.getElementById("submit-error").textContent = "";
+  const section = document.getElementById("submit");
+  section.hidden = false;
+  section.scrollIntoView();
+}
+
+function submittedSpec(form) {
+  const spec = {task: form.dataset.task};
+  for (const element of form.querySelectorAll("[name]")) {
+    const value = element.value.trim();
+    if (!value) continue;
+    if (element.dataset.kind === "boolean") spec[element.name] = value === "true";
+    else if (element.dataset.kind === "lines") spec[element.name] = value.split("\n").map((l) => l.trim()).filter(Boolean);
+    else spec[element.name] = value;
+  }
+  return spec;
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const form = event.target;
+  for (const span of form.querySelectorAll(".field-error")) span.textContent = "";
+  document.getElementById("submit-error").textContent = "";
+  try {
+    const queued = await api("/api/jobs", submittedSpec(form));
+    document.getElementById("submit").hidden = true;
+    loadJobs();
+    showJob(queued.id);
+  } catch (error) {
+    const next = error.field && form.querySelector(`.field-error[data-field="${CSS.escape(error.field)}"]`);
+    (next || document.getElementById("submit-error")).textContent = error.message;
   }
 }
 
@@ -137,25 +209,40 @@ function lossCurve(metrics) {
 
 const shown = (key, value) => value == null ? "" : key.endsWith("bytes") ? gib(value) : Math.round(value);
 
+const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+const CANCELLABLE = new Set(["queued", "scheduled", "running"]);
 let followed = null;
 async function showJob(id) {
   followed = id;
+  const section = document.getElementById("job");
+  section.hidden = false;
+  section.innerHTML = `<h2>Job ${id}: <span id="job-name"></span> &mdash; <span id="job-status-text"></span>
+    <button id="cancel" hidden>Cancel</button></h2><div id="job-detail"></div><h3>log</h3><pre id="log"></pre>`;
+  document.getElementById("cancel").onclick = async () => { await api(`/api/jobs/${id}/cancel`, {}); refreshJob(id); loadJobs(); };
+  section.scrollIntoView();
+  await refreshJob(id);
+  followLog(id, 0);
+}
+
+// The job's record until it ends: its status, planned vs measured, loss curve and events.
+async function refreshJob(id) {
+  if (followed !== id) return;
   const detail = await api(`/api/jobs/${id}`);
+  if (followed !== id) return;
   const job = detail.job, cmp = detail.planned_vs_measured || {};
   const rows = Object.entries(cmp).filter(([, v]) => v && typeof v === "object" && "planned" in v).map(([k, v]) =>
     `<tr><td>${esc(k.replaceAll("_", " "))}</td><td>${esc(shown(k, v.planned))}</td><td>${esc(shown(k, v.measured))}</td></tr>`).join("");
-  const section = document.getElementById("job");
-  section.hidden = false;
-  section.innerHTML = `<h2>Job ${job.id}: ${esc(job.name)} &mdash; <span id="job-status-text">${esc(job.status)}</span>
-    ${job.status === "queued" || job.status === "running" || job.status === "scheduled" ? '<button id="cancel">Cancel</button>' : ""}</h2>
+  document.getElementById("job-name").textContent = job.name;
+  document.getElementById("job-status-text").textContent = job.status;
+  document.getElementById("cancel").hidden = !CANCELLABLE.has(job.status);
+  document.getElementById("job-detail").innerHTML = `
+    ${job.error_message ? `<p class="error">${esc(job.error_class)}: ${esc(job.error_message)}</p>` : ""}
     ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
     ${lossCurve(detail.metrics)}
     <h3>events</h3><table>${detail.events.map((e) => `<tr><td>${esc(e.at)}</td><td>${esc(e.from_status)}</td>
-      <td>${esc(e.to_status)}</td><td>${esc(e.message)}</td></tr>`).join("")}</table>
-    <h3>log</h3><pre id="log"></pre>`;
-  const cancel = document.getElementById("cancel");
-  if (cancel) cancel.onclick = async () => { await api(`/api/jobs/${id}/cancel`, {}); showJob(id); loadJobs(); };
-  followLog(id, 0);
+      <td>${esc(e.to_status)}</td><td>${esc(e.message)}</td></tr>`).join("")}</table>`;
+  if (ENDED.has(job.status)) loadJobs();
+  else setTimeout(() => refreshJob(id), 2000);
 }
 
 async function followLog(id, offset) {
@@ -167,6 +254,11 @@ async function followLog(id, offset) {
 }
 
 document.getElementById("plan-form").addEventListener("submit", plan);
+document.getElementById("plan-result").addEventListener("click", (e) => {
+  const button = e.target.closest("button.submit-candidate"); if (button) openSubmit(planned[Number(button.dataset.index)]);
+});
+document.getElementById("submit-form").addEventListener("submit", submitJob);
+document.getElementById("submit-close").addEventListener("click", () => { document.getElementById("submit").hidden = true; });
 document.getElementById("job-rows").addEventListener("click", (e) => {
   const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));
 });

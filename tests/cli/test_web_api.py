@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 from urllib.error import HTTPError
@@ -12,6 +13,8 @@ import pytest
 from llmplan.cli.web_api import make_config, serve
 from llmplan.runtime.store.db import open_store
 from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, create_job, get_job, transition
+
+EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
 
 
 def call(base: str, path: str, body: dict | None = None, *, headers: dict | None = None,
@@ -33,11 +36,26 @@ def store(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def api(store: str):
-    server = serve(make_config(store, "127.0.0.1", 0, None, (Path.cwd(),)))
+def root(tmp_path: Path) -> Path:
+    """The one folder the dashboard may use, holding the example data set as train.jsonl."""
+    folder = tmp_path / "root"
+    folder.mkdir()
+    shutil.copyfile(EXAMPLE_DATA, folder / "train.jsonl")
+    return folder
+
+
+@pytest.fixture
+def api(store: str, root: Path):
+    server = serve(make_config(store, "127.0.0.1", 0, None, (root,)))
     host, port = server.server_address[:2]
     yield f"http://{host}:{port}"
     server.shutdown()
+
+
+def finetune(root: Path, **fields: object) -> dict:
+    """A submission of SmolLM2 fine-tuning on the root's data, with `fields` changed (keys: the spec's, with _)."""
+    spec = {"task": "finetune", "model": "smollm2-135m-instruct", "data": str(root / "train.jsonl"), "max-steps": 4}
+    return {**spec, **{key.replace("_", "-"): value for key, value in fields.items()}}
 
 
 def queued_job(store: str, model: str = "Llama-2-7B") -> int:
@@ -55,6 +73,10 @@ def test_plan_for_a_catalog_model_lists_ranked_candidates_with_their_memory(api:
     first = plan["candidates"][0]
     assert 0 < first["memory_bytes"] <= plan["budget_bytes"] and first["breakdown"]
     assert plan["recommendation"]["command"].startswith("llmplan submit finetune")
+    job = first["job"]  # the submit form's start: the candidate as a job spec, with no data path yet
+    assert job["task"] == "finetune" and job["model"] == "Llama-2-7B" and "data" not in job
+    assert (job["method"], job["micro-batch"], job["grad-accum"]) == (first["method"], first["micro_batch"],
+                                                                      first["grad_accum"])
 
 
 def test_bad_plan_input_is_one_line_not_a_trace(api: str) -> None:
@@ -127,3 +149,51 @@ def test_the_page_is_served_at_the_root_and_calls_only_the_api(api: str) -> None
         page = response.read().decode()
     assert '<form id="plan-form">' in page and 'fetch(path' in page
     assert "http://" not in page.split("<script>")[1] and "https://" not in page  # no outside assets or calls
+
+
+# ---- submissions refused before anything is planned or queued (no Ray cluster is joined) ------------------
+def refused(api: str, spec: dict) -> tuple[str | None, str]:
+    status, answer = call(api, "/api/jobs", spec)
+    assert status == 400, answer
+    return answer.get("field"), answer["error"]
+
+
+def test_submitted_paths_must_resolve_inside_the_roots(api: str, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jsonl"
+    shutil.copyfile(EXAMPLE_DATA, outside)
+    (root / "link.jsonl").symlink_to(outside)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    field, error = refused(api, finetune(root, data=str(outside)))
+    assert field == "data" and "outside the folders" in error and str(root) in error
+    assert refused(api, finetune(root, data=str(root / "link.jsonl")))[0] == "data"  # the link's target counts
+    assert refused(api, finetune(root, data=str(root / ".." / "outside.jsonl")))[0] == "data"
+    assert refused(api, finetune(root, output=str(tmp_path / "out")))[0] == "output"
+    assert refused(api, finetune(root, model=str(tmp_path / "model")))[0] == "model"
+    assert refused(api, finetune(root, data=[str(root / "train.jsonl"), str(outside)])) == ("data", "data: give one path")
+    assert call(api, "/api/jobs")[1] == []
+
+
+def test_a_missing_file_or_an_unknown_model_is_refused_in_its_field(api: str, root: Path) -> None:
+    field, error = refused(api, finetune(root, data=str(root / "missing.jsonl")))
+    assert field == "data" and "no such file" in error
+    field, error = refused(api, finetune(root, model="Llama-9000"))
+    assert field == "model" and "unknown model" in error
+    field, error = refused(api, {"task": "infer", "model": "smollm2-135m-instruct", "input": str(root / "none.jsonl")})
+    assert field == "input" and "no such file" in error
+
+
+def test_bad_values_are_refused_by_the_submit_commands_own_options(api: str, root: Path) -> None:
+    assert refused(api, finetune(root, micro_batch="four"))[0] == "micro-batch"
+    assert refused(api, finetune(root, max_steps=0)) == ("max-steps", "--max-steps must be positive, got 0")
+    assert refused(api, finetune(root, method="dora"))[0] == "method"
+    assert refused(api, finetune(root, model=None))[0] == "model"
+    field, error = refused(api, finetune(root, wait=True))  # steers the submitting process, not the job
+    assert field is None and "unknown key(s) wait" in error
+    # A value is never read as an option of its own (the spec's words are --key=value).
+    assert refused(api, finetune(root, packing="--db=sqlite:///elsewhere.db"))[0] == "packing"
+    broken = root / "broken.jsonl"
+    broken.write_text(EXAMPLE_DATA.read_text().splitlines()[0] + '\n{"instruction": "Say hi", "output": ""}\n')
+    field, error = refused(api, finetune(root, data=str(broken)))
+    assert field == "data" and f"{broken}:2: field output" in error
+    assert call(api, "/api/jobs")[1] == []
