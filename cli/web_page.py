@@ -48,13 +48,13 @@ PAGE = r"""<!doctype html>
   <p id="plan-error" class="error"></p>
   <div id="plan-result"></div>
 </section>
+<section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
 <section id="submit" hidden>
   <h2 id="submit-title">Submit</h2>
   <form id="submit-form"><div id="submit-fields"></div>
     <button type="submit">Submit job</button> <button type="button" id="submit-close">Close</button></form>
   <p id="submit-error" class="error"></p>
 </section>
-<section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
 <section id="jobs" style="grid-column: 1 / span 2">
   <h2>Jobs</h2>
   <label>status <select id="job-status"><option value="">any</option><option>queued</option><option>running</option>
