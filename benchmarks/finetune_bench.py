@@ -145,7 +145,7 @@ def run_case(index: int) -> dict:
     measured = plain(method) if path == "plain" else through_llmplan(method, packing)
     return {"path": path, "method": method, "packing": packing, "micro_batch": MICRO_BATCH, "seq_len": SEQ_LEN,
             "steps": STEPS, "warmup_steps": WARMUP_STEPS, **measured, "estimated_peak_bytes": estimate_for(method),
-            **environment()}
+            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), **environment()}
 
 
 def run_scaling(backend: str) -> dict | None:
@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--scaling", choices=("ddp", "zero2"))
+    parser.add_argument("--cases", default=",".join(map(str, range(len(CASES)))), help="Comma list of CASES indices.")
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scaling:
@@ -197,7 +198,7 @@ def main() -> None:
         print(json.dumps(run_case(args.case)))
         return
     prepare(args.tokenizer)
-    for index in range(len(CASES)):
+    for index in map(int, args.cases.split(",")):
         done = subprocess.run([sys.executable, __file__, "--case", str(index), "--out", str(args.out)],
                               capture_output=True, text=True)
         append(args.out, done.stdout.strip().splitlines()[-1] if done.returncode == 0 else

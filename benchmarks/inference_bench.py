@@ -27,6 +27,7 @@ CASES = [  # (path, quant, cache, batch, prompt, new)
     ("plain", "none", "static", 8, 512, 256),
     ("plain", "nf4", "dynamic", 8, 512, 256),
     ("llmplan", "nf4", "dynamic", 8, 512, 256),
+    ("llmplan-sharded", "none", "dynamic", 8, 512, 256),  # device_map="auto" over every GPU (run with --cases 5)
 ]
 
 
@@ -63,16 +64,19 @@ def plain(quant: str, cache: str, batch: int, prompt: int, new: int) -> dict:
     return {"tokens_per_s": generated / seconds, "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
-def through_llmplan(quant: str, batch: int, prompt: int, new: int) -> dict:
-    """The runtime's own path: setup (expandable segments, its quantization), complete, as the actor runs it."""
+def through_llmplan(quant: str, batch: int, prompt: int, new: int, device: str = "cuda") -> dict:
+    """The runtime's own path: setup (expandable segments, its quantization), complete, as the actor runs it;
+    device "auto" shards the model over every GPU, as a replica holding several GPUs does."""
     from llmplan.runtime.inference import GenerationSettings, complete, setup
 
-    generator = setup(MODEL_DIR, dtype="bf16", quant=quant, device="cuda")
+    generator = setup(MODEL_DIR, dtype="bf16", quant=quant, device=device)
     complete(generator, ["warm up"], GenerationSettings(max_new_tokens=2, batch_size=1))
     report = complete(generator, prompts(generator.tokenizer, batch, prompt),
                       GenerationSettings(max_new_tokens=new, batch_size=batch))
+    from llmplan.runtime.inference import gpus_of
+
     return {"tokens_per_s": report.tokens_per_second, "peak_reserved_bytes": report.peak_reserved_bytes,
-            "generated_tokens": report.generated_tokens}
+            "generated_tokens": report.generated_tokens, "gpus_used": len(gpus_of(generator))}
 
 
 def estimate_for(quant: str, batch: int, prompt: int, new: int) -> int:
@@ -88,7 +92,10 @@ def estimate_for(quant: str, batch: int, prompt: int, new: int) -> int:
 
 def run_case(index: int) -> dict:
     path, quant, cache, batch, prompt, new = CASES[index]
-    measured = plain(quant, cache, batch, prompt, new) if path == "plain" else through_llmplan(quant, batch, prompt, new)
+    if path == "plain":
+        measured = plain(quant, cache, batch, prompt, new)
+    else:
+        measured = through_llmplan(quant, batch, prompt, new, "auto" if path == "llmplan-sharded" else "cuda")
     return {"path": path, "quant": quant, "cache": cache, "batch": batch, "prompt_len": prompt, "max_new_tokens": new,
             **measured, "estimated_peak_bytes": estimate_for(quant, batch, prompt, new),
             "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), **environment()}
@@ -98,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--cases", default="0,1,2,3,4", help="Comma list of CASES indices.")
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case is not None:
@@ -105,7 +113,7 @@ def main() -> None:
         return
     prepare(args.tokenizer)
     with args.out.open("a") as sink:
-        for index in range(len(CASES)):
+        for index in map(int, args.cases.split(",")):
             env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
             done = subprocess.run([sys.executable, __file__, "--case", str(index)], env=env, capture_output=True, text=True)
             line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(

@@ -2,7 +2,7 @@
 
     python benchmarks/oom_replan_bench.py --tokenizer DIR --out oom.jsonl [--fraction 0.3]
 
-The planner plans a 7B-shaped LoRA fine-tuning (seq 1024, global batch 32) for the whole card, as NVML
+The planner plans a 7B-shaped LoRA fine-tuning (seq 1024, global batch 16) for the whole card, as NVML
 reports it. Then the card shrinks under the plan, as when another tenant takes memory after submission:
 each attempt runs with `torch.cuda.set_per_process_memory_fraction(FRACTION)`. An attempt that runs out of
 memory is re-planned exactly as the scheduler does (`planner.replan.replan_after_oom` with the margin
@@ -23,18 +23,19 @@ from pathlib import Path
 from bench_model import DATA, MODEL_DIR, environment, prepare
 
 SEQ_LEN = 1024
-GLOBAL_BATCH = 32
+GLOBAL_BATCH = 16  # the packed example set holds 19 sequences of 1024: one step per epoch
 STEPS = 2
 MAX_ATTEMPTS = 6
 
 
 def first_plan():
     from llmplan.planner.hardware import plan_hardware
+    from llmplan.planner.nvml_probe import probe_gpus
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
     from llmplan.planner.request import LoraSpec, Method, Precision
     from llmplan.planner.resolve import resolve_model
 
-    hardware = plan_hardware(1, None, None)
+    hardware = plan_hardware(1, None, None, probe_gpus)
     spec = resolve_model(str(MODEL_DIR)).spec
     ask = FinetuneAsk(model=str(MODEL_DIR), spec=spec, methods=(Method.LORA,), seq_len=SEQ_LEN,
                       batch_size=GLOBAL_BATCH, lora=LoraSpec(r=8, alpha=16, targets=("q_proj", "v_proj")),

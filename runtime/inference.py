@@ -162,11 +162,12 @@ def setup(
     adapter_dir = _checked_dir(adapter, "adapter_config.json", "a PEFT adapter directory") if adapter else None
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("quant", quant, QUANTS)
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda":
+    sharded = device == "auto"  # every GPU the process sees (HF device_map="auto")
+    if sharded or torch.device(device).type == "cuda":
         configure_allocator()  # before the first CUDA allocation, or it has no effect
     tokenizer = load_tokenizer(model_dir)
     model = load_pretrained(str(model_dir), dtype, quant, device)
+    torch_device = model.device if sharded else torch.device(device)  # sharded: where the embeddings are
     stop_ids = stop_token_ids(model, tokenizer)
     model.generation_config = _plain_generation_config(tokenizer, stop_ids)  # on the base: PEFT generates with it
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -263,13 +264,32 @@ def stream_report(generator: Generator, prompt: PromptItem, settings: Generation
     """`stream`, then one last item: the `GenerationReport` of the whole call (token counts, time, memory)."""
     ids = _encode_item(generator, prompt)
     _check_context(generator, [ids], settings)
-    if generator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(generator.device)
+    reset_peak_memory(generator)
     start = time.perf_counter()
     new_ids: list[int] = []
     yield from _stream(generator, ids, settings, new_ids)
-    peak = torch.cuda.max_memory_reserved(generator.device) if generator.device.type == "cuda" else None
+    peak = peak_memory(generator)
     yield GenerationReport((_completion(generator, new_ids, len(ids)),), time.perf_counter() - start, peak)
+
+
+def gpus_of(generator: Generator) -> list[torch.device]:
+    """The GPUs the model's weights are on: one, or each shard's (device_map="auto")."""
+    placed = getattr(generator.model, "hf_device_map", None) or {}
+    found = {torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placed.values()
+             if isinstance(d, int) or str(d).startswith("cuda")}
+    found.add(generator.device)
+    return sorted((d for d in found if d.type == "cuda"), key=lambda d: d.index or 0)
+
+
+def reset_peak_memory(generator: Generator) -> None:
+    for gpu in gpus_of(generator):
+        torch.cuda.reset_peak_memory_stats(gpu)
+
+
+def peak_memory(generator: Generator) -> int | None:
+    """The largest torch.cuda.max_memory_reserved over the model's GPUs (the plan's per-GPU figure); None off CUDA."""
+    peaks = [torch.cuda.max_memory_reserved(gpu) for gpu in gpus_of(generator)]
+    return max(peaks) if peaks else None
 
 
 # ---- cleanup ------------------------------------------------------------------------------------
@@ -331,15 +351,14 @@ def _check_context(generator: Generator, encoded: Sequence[list[int]], settings:
 def _generate(generator: Generator, encoded: list[list[int]], settings: GenerationSettings) -> GenerationReport:
     _check_open(generator)
     _check_context(generator, encoded, settings)
-    if generator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(generator.device)
+    reset_peak_memory(generator)
     start = time.perf_counter()
     completions: list[Completion] = []
     with _seeded(settings.seed, generator.device):
         for first in range(0, len(encoded), settings.batch_size):
             completions += _generate_batch(generator, encoded[first : first + settings.batch_size], settings)
     wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_reserved(generator.device) if generator.device.type == "cuda" else None
+    peak = peak_memory(generator)
     return GenerationReport(tuple(completions), wall, peak)
 
 
