@@ -122,6 +122,16 @@ def test_a_batch_of_different_lengths_gives_the_one_by_one_greedy_tokens(generat
     assert len(set(ids(batched))) == len(PROMPTS)  # the prompts lead somewhere different
 
 
+def test_a_sharded_load_generates_what_one_device_does(generator, tiny_dir: Path) -> None:
+    """device "auto" (a plan sharding the model over the actor's GPUs) loads with device_map="auto"; without GPUs
+    everything lands on the CPU, where the inputs must go too."""
+    with setup(tiny_dir, dtype="fp32", quant="none", device="auto") as sharded:
+        assert sharded.device == torch.device("cpu")
+        report = complete(sharded, PROMPTS, GREEDY)
+    assert ids(report) == ids(complete(generator, PROMPTS, GREEDY))
+    assert report.peak_reserved_bytes is None  # no GPU memory to report
+
+
 def test_batches_of_two_give_the_same_greedy_tokens_as_one_batch(generator) -> None:
     halves = complete(generator, PROMPTS, GenerationSettings(max_new_tokens=10, batch_size=3))
     assert ids(halves) == ids(complete(generator, PROMPTS, GREEDY))
