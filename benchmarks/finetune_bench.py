@@ -2,7 +2,8 @@
 
 One GPU (each case in its own process, results appended as JSON lines):
     python benchmarks/finetune_bench.py --tokenizer DIR --out finetune.jsonl
-Scaling (the recipe under torchrun, one process per GPU; 1 GPU single, 2 GPUs DDP or DeepSpeed ZeRO-2):
+Scaling (the recipe under torchrun, one process per GPU; 1 GPU single; DDP, ZeRO-2, ZeRO-3, ZeRO-2 with
+the optimizer offloaded on several):
     torchrun --nproc-per-node 2 benchmarks/finetune_bench.py --scaling ddp --out scaling.jsonl
 
 The model is Llama-2-7B-shaped with random weights (bench_model.py); the settings are issue #6's: LoRA r 8
@@ -24,6 +25,7 @@ torch.cuda.max_memory_reserved over the run, against the planner's estimate for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,6 +42,12 @@ MICRO_BATCH = 4
 SEQ_LEN = 512
 LORA_R = 8
 TARGETS = ("q_proj", "v_proj")
+SCALING = {  # --scaling: (backend, ZeRO stage, offload) on several GPUs
+    "ddp": ("ddp", 0, "none"),
+    "zero2": ("deepspeed", 2, "none"),
+    "zero3": ("deepspeed", 3, "none"),
+    "zero2-offload": ("deepspeed", 2, "optimizer"),
+}
 CASES = [  # (path, method, packing)
     ("plain", "lora", False),
     ("llmplan", "lora", True),
@@ -163,8 +171,9 @@ def run_scaling(backend: str) -> dict | None:
 
     output = f"/tmp/llmplan-scaling-{backend}-{world}"
     name = "single" if world == 1 else backend
-    config = train_config("lora", True, output, workers=world, backend="single" if world == 1 else
-                          ("deepspeed" if backend == "zero2" else "ddp"), zero=2 if backend == "zero2" else 0)
+    engine, zero, offload = SCALING[backend] if world > 1 else ("single", 0, "none")
+    config = dataclasses.replace(train_config("lora", True, output, workers=world, backend=engine, zero=zero),
+                                 offload=offload)
     state = setup(config, rank=rank, world_size=world, device=f"cuda:{local}")
     try:
         result = train(state)
@@ -176,7 +185,7 @@ def run_scaling(backend: str) -> dict | None:
     if rank != 0:
         return None
     return {"path": "llmplan", "method": "lora", "backend": name, "workers": world, "micro_batch": MICRO_BATCH,
-            "seq_len": SEQ_LEN, "steps": STEPS, "tokens_per_s": rate, "measured_tokens": tokens,
+            "seq_len": SEQ_LEN, "steps": STEPS, "zero": config.zero, "offload": config.offload, "tokens_per_s": rate, "measured_tokens": tokens,
             "peak_reserved_bytes_per_rank": list(result.peak_memory_per_rank), "final_loss": result.final_loss,
             **environment()}
 
@@ -185,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", type=Path)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scaling", choices=("ddp", "zero2"))
+    parser.add_argument("--scaling", choices=tuple(SCALING))
     parser.add_argument("--cases", default=",".join(map(str, range(len(CASES)))), help="Comma list of CASES indices.")
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()

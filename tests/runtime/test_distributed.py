@@ -71,7 +71,7 @@ def test_the_deepspeed_config_follows_the_plan(tmp_path: Path) -> None:
 
 # ---- 2 workers compute what 1 does -----------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize(("backend", "zero"), [("ddp", 0), ("deepspeed", 2)])
+@pytest.mark.parametrize(("backend", "zero"), [("ddp", 0), ("deepspeed", 2), ("deepspeed", 3)])
 def test_two_workers_match_one_process_on_the_same_global_batch(local_ray, tiny_llama, tiny_alpaca, tmp_path: Path,
                                                                 one_process, backend: str, zero: int) -> None:
     """fp32, the same 8 sequences per step split as 2 workers x 2 micro-batches of 2 instead of 1 x 4 x 2.
