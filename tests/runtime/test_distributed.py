@@ -1,4 +1,4 @@
-"""Data parallelism on the CPU: 2 Ray Train workers (DDP over gloo, DeepSpeed ZeRO-2) compute what 1 process does."""
+"""Data parallelism on the CPU: 2 Ray Train workers (DDP over gloo, DeepSpeed ZeRO-2 and ZeRO-3) compute what 1 process does."""
 
 from __future__ import annotations
 
