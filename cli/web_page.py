@@ -25,6 +25,7 @@ PAGE = r"""<!doctype html>
   #job, #submit { grid-column: 1 / span 2; }
   tr.job { cursor: pointer; }
   #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
+  td.wrap { white-space: normal; overflow-wrap: anywhere; }
   .field-error { color: #b3261e; font-size: 12px; max-width: 28em; white-space: normal; }
 </style>
 </head>
@@ -240,7 +241,7 @@ async function refreshJob(id) {
     ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
     ${lossCurve(detail.metrics)}
     <h3>events</h3><table>${detail.events.map((e) => `<tr><td>${esc(e.at)}</td><td>${esc(e.from_status)}</td>
-      <td>${esc(e.to_status)}</td><td>${esc(e.message)}</td></tr>`).join("")}</table>`;
+      <td>${esc(e.to_status)}</td><td class="wrap">${esc(e.message)}</td></tr>`).join("")}</table>`;
   if (ENDED.has(job.status)) loadJobs();
   else setTimeout(() => refreshJob(id), 2000);
 }

@@ -95,8 +95,15 @@ def _train(engine: Any, job_id: int, config: TrainConfig) -> Any:
     def on_metrics(step: Any) -> None:
         record_metrics(engine, job_id, [MetricPoint(step=step.step, loss=step.loss, learning_rate=step.lr,
                                                     tokens_per_s=step.tokens_per_s, memory_bytes=step.memory_bytes)])
+        print(step_line(step), flush=True)  # the job's log (the scheduler's driver writes stdout there)
 
     return run_ray_train(config, on_metrics)
+
+
+def step_line(step: Any) -> str:
+    """One logged optimizer step as the job's log shows it."""
+    evaluated = f", eval loss {step.eval_loss:.4f}" if step.eval_loss is not None else ""
+    return f"step {step.step}: loss {step.loss:.4f}{evaluated}, lr {step.lr:.2e}, {step.tokens_per_s:,.0f} tokens/s"
 
 
 # ---- record ---------------------------------------------------------------------------------------------

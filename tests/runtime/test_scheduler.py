@@ -175,6 +175,7 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
     assert site.job(blocker).error_class is ErrorClass.CANCELLED
     log = site.llmplan("logs", str(high))
     assert log.returncode == 0 and f"job {high}: succeeded" in log.stdout, log.stderr
+    assert "step 2: loss " in log.stdout, log.stdout  # each logged optimizer step, from the driver
 
 
 def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
