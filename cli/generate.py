@@ -58,11 +58,14 @@ def announce_model(model: str) -> None:
 
 
 def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
-    from llmplan.runtime.chat import load_prompts
+    from llmplan.runtime.chat import DialogError, load_prompts
 
     if prompts and input_path:
         raise UserError("give prompts as arguments or --input FILE.jsonl, not both")
-    items = tuple(load_prompts(input_path)) if input_path else prompts
+    try:
+        items = tuple(load_prompts(input_path)) if input_path else prompts
+    except DialogError as error:  # names the file and line
+        raise UserError(str(error)) from None
     if not items:
         raise UserError("nothing to generate: give a prompt, or --input FILE.jsonl with one prompt or dialog a line")
     return items

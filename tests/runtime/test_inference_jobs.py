@@ -83,6 +83,17 @@ def test_chat_dialogs_from_a_jsonl_file(local_ray, env, tmp_path: Path) -> None:
     assert "Paris" in json.loads(result.stdout)["completions"][0]["text"]
 
 
+@pytest.mark.parametrize("command", [["generate", MODEL], ["submit", "infer", "--model", MODEL]])
+def test_a_bad_dialog_in_the_input_file_is_refused_with_its_line(env, tmp_path: Path, command: list[str]) -> None:
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text(json.dumps({"prompt": "Hello"}) + "\n"
+                       + json.dumps({"messages": [{"role": "assistant", "content": "Hi"}]}) + "\n")
+    result = CliRunner().invoke(cli, [*command, "--input", str(dialogs)])
+    assert result.exit_code == 2, result.output
+    assert f"{dialogs}:2: message 1 is from the assistant" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+
+
 def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_ray, env, tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
