@@ -65,7 +65,7 @@ def test_smollm2_lora_learns_and_its_adapter_reloads_with_the_same_logits(smollm
     data.write_text("".join(EXAMPLES.read_text().splitlines(keepends=True)[:48]))
     config = TrainConfig(model=str(smollm2.path), data=DataConfig(path=str(data), val_fraction=0.1),
                          output_dir=str(tmp_path / "out"), method="lora", precision="fp32", micro_batch=4,
-                         grad_accum=1, seq_len=128, lr=1e-3, warmup_steps=3, max_steps=30, save_every=1000,
+                         grad_accum=1, seq_len=128, lr=1e-3, warmup_steps=3, max_steps=20, save_every=1000,
                          device="cpu")
     metrics: list[StepMetrics] = []
     state = setup(config)
@@ -77,11 +77,11 @@ def test_smollm2_lora_learns_and_its_adapter_reloads_with_the_same_logits(smollm
     finally:
         cleanup(state)
 
-    # Observed on CPU: first-5 mean 1.27, last-5 mean 0.44 (ratio 0.34).
+    # Observed on CPU (seeded, deterministic): first-5 mean 1.27, last-5 mean 0.55 (ratio 0.43) over 20 steps.
     losses = [m.loss for m in metrics]
-    assert [m.step for m in metrics] == list(range(1, 31))
+    assert [m.step for m in metrics] == list(range(1, 21))
     assert mean(losses[-5:]) < 0.6 * mean(losses[:5]), losses
-    assert result.steps == 30 and result.final_loss == losses[-1] and result.eval_loss is not None
+    assert result.steps == 20 and result.final_loss == losses[-1] and result.eval_loss is not None
     assert all(m.tokens_per_s > 0 and m.memory_bytes and m.memory_bytes > 0 for m in metrics)
     assert metrics[0].lr == 0.0 and metrics[3].lr == pytest.approx(1e-3)  # linear warmup over 3 steps
     assert metrics[-1].lr < 0.01e-3  # the cosine has all but reached 0
@@ -95,7 +95,7 @@ def test_smollm2_lora_learns_and_its_adapter_reloads_with_the_same_logits(smollm
     assert (out / "adapter" / "tokenizer_config.json").exists()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 30 and summary["final_loss"] == result.final_loss
+    assert summary["steps"] == 20 and summary["final_loss"] == result.final_loss
     assert summary["tokens_per_s"] > 0 and len(summary["peak_memory_per_rank"]) == 1
     assert summary["data"]["train_examples"] == 43 and summary["config"]["lr"] == 1e-3
 
