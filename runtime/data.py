@@ -25,11 +25,13 @@ its prompt first (the prompt being everything before the last answer); when the 
 half of `seq_len`, half a sequence of prompt is kept before it and the answer is cut on the right (it then
 ends without EOS). An example left with no response token is dropped and counted.
 
-Packing (`pack`) is the simple packing of lit-gpt and LLaMA-Factory's pretraining path: all examples
-concatenated in order and cut into `seq_len` pieces, labels keeping their masks, no attention mask between
-examples (a token may attend to the previous example in the same sequence; each example starts with its
-prompt, and the prompt's tokens carry no loss). The validation set is never packed: its loss is measured per
-example.
+Packing (`pack`): all examples concatenated in order and cut into `seq_len` pieces (lit-gpt's and
+LLaMA-Factory's packing), labels keeping their masks, and each token's position within its own example kept
+as `positions`. `collate` passes those as `position_ids` and leaves `attention_mask` out, from which
+transformers builds a block-diagonal causal mask (a position that does not follow the one before starts a
+new sequence): an example attends only to itself and its positions start at 0, as they do at inference,
+which is what LLaMA-Factory calls neat packing. An example cut at the end of a row continues in the next
+row at the position it reached. The validation set is never packed: its loss is measured per example.
 """
 
 from __future__ import annotations
@@ -75,12 +77,17 @@ class TokenizedExample:
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    positions: tuple[int, ...] | None = None  # packed rows: each token's position within its own example
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_ids", tuple(self.input_ids))
         object.__setattr__(self, "labels", tuple(self.labels))
         if len(self.input_ids) != len(self.labels):
             raise ValueError(f"{len(self.input_ids)} input ids but {len(self.labels)} labels")
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(self.positions))
+            if len(self.positions) != len(self.input_ids):
+                raise ValueError(f"{len(self.input_ids)} input ids but {len(self.positions)} positions")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -219,14 +226,15 @@ def _truncate(ids: list[int], labels: list[int], answer_start: int, seq_len: int
 
 # ---- many examples --------------------------------------------------------------------------------
 def pack(examples: Sequence[TokenizedExample], seq_len: int) -> list[TokenizedExample]:
-    """The examples concatenated in order and cut into sequences of `seq_len` (the last may be shorter).
+    """The examples concatenated in order and cut into sequences of `seq_len` (the last may be shorter), with
+    each token's position within its own example (the packed rows' `position_ids`).
 
-    No token or label is lost or changed; an example may span two sequences. No attention masking between
-    examples (the simple packing of lit-gpt and LLaMA-Factory's pretraining data).
+    No token or label is lost or changed; an example may span two sequences.
     """
     ids = [token for example in examples for token in example.input_ids]
     labels = [label for example in examples for label in example.labels]
-    return [TokenizedExample(tuple(ids[i:i + seq_len]), tuple(labels[i:i + seq_len]))
+    positions = [position for example in examples for position in range(len(example))]
+    return [TokenizedExample(ids[i:i + seq_len], labels[i:i + seq_len], positions[i:i + seq_len])
             for i in range(0, len(ids), seq_len)]
 
 
@@ -350,7 +358,8 @@ def _from_segments(pieces: list[Segment], seq_len: int, response_only: bool) -> 
 # ---- batches --------------------------------------------------------------------------------------
 def collate(batch: Sequence[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """A right-padded batch: `input_ids` (pad_id), `labels` (IGNORE_INDEX) and `attention_mask` (1 on tokens,
-    0 on padding), all int64 of shape (len(batch), longest rounded up to `pad_to_multiple_of`).
+    0 on padding), all int64 of shape (len(batch), longest rounded up to `pad_to_multiple_of`); packed rows
+    add `position_ids` (each token's position in its own example, 0 on padding).
 
     Use with a DataLoader: `collate_fn=functools.partial(collate, pad_id=pad_token_id(tokenizer))`.
     """
@@ -366,4 +375,22 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, pad_to_multiple_of: 
         input_ids[row, :size] = torch.tensor(example.input_ids, dtype=torch.long)
         labels[row, :size] = torch.tensor(example.labels, dtype=torch.long)
         attention_mask[row, :size] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batched = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any(example.positions is not None for example in batch):
+        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, example in enumerate(batch):
+            position_ids[row, :len(example)] = torch.tensor(example.positions or range(len(example)), dtype=torch.long)
+        batched["position_ids"] = position_ids
+    return batched
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The model's keyword arguments for a collated batch, on `device`. Packed rows go without their
+    attention_mask and without a KV cache: only then does transformers read the examples' boundaries from
+    position_ids (a block-diagonal causal mask). Right padding needs no mask in a causal model (no token
+    attends to a later one)."""
+    if "position_ids" not in batch:
+        return {name: tensor.to(device) for name, tensor in batch.items()}
+    inputs: dict[str, Any] = {name: tensor.to(device) for name, tensor in batch.items() if name != "attention_mask"}
+    inputs["use_cache"] = False
+    return inputs

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, pad_token_id
+from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, model_inputs, pad_token_id
 from .distributed import Engine, barrier, gather_across, prepare, sum_across
 from .modeling import (
     LoraSettings,
@@ -326,12 +326,12 @@ def train_step(state: TrainState, batches: list[dict[str, torch.Tensor]]) -> tup
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         tokens += int(batch["attention_mask"].sum())  # padding excluded
-        batch = {name: tensor.to(state.device) for name, tensor in batch.items()}
+        inputs = model_inputs(batch, state.device)
         with engine.accumulating(last=last):
             with engine.autocast():
                 # num_items_in_batch: HF's loss sums the token losses and divides by this count of the whole
                 # global batch, so the micro-batch losses (over every rank) add up to the global mean.
-                loss = engine.module(**batch, num_items_in_batch=max(loss_tokens, 1)).loss
+                loss = engine.module(**inputs, num_items_in_batch=max(loss_tokens, 1)).loss
             engine.backward(loss, last=last)
         total += loss.detach().to(torch.float64)
     engine.step()
@@ -361,7 +361,7 @@ def evaluate(state: TrainState) -> float | None:
         for round_ in range(rounds):
             indices = shard[round_ * size:(round_ + 1) * size]
             batch = collate_fn([data[i] for i in (indices or [0])])
-            batch = {name: tensor.to(state.device) for name, tensor in batch.items()}
+            batch = model_inputs(batch, state.device)
             summed = model(**batch, num_items_in_batch=1).loss  # with a count of 1, HF's loss is the sum
             if indices:
                 loss_sum += float(summed)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmplan.runtime.chat import Message, Role, format_chat, llama2_chat_prompt
 from llmplan.runtime.data import (
@@ -20,6 +21,7 @@ from llmplan.runtime.data import (
     alpaca_prompt,
     build_datasets,
     collate,
+    model_inputs,
     pack,
     pad_token_id,
     segments,
@@ -299,6 +301,8 @@ def test_packing_fills_sequences_and_keeps_every_label(tokenizer) -> None:
     assert sum(s.response_tokens for s in packed) == sum(e.response_tokens for e in examples)
     assert [t for s in packed for t in s.labels] == [t for e in examples for t in e.labels]
     assert [t for s in packed for t in s.input_ids] == [t for e in examples for t in e.input_ids]
+    assert [p for s in packed for p in s.positions] == [p for e in examples for p in range(len(e))]
+    assert packed[0].positions[:len(examples[0]) + 1] == (*range(len(examples[0])), 0)  # the next one starts at 0
 
 
 def test_split_is_deterministic_and_a_partition() -> None:
@@ -319,6 +323,17 @@ def test_collate_pads_on_the_right_with_masked_labels() -> None:
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert {str(t.dtype) for t in batch.values()} == {"torch.int64"}
     assert collate([TokenizedExample((1,), (1,))], pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (1, 8)
+    assert "position_ids" not in batch
+
+
+def test_packed_rows_carry_their_positions_and_go_to_the_model_without_a_mask() -> None:
+    rows = [TokenizedExample((5, 6, 7, 8), (5, 6, 7, 8), (2, 0, 1, 2)), TokenizedExample((9, 4), (9, 4), (0, 1))]
+    batch = collate(rows, pad_id=0)
+    assert batch["position_ids"].tolist() == [[2, 0, 1, 2], [0, 1, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # still counts the tokens
+    assert set(model_inputs(batch, torch.device("cpu"))) == {"input_ids", "labels", "position_ids", "use_cache"}
+    unpacked = collate([TokenizedExample((1, 2), (1, 2))], pad_id=0)
+    assert set(model_inputs(unpacked, torch.device("cpu"))) == {"input_ids", "labels", "attention_mask"}
 
 
 def test_build_datasets_splits_tokenizes_packs_and_counts(tokenizer) -> None:

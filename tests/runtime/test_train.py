@@ -100,6 +100,32 @@ def test_smollm2_lora_learns_and_its_adapter_reloads_with_the_same_logits(smollm
     assert summary["data"]["train_examples"] == 43 and summary["config"]["lr"] == 1e-3
 
 
+# ---- packing -----------------------------------------------------------------------------------------
+def test_packed_examples_attend_only_to_themselves(tiny_llama) -> None:
+    """A packed row computes, for each example in it, what that example alone computes: transformers builds
+    a block-diagonal causal mask from the restarting position_ids (an example cut at the row's end continues
+    from its position). Without the mask the second example's logits would depend on the first."""
+    from llmplan.runtime.data import TokenizedExample, collate, model_inputs, pack
+    from llmplan.runtime.modeling import load_pretrained
+
+    model = load_pretrained(str(tiny_llama), "fp32", "none", "cpu").eval()
+    first, second, third = (TokenizedExample(ids, ids) for ids in ((5, 17, 9, 44, 3), (8, 21, 30), (12, 6, 7, 19)))
+    rows = pack([first, second, third], seq_len=10)  # the third example is cut after 2 tokens
+
+    def logits(batch):
+        with torch.no_grad():
+            return model(**model_inputs(batch, torch.device("cpu"))).logits[0]
+
+    packed = logits(collate(rows[:1], pad_id=0))
+    alone = [logits(collate([example], pad_id=0)) for example in (first, second, third)]
+    torch.testing.assert_close(packed[:5], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[5:8], alone[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[8:10], alone[2][:2], rtol=0, atol=1e-5)
+    unmasked = logits({name: t for name, t in collate(rows[:1], pad_id=0).items() if name != "position_ids"})
+    # (the row as plain packing without the block mask sees it: one sequence, positions 0..9)
+    assert not torch.allclose(unmasked[5:8], alone[1], atol=1e-3)  # what packing without the mask computed
+
+
 # ---- QLoRA and full fine-tuning --------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "precision", "lr", "drop"), [
     # Observed: QLoRA 5.75 -> 5.47 over 16 steps (LoRA on a random 64-wide model levels off early);
