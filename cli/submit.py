@@ -143,7 +143,7 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
 @click.option("--format", "data_format", type=click.Choice(("auto", "alpaca", "sharegpt", "messages")), default="auto",
               show_default=True)
 @click.option("--template", type=click.Choice(("auto", "alpaca", "chat")), default="auto", show_default=True)
-@click.option("--packing/--no-packing", default=False, show_default=True, help="Pack short examples into full sequences.")
+@click.option("--packing/--no-packing", default=False, show_default=True, help="Pack short examples into full sequences (each still attends only to itself).")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True)
 @click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
 @click.option("--seq-len", type=int, default=512, show_default=True, callback=positive)

@@ -201,11 +201,16 @@ function lossCurve(metrics) {
   if (points.length < 2) return "";
   const steps = points.map((m) => m.step), losses = points.map((m) => m.loss);
   const [x0, x1, y0, y1] = [Math.min(...steps), Math.max(...steps), Math.min(...losses), Math.max(...losses)];
-  const path = points.map((m, i) => `${i ? "L" : "M"}${(400 * (m.step - x0) / ((x1 - x0) || 1)).toFixed(1)},` +
-    `${(110 - 100 * (m.loss - y0) / ((y1 - y0) || 1)).toFixed(1)}`).join(" ");
-  return `<h3>loss</h3><svg id="loss-curve" width="420" height="120" viewBox="-10 0 420 120">
+  const x = (step) => (50 + 360 * (step - x0) / ((x1 - x0) || 1)).toFixed(1);
+  const y = (loss) => (10 + 100 * (y1 - loss) / ((y1 - y0) || 1)).toFixed(1);
+  const path = points.map((m, i) => `${i ? "L" : "M"}${x(m.step)},${y(m.loss)}`).join(" ");
+  const [first, last] = [points[0], points[points.length - 1]];
+  return `<h3>loss</h3><svg id="loss-curve" width="420" height="130" viewBox="0 0 420 130" font-size="10" fill="#6b7580">
+    <line x1="46" y1="10" x2="46" y2="112" stroke="#c9ced3"/><line x1="46" y1="112" x2="412" y2="112" stroke="#c9ced3"/>
+    <text x="42" y="14" text-anchor="end">${y1.toFixed(2)}</text><text x="42" y="112" text-anchor="end">${y0.toFixed(2)}</text>
+    <text x="50" y="125">step ${x0}</text><text x="410" y="125" text-anchor="end">step ${x1}</text>
     <path d="${path}" fill="none" stroke="#3b6ea8" stroke-width="2"/></svg>
-    <span class="muted">${y1.toFixed(3)} &rarr; ${losses[losses.length - 1].toFixed(3)}</span>`;
+    <div class="muted" id="loss-summary">step ${first.step}: ${first.loss.toFixed(3)} &rarr; step ${last.step}: ${last.loss.toFixed(3)}</div>`;
 }
 
 const shown = (key, value) => value == null ? "" : key.endsWith("bytes") ? gib(value) : Math.round(value);

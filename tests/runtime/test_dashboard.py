@@ -217,6 +217,8 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         losses = [m for m in dashboard.record(job_id, get_job_details).metrics if m.loss is not None]
         drawn = page.element("#loss-curve path").get_attribute("d")
         assert len(losses) >= 4 and drawn.count("L") == len(losses) - 1
+        summary = page.text("#loss-summary")  # the first and the last logged loss
+        assert summary.startswith(f"step {losses[0].step}: ") and f"step {losses[-1].step}: " in summary, summary
         assert dashboard.record(job_id).output_dir == str(dashboard.root / "out" / "browser")
     finally:
         browser.save_screenshot(str(artifacts_dir() / "dashboard.png"))
