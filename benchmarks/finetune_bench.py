@@ -175,6 +175,7 @@ def run_scaling(backend: str) -> dict | None:
     config = dataclasses.replace(train_config("lora", True, output, workers=world, backend=engine, zero=zero),
                                  offload=offload)
     state = setup(config, rank=rank, world_size=world, device=f"cuda:{local}")
+    after_setup = torch.cuda.memory_allocated()  # the weights (whole, or this rank's ZeRO-3 partition) and states
     try:
         result = train(state)
         rate, tokens = measured_rate(state.history)
@@ -187,6 +188,7 @@ def run_scaling(backend: str) -> dict | None:
     return {"path": "llmplan", "method": "lora", "backend": name, "workers": world, "micro_batch": MICRO_BATCH,
             "seq_len": SEQ_LEN, "steps": STEPS, "zero": config.zero, "offload": config.offload, "tokens_per_s": rate, "measured_tokens": tokens,
             "peak_reserved_bytes_per_rank": list(result.peak_memory_per_rank), "final_loss": result.final_loss,
+            "allocated_after_setup_bytes": after_setup,
             **environment()}
 
 

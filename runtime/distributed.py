@@ -81,6 +81,27 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
+def zero3_loading(config: TrainConfig) -> Any | None:
+    """Under ZeRO-3, the object that makes transformers' `from_pretrained` build the model already partitioned
+    (inside `deepspeed.zero.Init`: each rank holds 1/N of the weights from the start, never the whole model).
+    transformers holds it by weak reference only: keep it for the whole run, then `release_zero3_loading`.
+    None for every other backend."""
+    if config.backend != "deepspeed" or config.zero != 3:
+        return None
+    deepspeed = import_deepspeed(config.device)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group before zero.Init
+
+    return HfDeepSpeedConfig(deepspeed_config(config))
+
+
+def release_zero3_loading() -> None:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 # ---- engines --------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class TorchEngine:

@@ -71,10 +71,11 @@ def quantization_config(quant: str) -> Any:
     raise ValueError(f"unknown quantization {quant!r}: use none, int8 or nf4")
 
 
-def load_pretrained(path: str, dtype: str, quant: str, device: str) -> Any:
+def load_pretrained(path: str, dtype: str, quant: str, device: str | None) -> Any:
     """Load a local Hugging Face directory with the runtime's attention and quantization settings.
 
-    `device` "auto" shards the model over every GPU the process sees (HF `device_map="auto"`)."""
+    `device` "auto" shards the model over every GPU the process sees (HF `device_map="auto"`); None leaves
+    placement to the loader (DeepSpeed ZeRO-3 partitions the weights as they load)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = AutoConfig.from_pretrained(path).model_type
@@ -83,7 +84,7 @@ def load_pretrained(path: str, dtype: str, quant: str, device: str) -> Any:
         dtype=torch_dtype(dtype),
         quantization_config=quantization_config(quant),
         attn_implementation=attention_implementation(model_type),
-        device_map="auto" if device == "auto" else {"": device},
+        device_map=None if device is None else "auto" if device == "auto" else {"": device},
     )
 
 

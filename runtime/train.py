@@ -47,7 +47,15 @@ from typing import Any
 import torch
 
 from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, model_inputs, pad_token_id
-from .distributed import Engine, barrier, gather_across, prepare, sum_across
+from .distributed import (
+    Engine,
+    barrier,
+    gather_across,
+    prepare,
+    release_zero3_loading,
+    sum_across,
+    zero3_loading,
+)
 from .modeling import (
     LoraSettings,
     apply_lora,
@@ -141,6 +149,7 @@ class TrainState:
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # every StepMetrics, as dicts
     resumed_from: int | None = None
+    zero3_loading: Any = None  # ZeRO-3: what keeps transformers partitioning the model (distributed.zero3_loading)
 
     @property
     def model(self) -> Any:
@@ -158,14 +167,15 @@ def setup(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: st
     tokenizer = load_tokenizer(config.model)
     train_data, val_data, stats = build_datasets(config.data, tokenizer, config.seq_len, config.seed)
     schedule = plan_schedule(config, len(train_data), world_size)
-    model = build_model(config, precision, torch_device)
+    partitioned = zero3_loading(config)
+    model = build_model(config, precision, None if partitioned else torch_device)
     optimizer = make_optimizer(model, config.optimizer, config.lr)
     for group in optimizer.param_groups:  # make_optimizer keeps torch's default; the config decides
         group["weight_decay"] = config.weight_decay
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, schedule.total_steps)
     engine = prepare(model, optimizer, config, world_size=world_size, device=torch_device, precision=precision)
     state = TrainState(config, rank, world_size, torch_device, precision, tokenizer, engine, scheduler,
-                       train_data, val_data, stats, schedule)
+                       train_data, val_data, stats, schedule, zero3_loading=partitioned)
     if checkpoint is not None:
         restore(state, checkpoint)
     return state
@@ -224,10 +234,11 @@ def plan_schedule(config: TrainConfig, examples: int, world_size: int) -> Schedu
     return Schedule(steps_per_epoch, total)
 
 
-def build_model(config: TrainConfig, precision: Precision, device: torch.device) -> Any:
-    """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base, PEFT's k-bit preparation)."""
+def build_model(config: TrainConfig, precision: Precision, device: torch.device | None) -> Any:
+    """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base, PEFT's k-bit preparation).
+    `device` None: ZeRO-3 builds it partitioned and places the partitions itself."""
     quant = "nf4" if config.method == "qlora" else "none"
-    model = load_pretrained(config.model, precision.weights, quant, str(device))
+    model = load_pretrained(config.model, precision.weights, quant, str(device) if device else None)
     model.config.use_cache = False  # no KV cache in training
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -563,6 +574,9 @@ def cleanup(state: TrainState) -> None:
     """Drop the model, optimizer and data and give the memory back (the CUDA cache too)."""
     state.engine = None  # type: ignore[assignment]
     state.scheduler = None
+    if state.zero3_loading is not None:
+        release_zero3_loading()
+        state.zero3_loading = None
     gc.collect()
     if state.device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
