@@ -135,12 +135,18 @@ def _sharded_weights(term: Term, req: EstimateRequest) -> Term:
 ZERO3_GATHERED_LAYERS = 2
 
 
+def zero3_gathered_params(model: ModelSpec) -> int:
+    """Parameters ZeRO-3 holds gathered at once: the largest layer (a block, the embedding or the head) for
+    each of the ZERO3_GATHERED_LAYERS. The runtime caps DeepSpeed's live parameters at this number
+    (runtime.distributed.deepspeed_config), so the estimate and the run agree."""
+    return ZERO3_GATHERED_LAYERS * max(model.params_per_layer, model.embedding_params, model.lm_head_params)
+
+
 def _zero3_weights(term: Term, req: EstimateRequest) -> Term:
     if req.parallel.zero != 3:
         return term
     model, gpus = req.model, req.parallel.gpus
-    largest = max(model.params_per_layer, model.embedding_params, model.lm_head_params)
-    gathered = ZERO3_GATHERED_LAYERS * term.bytes * largest / model.params
+    gathered = term.bytes * zero3_gathered_params(model) / model.params
     offloaded = req.parallel.offload is Offload.PARAMS
     resident = 0 if offloaded else term.bytes / gpus
     where = "partitions in CPU memory" if offloaded else f"1/{gpus} of the weights"

@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from llmplan.planner.estimator import ZERO3_GATHERED_LAYERS
+
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,9 +60,16 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 # ---- the DeepSpeed configuration ------------------------------------------------------------------
-def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON config that runs `config` (the optimizer stays the client's torch optimizer)."""
+def deepspeed_config(config: TrainConfig, gathered_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config that runs `config` (the optimizer stays the client's torch optimizer).
+
+    ZeRO-3 with `gathered_params` (`zero3_gathered_params`): DeepSpeed keeps at most that many parameters
+    gathered and prefetches one layer, what the planner's estimate counts (its defaults allow 1e9)."""
     zero: dict[str, Any] = {"stage": config.zero}
+    if config.zero == 3 and gathered_params:
+        layer = gathered_params // ZERO3_GATHERED_LAYERS
+        zero.update(stage3_max_live_parameters=gathered_params, stage3_prefetch_bucket_size=layer,
+                    stage3_max_reuse_distance=layer)
     pin = config.device == "cuda"
     if config.offload in ("optimizer", "params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -93,7 +102,17 @@ def zero3_loading(config: TrainConfig) -> Any | None:
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group before zero.Init
 
-    return HfDeepSpeedConfig(deepspeed_config(config))
+    return HfDeepSpeedConfig(deepspeed_config(config, zero3_gathered_params(config)))
+
+
+def zero3_gathered_params(config: TrainConfig) -> int | None:
+    """The planner's count of parameters ZeRO-3 holds gathered, for the model `config` trains; None below ZeRO-3."""
+    if config.backend != "deepspeed" or config.zero != 3:
+        return None
+    from llmplan.planner.estimator import zero3_gathered_params as planned
+    from llmplan.planner.resolve import resolve_model
+
+    return planned(resolve_model(config.model).spec)
 
 
 def release_zero3_loading() -> None:
@@ -255,7 +274,8 @@ def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int,
 
 def _deepspeed_engine(model: Any, optimizer: Any, config: TrainConfig, world_size: int) -> DeepSpeedEngine:
     deepspeed = import_deepspeed(config.device)
-    ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+    ds_engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                         config=deepspeed_config(config, zero3_gathered_params(config)))
     return DeepSpeedEngine(ds_engine, ds_engine.module, world_size, config.zero)
 
 

@@ -61,6 +61,9 @@ def test_the_deepspeed_config_follows_the_plan(tmp_path: Path) -> None:
                                        "offload_param": {"device": "cpu", "pin_memory": True}}
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
     assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"] and not ds["zero_force_ds_cpu_optimizer"]
+    capped = deepspeed_config(config, gathered_params=2_000)["zero_optimization"]  # what the estimate counts
+    assert (capped["stage3_max_live_parameters"], capped["stage3_prefetch_bucket_size"],
+            capped["stage3_max_reuse_distance"]) == (2_000, 1_000, 1_000)
 
     fp16 = deepspeed_config(dataclasses.replace(config, precision="fp16-mixed", zero=2, offload="none", device="cpu"))
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0 and not fp16["bf16"]["enabled"]
