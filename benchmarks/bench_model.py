@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 MODEL_DIR = Path(os.environ.get("LLMPLAN_BENCH_MODELS", "/tmp/llmplan-bench-models")) / "llama2-7b-shape"
@@ -40,3 +43,21 @@ def environment() -> dict:
 
     return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "date": dt.date.today().isoformat()}
+
+
+def in_own_process(script: str, arguments: list[str], *, env: dict[str, str] | None = None,
+                   failed: dict | None = None) -> dict:
+    """Run `script` in a fresh Python (its own CUDA context and allocator) and return the JSON object its last
+    line of output holds; when it fails, `failed` with the end of its error output under "error"."""
+    done = subprocess.run([sys.executable, script, *arguments], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {**(failed or {}), "error": done.stderr[-3000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def append(path: Path, record: dict) -> None:
+    """One result line, written as it is measured (a run cut short keeps what it had) and shown."""
+    line = json.dumps(record)
+    with path.open("a") as sink:
+        sink.write(line + "\n")
+    print(line, flush=True)

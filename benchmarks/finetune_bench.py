@@ -28,13 +28,11 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_model import DATA, MODEL_DIR, environment, prepare
+from bench_model import DATA, MODEL_DIR, append, environment, in_own_process, prepare
 
 STEPS = 18
 WARMUP_STEPS = 3
@@ -203,23 +201,15 @@ def main() -> None:
     if args.scaling:
         line = run_scaling(args.scaling)
         if line is not None:
-            append(args.out, json.dumps(line))
+            append(args.out, line)
         return
     if args.case is not None:
         print(json.dumps(run_case(args.case)))
         return
     prepare(args.tokenizer)
     for index in map(int, args.cases.split(",")):
-        done = subprocess.run([sys.executable, __file__, "--case", str(index), "--out", str(args.out)],
-                              capture_output=True, text=True)
-        append(args.out, done.stdout.strip().splitlines()[-1] if done.returncode == 0 else
-               json.dumps({"case": CASES[index], "error": done.stderr[-3000:]}))
-
-
-def append(path: Path, line: str) -> None:
-    with path.open("a") as sink:
-        sink.write(line + "\n")
-    print(line, flush=True)
+        append(args.out, in_own_process(__file__, ["--case", str(index), "--out", str(args.out)],
+                                        failed={"case": CASES[index]}))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench_model import MODEL_DIR, environment, prepare
+from bench_model import MODEL_DIR, append, environment, in_own_process, prepare
 
 CASES = [  # (path, quant, cache, batch, prompt, new)
     ("plain", "none", "dynamic", 8, 512, 256),
@@ -112,14 +110,9 @@ def main() -> None:
         print(json.dumps(run_case(args.case)))
         return
     prepare(args.tokenizer)
-    with args.out.open("a") as sink:
-        for index in map(int, args.cases.split(",")):
-            env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-            done = subprocess.run([sys.executable, __file__, "--case", str(index)], env=env, capture_output=True, text=True)
-            line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(
-                {"case": CASES[index], "error": done.stderr[-1500:]})
-            sink.write(line + "\n")
-            print(line, flush=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    for index in map(int, args.cases.split(",")):
+        append(args.out, in_own_process(__file__, ["--case", str(index)], env=env, failed={"case": CASES[index]}))
 
 
 if __name__ == "__main__":

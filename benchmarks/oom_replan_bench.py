@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench_model import DATA, MODEL_DIR, environment, prepare
+from bench_model import DATA, MODEL_DIR, append, environment, in_own_process, prepare
 
 SEQ_LEN = 1024
 GLOBAL_BATCH = 16  # the packed example set holds 19 sequences of 1024: one step per epoch
@@ -80,10 +78,8 @@ def ladder(fraction: float, out: Path) -> None:
     limit = int(fraction * torch.cuda.get_device_properties(0).total_memory)
     reason, out_of_memory = "the first plan", 0
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        done = subprocess.run([sys.executable, __file__, "--attempt", json.dumps(plan.to_dict()),
-                               "--fraction", str(fraction), "--out", str(out)], capture_output=True, text=True)
-        outcome = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {
-            "outcome": "crashed", "error": done.stderr[-1500:]}
+        outcome = in_own_process(__file__, ["--attempt", json.dumps(plan.to_dict()), "--fraction", str(fraction),
+                                            "--out", str(out)], failed={"outcome": "crashed"})
         append(out, {"attempt": attempt, "why": reason, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                      "gradient_checkpointing": plan.gradient_checkpointing, "method": plan.method,
                      "estimated_peak_bytes": plan.estimated_peak_bytes, "card_limit_bytes": limit,
@@ -98,13 +94,6 @@ def ladder(fraction: float, out: Path) -> None:
             return
         plan, rung = found
         reason = rung.reason
-
-
-def append(path: Path, line: dict) -> None:
-    text = json.dumps(line)
-    with path.open("a") as sink:
-        sink.write(text + "\n")
-    print(text, flush=True)
 
 
 def main() -> None:
