@@ -81,9 +81,9 @@ class Cluster:
 
 def queued_document(job_id: int, plan: Any) -> dict[str, Any]:
     """What a submission answers (`llmplan submit --json`, the dashboard): the job's id, its plan and its log."""
-    from llmplan.runtime.paths import LOG_NAME, jobs_dir
+    from llmplan.runtime.paths import LOG_NAME, job_folder
 
-    return {"id": job_id, "plan": plan.to_dict(), "log": str(jobs_dir() / str(job_id) / LOG_NAME)}
+    return {"id": job_id, "plan": plan.to_dict(), "log": str(job_folder(None, job_id) / LOG_NAME)}
 
 
 def report_queued(engine: Any, job_id: int, plan: Any, as_json: bool, wait: bool) -> None:

@@ -95,14 +95,14 @@ def zero3_loading(config: TrainConfig) -> Any | None:
     (inside `deepspeed.zero.Init`: each rank holds 1/N of the weights from the start, never the whole model).
     transformers holds it by weak reference only: keep it for the whole run, then `release_zero3_loading`.
     None for every other backend."""
-    if config.backend != "deepspeed" or config.zero != 3:
+    gathered = zero3_gathered_params(config)
+    if gathered is None:
         return None
     deepspeed = import_deepspeed(config.device)
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopt the process group before zero.Init
-
-    return HfDeepSpeedConfig(deepspeed_config(config, zero3_gathered_params(config)))
+    return HfDeepSpeedConfig(deepspeed_config(config, gathered))
 
 
 def zero3_gathered_params(config: TrainConfig) -> int | None:
