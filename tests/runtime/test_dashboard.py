@@ -21,13 +21,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.error import HTTPError
 
 import pytest
 
 pytest.importorskip("ray")
 
+from ci_required import unavailable  # noqa: E402
 from llmplan.runtime.store.db import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
 
@@ -146,15 +147,9 @@ def test_a_valid_submission_is_recorded_queued_with_its_plan(dashboard: Dashboar
 
 
 # ---- the page, in a browser -------------------------------------------------------------------------------
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
     message = f"the browser test needs {what} (apt-get install -y chromium chromium-driver; pip install selenium)"
-    if in_ci():
-        pytest.fail(f"CI is set: {message}")
-    pytest.skip(message)
+    unavailable(message, f"CI is set: {message}")
 
 
 @pytest.fixture

@@ -16,14 +16,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from ci_required import unavailable
 from llmplan.runtime.store.db import open_store, parse_database_url
 
 POSTGRES_URL_VAR = "LLMPLAN_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")
-
-
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def postgres_server_url() -> str:
@@ -31,11 +28,10 @@ def postgres_server_url() -> str:
     url = os.environ.get(POSTGRES_URL_VAR, "").strip()
     if url:
         return url
-    if running_in_ci():
-        pytest.fail(f"CI is set but ${POSTGRES_URL_VAR} is not: the PostgreSQL store tests must run in CI "
-                    "(.ci/run starts a server and sets it)")
-    pytest.skip(f"PostgreSQL store tests skipped: ${POSTGRES_URL_VAR} is unset and CI is not set "
-                "(run .ci/run, or start a server and set it, to run them)")
+    unavailable(f"PostgreSQL store tests skipped: ${POSTGRES_URL_VAR} is unset and CI is not set "
+                "(run .ci/run, or start a server and set it, to run them)",
+                f"CI is set but ${POSTGRES_URL_VAR} is not: the PostgreSQL store tests must run in CI "
+                "(.ci/run starts a server and sets it)")
 
 
 class PostgresSchemas:
