@@ -41,8 +41,9 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import JobKind, JobStatus
 
+from .options import JOB_ID, ROWS, json_option, shown
 from .options import UserError as BadInput
-from .options import json_option
+from .options import parse_job_id as parse_job_id  # logs and cancel read their JOB with it
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,7 @@ STATUS_STYLES = {
     JobStatus.FAILED: "bold red",
     JobStatus.CANCELLED: "yellow",
 }
-_RELATIVE_SINCE = re.compile(r"^\s*(?P<count>\d+)\s*(?P<unit>m|min|h|d|w)\s*$", re.IGNORECASE)
+_RELATIVE_SINCE = re.compile(r"^\s*(?P<count>[0-9]+)\s*(?P<unit>m|min|h|d|w)\s*$", re.IGNORECASE)
 _SINCE_UNITS = {"m": timedelta(minutes=1), "min": timedelta(minutes=1), "h": timedelta(hours=1),
                 "d": timedelta(days=1), "w": timedelta(weeks=1)}
 _SINCE_EXAMPLES = "30m, 12h, 7d, 2w, 2025-01-31 or 2025-01-31T14:00Z"
@@ -82,18 +83,18 @@ def db_option(command: F) -> F:
 @click.option("--kind", metavar="KIND", help="Only finetune or infer jobs.")
 @click.option("--model", metavar="TEXT", help="Only jobs whose model name contains TEXT (any case).")
 @click.option("--since", metavar="WHEN", help=f"Only jobs created since WHEN: {_SINCE_EXAMPLES} (UTC).")
-@click.option("--limit", default=str(DEFAULT_LIST_LIMIT), show_default=True, metavar="N",
+@click.option("--limit", type=ROWS, default=DEFAULT_LIST_LIMIT, show_default=True, metavar="N",
               help="Show at most N jobs.")
 @json_option
 def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model: str | None,
-         since: str | None, limit: str, as_json: bool) -> None:
+         since: str | None, limit: int, as_json: bool) -> None:
     """List recorded jobs, newest first."""
     job_filter = JobFilter(
         statuses=parse_statuses(statuses),
         kind=parse_kind(kind),
         model=model.strip() if model and model.strip() else None,
         since=parse_since(since, now=datetime.now(timezone.utc)) if since is not None else None,
-        limit=parse_limit(limit),
+        limit=limit,
     )
     with open_engine(db_url) as (engine, where):
         found = list_jobs(engine, job_filter)
@@ -108,17 +109,13 @@ def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model:
 
 # ---- llmplan show -------------------------------------------------------------------------------
 @click.command("show")
-@click.argument("job_ref", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
 @db_option
 @json_option
-def show(job_ref: str, db_url: str | None, as_json: bool) -> None:
+def show(job_id: int, db_url: str | None, as_json: bool) -> None:
     """Everything about one job: plan vs measurements, events and its loss curve."""
-    job_id = parse_job_id(job_ref)
     with open_engine(db_url) as (engine, where):
-        try:
-            details = get_job_details(engine, job_id)
-        except UnknownJobError:
-            raise BadInput(f"no job {job_id} in {where}: `llmplan jobs` lists the recorded jobs") from None
+        details = get_job_details(engine, job_id)
     if as_json:
         emit_json(details_to_json(details))
         return
@@ -145,33 +142,20 @@ def parse_kind(value: str | None) -> JobKind | None:
     return known[name]
 
 
-def parse_limit(value: str) -> int:
-    try:
-        limit = int(value)
-    except ValueError:
-        raise BadInput(f"--limit: {value!r} is not a whole number") from None
-    if limit < 1:
-        raise BadInput(f"--limit: must be at least 1, got {limit}")
-    return limit
-
-
 def parse_since(text: str, *, now: datetime) -> datetime:
     """`30m`, `12h`, `7d`, `2w` before `now`, or an ISO date/time (UTC when it names no zone)."""
     relative = _RELATIVE_SINCE.match(text)
     if relative:
-        return now - int(relative["count"]) * _SINCE_UNITS[relative["unit"].lower()]
+        try:
+            return now - int(relative["count"]) * _SINCE_UNITS[relative["unit"].lower()]
+        except (OverflowError, ValueError):
+            raise BadInput(f"--since: {shown(text.strip())} reaches before the year 1; use {_SINCE_EXAMPLES}") from None
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"--since: cannot read {text!r}; use {_SINCE_EXAMPLES}") from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise BadInput(f"--since: cannot read {shown(text)} as a time; use {_SINCE_EXAMPLES}") from None
 
-
-def parse_job_id(text: str) -> int:
-    cleaned = text.strip().lstrip("#")
-    if not cleaned.isdigit():
-        raise BadInput(f"JOB must be a job id (a number, as `llmplan jobs` lists them), got {text!r}")
-    return int(cleaned)
 
 
 # ---- the database -------------------------------------------------------------------------------
@@ -187,6 +171,9 @@ def open_engine(db_url: str | None) -> Iterator[tuple[Engine, str]]:
         raise click.ClickException(str(error)) from None
     try:
         yield engine, display_url(engine.url)
+    except UnknownJobError as error:  # a job id that names no job is the user's error, like any bad input
+        raise BadInput(f"JOB: no job {error.job_id} in {display_url(engine.url)}: "
+                       "`llmplan jobs` lists the recorded jobs") from None
     except InvalidJobDataError as error:
         raise BadInput(str(error)) from None
     except StoreError as error:

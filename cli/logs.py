@@ -8,21 +8,20 @@ from pathlib import Path
 
 import click
 
-from .jobs import db_option, open_engine, parse_job_id
-from .options import UserError
+from .jobs import db_option, open_engine
+from .options import JOB_ID, UserError
 
 POLL_SECONDS = 0.5
 
 
 @click.command("logs")
-@click.argument("job_ref", metavar="JOB")
+@click.argument("job_id", metavar="JOB", type=JOB_ID)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 @db_option
-def logs(job_ref: str, follow: bool, db_url: str | None) -> None:
+def logs(job_id: int, follow: bool, db_url: str | None) -> None:
     """Print a job's log; with --follow, keep printing until the job ends."""
     from llmplan.runtime.store.repository import get_job
 
-    job_id = parse_job_id(job_ref)
     with open_engine(db_url) as (engine, _):
         job = get_job(engine, job_id)
         while follow and not job.log_path and not job.status.is_terminal():

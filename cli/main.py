@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import click
+
+# Set to see the traceback of an unexpected error instead of its one-line report.
+DEBUG_VARIABLE = "LLMPLAN_DEBUG"
+EXIT_SYSTEM_FAILED = 1
 
 # command name -> "module:attribute" under llmplan.cli
 COMMANDS: dict[str, str] = {
@@ -45,10 +50,38 @@ class LazyGroup(click.Group):
         module = importlib.import_module(f"llmplan.cli.{module_name}")
         return getattr(module, attribute)
 
+    def invoke(self, ctx: click.Context):
+        """Run the subcommand; whatever goes wrong ends as one line on stderr (see `OneLineError`)."""
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:  # click's own parsing errors, without the usage dump
+            where = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            raise OneLineError(f"{error.format_message()} (see `{where} --help`)", error.exit_code) from None
+        except click.ClickException as error:
+            raise OneLineError(error.format_message(), error.exit_code) from None
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt, EOFError, SystemExit):
+            raise
+        except MemoryError:
+            raise OneLineError("out of memory", EXIT_SYSTEM_FAILED) from None
+        except Exception as error:  # a bug: the last resort, so that the user never gets a traceback
+            if os.environ.get(DEBUG_VARIABLE):
+                raise
+            raise OneLineError(f"internal error, {type(error).__name__}: {error} (a bug in llmplan; "
+                               f"{DEBUG_VARIABLE}=1 shows the traceback)", EXIT_SYSTEM_FAILED) from None
+
     @staticmethod
     def _module_exists(cmd_name: str) -> bool:
         module_name = COMMANDS[cmd_name].split(":")[0]
         return importlib.util.find_spec(f"llmplan.cli.{module_name}") is not None
+
+
+class OneLineError(click.ClickException):
+    """An error printed as exactly one line ("Error: ..."): the rule every command keeps."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        super().__init__("; ".join(lines) or "failed")
+        self.exit_code = exit_code
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

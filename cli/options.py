@@ -1,9 +1,16 @@
-"""Options and error handling shared by several commands, defined once."""
+"""Options and error handling shared by several commands, defined once.
+
+Every number a command reads goes through one of the click types below: an option's value is refused with
+one line naming the option (exit 2) before any work starts, so no command meets an overflowing, NaN,
+infinite, negative or non-ASCII number later on.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import sys
 from typing import Any, Callable
 
@@ -11,6 +18,12 @@ import click
 
 EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 1
+
+# The largest id a job store hands out (SQLite's and PostgreSQL's 64-bit signed integers).
+MAX_JOB_ID = 2**63 - 1
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_LONGEST_NUMBER = 40  # characters: enough for any bound below, far below int()'s digit limit
 
 
 class UserError(click.ClickException):
@@ -33,6 +46,139 @@ def user_errors(*error_types: type[Exception]) -> Callable:
         return wrapper
 
     return decorate
+
+
+def parameter_name(param: click.Parameter | None) -> str:
+    """How the user spells a parameter: `--seq-len` for an option, `JOB` for an argument."""
+    if param is None:
+        return "value"
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    return param.human_readable_name
+
+
+def shown(value: Any) -> str:
+    """A value as the user typed it, on one line and short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+class BoundedInt(click.ParamType):
+    """A whole number written in ASCII digits, between `low` and `high` inclusive."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = _whole_number(value, param)
+        if number < self.low:
+            raise UserError(f"{parameter_name(param)} must be at least {self.low:,}, got {number}")
+        if number > self.high:
+            raise UserError(f"{parameter_name(param)} must be at most {self.high:,}, got {number}")
+        return number
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "INTEGER"
+
+
+class FiniteFloat(click.ParamType):
+    """A finite decimal number in [low, high] (or (low, high] with `low_open`)."""
+
+    name = "float"
+
+    def __init__(self, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = _decimal(value, param)
+        above = number > self.low if self.low_open else number >= self.low
+        below = number < self.high if self.high_open else number <= self.high
+        if not (above and below):
+            raise UserError(f"{parameter_name(param)} must be {self.describe()}, got {number:g}")
+        return number
+
+    def describe(self) -> str:
+        if self.low == 0 and self.low_open and math.isinf(self.high):
+            return "a positive number"
+        if self.low == 0 and math.isinf(self.high):
+            return "0 or more"
+        low = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        high = f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return f"{low} and {high}"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "NUMBER"
+
+
+class JobIdType(click.ParamType):
+    """A job id as `llmplan jobs` lists them: 1, 2, ... (a leading # is allowed)."""
+
+    name = "job"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        return parse_job_id(value, parameter_name(param) if param is not None else "JOB")
+
+
+def parse_job_id(text: Any, name: str = "JOB") -> int:
+    """The job id in `text` (`12`, `#12`), or a `UserError` naming `name`."""
+    cleaned = text.strip().lstrip("#") if isinstance(text, str) else str(text)
+    if not (_is_whole_number(cleaned) and cleaned[0] not in "+-" and 1 <= int(cleaned) <= MAX_JOB_ID):
+        raise UserError(f"{name} must be a job id (a number from 1, as `llmplan jobs` lists them), got {shown(text)}")
+    return int(cleaned)
+
+
+def _is_whole_number(text: Any) -> bool:
+    return isinstance(text, str) and len(text) <= _LONGEST_NUMBER and _WHOLE_NUMBER.fullmatch(text) is not None
+
+
+def _whole_number(value: Any, param: click.Parameter | None) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = value.strip() if isinstance(value, str) else value
+    if not _is_whole_number(text):
+        raise UserError(f"{parameter_name(param)} must be a whole number, got {shown(value)}")
+    return int(text)
+
+
+def _decimal(value: Any, param: click.Parameter | None) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        text = value.strip() if isinstance(value, str) else value
+        if not (isinstance(text, str) and len(text) <= _LONGEST_NUMBER and _DECIMAL.fullmatch(text)):
+            raise UserError(f"{parameter_name(param)} must be a number such as 0.5 or 2e-4, got {shown(value)}")
+        number = float(text)
+    if not math.isfinite(number):
+        raise UserError(f"{parameter_name(param)} must be a finite number, got {shown(value)}")
+    return number
+
+
+# ---- the types commands declare ---------------------------------------------------------------------
+INFINITY = math.inf
+MAX_TOKENS = 2**24  # a sequence, prompt or generation length (16M tokens: far beyond any model's context)
+MAX_BATCH = 2**20
+MAX_GPUS = 4096
+MAX_STEPS = 10**9
+
+TOKENS = BoundedInt(1, MAX_TOKENS)
+BATCH = BoundedInt(1, MAX_BATCH)
+GPUS = BoundedInt(1, MAX_GPUS)
+WORKERS = BoundedInt(1, 1024)
+LORA_RANK = BoundedInt(1, 2**16)
+STEPS = BoundedInt(1, MAX_STEPS)
+STEPS_OR_ZERO = BoundedInt(0, MAX_STEPS)
+DATA_TOKENS = BoundedInt(1, 10**15)
+ROWS = BoundedInt(1, 10**6)
+SEED = BoundedInt(0, 2**32 - 1)
+PRIORITY = BoundedInt(-10**6, 10**6)
+EPOCHS = FiniteFloat(0, 10**6, low_open=True)
+LEARNING_RATE = FiniteFloat(0, 10, low_open=True)
+FRACTION = FiniteFloat(0, 1, high_open=True)  # a share held out or left free: 0 <= x < 1
+TEMPERATURE = FiniteFloat(0, 100)
+TOP_P = FiniteFloat(0, 1, low_open=True)
+JOB_ID = JobIdType()
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
