@@ -23,7 +23,18 @@ from llmplan.planner.request import (
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
 
 from .memory_view import breakdown_table
-from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
+from .options import (
+    BATCH,
+    GPUS,
+    LORA_RANK,
+    TOKENS,
+    UserError,
+    choice_of,
+    json_option,
+    model_argument,
+    print_json,
+    user_errors,
+)
 
 LORA_OPTIONS = ("lora_r", "lora_targets")
 
@@ -96,15 +107,15 @@ def to_json(result: MemoryEstimate, model: ModelSpec, how: str) -> dict:
 @click.option("--method", type=choice_of(Method), default="lora", show_default=True)
 @click.option("--precision", type=choice_of(Precision), default="bf16-true", show_default=True)
 @click.option("--quant", type=choice_of(Quant), default="none", show_default=True, help="Weights in int8 (LLM.int8) or nf4.")
-@click.option("--batch-size", type=int, default=1, show_default=True, callback=positive, help="Per GPU (micro-batch).")
-@click.option("--seq-len", type=int, default=512, show_default=True, callback=positive, help="Fine-tuning sequence length.")
-@click.option("--prompt-len", type=int, default=512, show_default=True, callback=positive, help="Inference prompt tokens.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, callback=positive)
-@click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
+@click.option("--batch-size", type=BATCH, default=1, show_default=True, help="Per GPU (micro-batch).")
+@click.option("--seq-len", type=TOKENS, default=512, show_default=True, help="Fine-tuning sequence length.")
+@click.option("--prompt-len", type=TOKENS, default=512, show_default=True, help="Inference prompt tokens.")
+@click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True)
+@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
 @click.option("--optimizer", type=choice_of(Optimizer), default="adamw", show_default=True)
-@click.option("--gpus", type=int, default=1, show_default=True, callback=positive)
+@click.option("--gpus", type=GPUS, default=1, show_default=True)
 @click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage (0: DDP).")
 @click.option("--offload", type=choice_of(Offload), default="none", show_default=True)
 @json_option

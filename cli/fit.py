@@ -26,7 +26,9 @@ from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_token
 from llmplan.planner.units import format_gib
 
 from .memory_view import breakdown_table
-from .options import EXIT_INFEASIBLE, UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
+from .options import (BATCH, DATA_TOKENS, EPOCHS, EXIT_INFEASIBLE, FRACTION, GPUS, LORA_RANK, ROWS, SIZE, TOKENS,
+                      UserError,
+                      choice_of, json_option, model_argument, print_json, user_errors)
 
 DATA_PLACEHOLDER = "PATH"
 # A data set file larger than this is sampled: its first SAMPLE_BYTES, scaled by the file size.
@@ -419,23 +421,23 @@ def _render_infeasible(report: Report, console) -> None:
 # ---- the command ------------------------------------------------------------------------------------------
 @click.command("fit")
 @model_argument
-@click.option("--gpus", type=int, default=None, callback=positive, help="How many GPUs [default: what NVML finds, else 1].")
+@click.option("--gpus", type=GPUS, default=None, help="How many GPUs [default: what NVML finds, else 1].")
 @click.option("--gpu", "gpu_name", default=None, help="Plan for this card (catalog name), present or not.")
-@click.option("--gpu-mem", default=None, help="Plan for a card with this much memory, e.g. 24GiB.")
+@click.option("--gpu-mem", type=SIZE, default=None, help="Plan for a card with this much memory, e.g. 24GiB.")
 @click.option("--task", type=choice_of(Task), default="finetune", show_default=True)
 @click.option("--method", type=click.Choice(["auto", *(m.value for m in Method)], case_sensitive=False), default="auto",
               show_default=True, help="auto: full, LoRA and QLoRA, whichever is fastest.")
-@click.option("--seq-len", type=int, default=512, show_default=True, callback=positive, help="Fine-tuning sequence length.")
-@click.option("--batch-size", type=int, default=16, show_default=True, callback=positive,
+@click.option("--seq-len", type=TOKENS, default=512, show_default=True, help="Fine-tuning sequence length.")
+@click.option("--batch-size", type=BATCH, default=16, show_default=True,
               help="Global: sequences per optimizer step (fine-tuning) or generated at once (inference).")
-@click.option("--prompt-len", type=int, default=512, show_default=True, callback=positive, help="Inference prompt tokens.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, callback=positive)
+@click.option("--prompt-len", type=TOKENS, default=512, show_default=True, help="Inference prompt tokens.")
+@click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True)
 @click.option("--dataset", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
-@click.option("--tokens", type=int, default=None, callback=positive, help="Tokens per epoch (instead of --dataset).")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--margin", type=float, default=0.10, show_default=True, help="Share of GPU memory left free.")
-@click.option("--top", type=int, default=5, show_default=True, callback=positive, help="Rows to show.")
-@click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
+@click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --dataset).")
+@click.option("--epochs", type=EPOCHS, default=1.0, show_default=True)
+@click.option("--margin", type=FRACTION, default=0.10, show_default=True, help="Share of GPU memory left free.")
+@click.option("--top", type=ROWS, default=5, show_default=True, help="Rows to show.")
+@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--deepspeed/--no-deepspeed", default=None, help="Plan with or without DeepSpeed [default: if nvcc is found].")
 @json_option
@@ -471,8 +473,10 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
     """What `llmplan fit` answers (and the dashboard's plan form shows): the search and everything to print."""
     if dataset is not None and tokens is not None:
         raise UserError("--dataset and --tokens both size the run: give one")
-    resolved = resolve_model(model)
     task_ = Task(task)
+    if task_ is Task.INFER and method != "auto":
+        raise UserError(f"--method {method} describes fine-tuning: drop it or use --task finetune")
+    resolved = resolve_model(model)
     hardware = plan_hardware(gpus, gpu_name, gpu_mem, probe)
     data_note = ""
     if dataset is not None:

@@ -121,6 +121,20 @@ class JobIdType(click.ParamType):
         return parse_job_id(value, parameter_name(param) if param is not None else "JOB")
 
 
+class SizeType(click.ParamType):
+    """A byte size with its unit, as `planner.units.parse_size` reads it (24GiB, 80G, 16000MiB)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from llmplan.planner.units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            raise UserError(f"{parameter_name(param)}: {error}") from None
+
+
 def parse_job_id(text: Any, name: str = "JOB") -> int:
     """The job id in `text` (`12`, `#12`), or a `UserError` naming `name`."""
     cleaned = text.strip().lstrip("#") if isinstance(text, str) else str(text)
@@ -138,7 +152,7 @@ def _whole_number(value: Any, param: click.Parameter | None) -> int:
         return value
     text = value.strip() if isinstance(value, str) else value
     if not _is_whole_number(text):
-        raise UserError(f"{parameter_name(param)} must be a whole number, got {shown(value)}")
+        raise UserError(f"{parameter_name(param)}: {shown(value)} is not a whole number")
     return int(text)
 
 
@@ -179,6 +193,7 @@ FRACTION = FiniteFloat(0, 1, high_open=True)  # a share held out or left free: 0
 TEMPERATURE = FiniteFloat(0, 100)
 TOP_P = FiniteFloat(0, 1, low_open=True)
 JOB_ID = JobIdType()
+SIZE = SizeType()
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")

@@ -96,7 +96,7 @@ class LoraSpec:
         unknown = [t for t in self.targets if t not in linears]
         if unknown:
             raise RequestError(
-                f"{model.name} has no linear layer named {', '.join(unknown)}; its layers are "
+                f"--lora-targets: {model.name} has no linear layer named {', '.join(unknown)}; its layers are "
                 f"{', '.join(linears)} (or use all-linear)"
             )
         return {name: linears[name] for name in self.targets}

@@ -41,7 +41,10 @@ _UNITS: dict[str, int] = {
     "t": TiB,
 }
 
-_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(?P<number>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
+# The largest size anyone means (1 EiB, a million times any GPU's memory); more is a typo, not a plan.
+MAX_SIZE = 2**60
+_LONGEST_SIZE = 40  # characters
 
 _EXAMPLES = "24GiB, 24GB, 80G (= 80 GiB) or 16000MiB"
 
@@ -55,14 +58,14 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, bool):
         raise ValueError(f"expected a size such as {_EXAMPLES}, got {text!r}")
     if isinstance(text, int):
-        if text <= 0:
-            raise ValueError(f"a size must be positive, got {text} bytes")
+        if not 0 < text <= MAX_SIZE:
+            raise ValueError(f"a size must be positive and at most {MAX_SIZE} bytes, got {text} bytes")
         return text
     if not isinstance(text, str):
         raise ValueError(f"expected a size such as {_EXAMPLES}, got {text!r}")
-    match = _SIZE.match(text)
+    match = _SIZE.match(text) if len(text) <= _LONGEST_SIZE else None
     if match is None:
-        raise ValueError(f"cannot read {text!r} as a size: write a number and a unit, e.g. {_EXAMPLES}")
+        raise ValueError(f"cannot read {text[:_LONGEST_SIZE]!r} as a size: write a number and a unit, e.g. {_EXAMPLES}")
     number, unit = match.group("number"), match.group("unit").lower()
     if not unit:
         raise ValueError(
@@ -74,6 +77,8 @@ def parse_size(text: str | int) -> int:
     size = round(float(number) * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"a size must be positive, got {text!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"{text!r} is more than {format_bytes(MAX_SIZE)}: give the size of one GPU's memory")
     return size
 
 

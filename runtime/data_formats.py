@@ -21,10 +21,11 @@ assistant alternating) except that it ends with the assistant's answer, the text
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .chat import Dialog, DialogError, Message, Role, as_message, validate_dialog
 
@@ -33,6 +34,10 @@ FORMATS = ("alpaca", "sharegpt", "messages")
 FORMAT_KEYS = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"))
 SHAREGPT_ROLES = {"human": Role.USER, "gpt": Role.ASSISTANT, "system": Role.SYSTEM}
 MAX_REPORTED = 5  # problems listed in one DataError (the total is always given)
+MAX_LINE_BYTES = 16 * 2**20  # one JSONL record
+MAX_ARRAY_BYTES = 256 * 2**20  # a JSON array is parsed whole; larger data sets go in JSONL
+MAX_DATA_BYTES = 64 * 2**30
+TOO_LONG_NUMBER = "a number too long to read"
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ def _record_format(record: Record) -> str:
         for key, name in FORMAT_KEYS:
             if key in record.value:
                 return name
-        keys = ", ".join(map(str, record.value)) or "none"
+        keys = _keys(record.value)
     else:
         keys = f"a {type(record.value).__name__}, not an object"
     raise DataError([record.problem(
@@ -222,32 +227,90 @@ def load_examples(path: str | Path, format: str = "auto") -> list[Example]:
 
 
 def _read(path: Path) -> Iterator[Record | Problem]:
-    """The file's records (or the problem with each unreadable one), JSON array or JSONL."""
-    text = _text(path)
-    if text.lstrip().startswith("["):
-        return _array_records(path, text)
-    return _jsonl_records(path, text)
+    """The file's records (or the problem with each unreadable one), JSON array or JSONL.
+
+    Only regular files are read (a device such as /dev/zero never ends), JSONL line by line with each line
+    bounded by MAX_LINE_BYTES, a JSON array whole up to MAX_ARRAY_BYTES."""
+    size = _regular_file_size(path)
+    with path.open("rb") as handle:
+        start = handle.read(4096).lstrip()
+    if start.startswith(b"["):
+        if size > MAX_ARRAY_BYTES:
+            raise DataError([Problem(str(path), f"a JSON array of {size:,} bytes is over {MAX_ARRAY_BYTES // 2**20} "
+                                                "MiB: write it as JSON Lines (one record a line)")])
+        return _array_records(path, _decoded(path, path.read_bytes()))
+    return _jsonl_records(path)
 
 
-def _text(path: Path) -> str:
+def _regular_file_size(path: Path) -> int:
     try:
-        return path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
         raise DataError([Problem(str(path), "no such file: give a JSON or JSONL data file")]) from None
-    except IsADirectoryError:
-        raise DataError([Problem(str(path), "is a folder: give a JSON or JSONL data file")]) from None
+    except OSError as error:
+        raise DataError([Problem(str(path), f"cannot be read ({error.strerror})")]) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError([Problem(str(path), "is a folder: give a JSON or JSONL data file")])
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError([Problem(str(path), "is not a regular file (a device or pipe): give a JSON or JSONL data file")])
+    if info.st_size > MAX_DATA_BYTES:
+        raise DataError([Problem(str(path), f"is {info.st_size:,} bytes, over the {MAX_DATA_BYTES // 2**30} GiB a "
+                                            "data file may hold: split it or sample it")])
+    return info.st_size
+
+
+def _decoded(path: Path, data: bytes, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise DataError([Problem(str(path), f"not UTF-8 text ({error.reason} at byte {error.start})")]) from None
+        raise _NotText(Problem(str(path), f"not UTF-8 text ({error.reason} at byte {error.start})", line)) from None
 
 
-def _jsonl_records(path: Path, text: str) -> Iterator[Record | Problem]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+class _NotText(DataError):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__([problem])
+
+
+def _json_value(text: str) -> Any:
+    """`json.loads`, with every way it can refuse a text as one ValueError whose message says why."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON here (nested too deeply)") from None
+    except ValueError:  # the only other refusal: an integer of thousands of digits
+        raise ValueError(f"not valid JSON here ({TOO_LONG_NUMBER})") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[Record | Problem]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(_bounded_lines(handle), start=1):
+            if raw is None:
+                yield Problem(str(path), f"the line is longer than {MAX_LINE_BYTES // 2**20} MiB: one record a line", number)
+                continue
+            try:
+                line = _decoded(path, raw, number)
+            except _NotText as error:
+                yield error.first
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield Record(str(path), number, None, _json_value(line))
+            except ValueError as error:
+                yield Problem(str(path), str(error), number)
+
+
+def _bounded_lines(handle: BinaryIO) -> Iterator[bytes | None]:
+    """The file's lines, or None for each line longer than MAX_LINE_BYTES (read past, never held)."""
+    while line := handle.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
             continue
-        try:
-            yield Record(str(path), number, None, json.loads(line))
-        except json.JSONDecodeError as error:
-            yield Problem(str(path), f"not valid JSON ({error.msg} at column {error.colno})", number)
+        while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+            pass
+        yield None
 
 
 def _array_records(path: Path, text: str) -> Iterator[Record | Problem]:
@@ -262,6 +325,10 @@ def _array_records(path: Path, text: str) -> Iterator[Record | Problem]:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             yield Problem(str(path), f"not valid JSON ({error.msg} at column {error.colno})", error.lineno, index)
+            return
+        except (RecursionError, ValueError) as error:
+            what = "nested too deeply" if isinstance(error, RecursionError) else TOO_LONG_NUMBER
+            yield Problem(str(path), f"not valid JSON here ({what})", text.count("\n", 0, position) + 1, index)
             return
         yield Record(str(path), text.count("\n", 0, position) + 1, index, value)
         position = _skip_space(text, end)
@@ -304,7 +371,7 @@ def _object(record: Record, fmt: str, key: str) -> Mapping[str, Any]:
     if not isinstance(record.value, Mapping):
         raise _fail(record, f"each record must be a JSON object ({fmt} format), got {_type(record.value)}")
     if key not in record.value:
-        found = ", ".join(map(str, record.value)) or "none"
+        found = _keys(record.value)
         raise _fail(record, f"missing (the file's format is {fmt}; this record has keys: {found})", key)
     return record.value
 
@@ -317,6 +384,25 @@ def _text_field(record: Record, value: Any, field: str, *, optional: bool = Fals
     if not optional and not value.strip():
         raise _fail(record, "is empty: give it text or remove the record", field)
     return value
+
+
+def _keys(keys: Any, most: int = 8) -> str:
+    """An object's keys for a message: each on one line and short, the first few."""
+    names = [key if isinstance(key, str) and key.isprintable() and len(key) <= 40 else _shown(key)
+             for key in list(keys)[: most + 1]]
+    listed = ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+    return listed or "none"
+
+
+def _shown(value: Any) -> str:
+    """A value on one line and short (a message never echoes a whole record)."""
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, (bool, float)) or value is None:
+        text = json.dumps(value)
+    else:
+        text = _type(value)  # a list, an object, or an integer that may have thousands of digits
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _type(value: Any) -> str:
@@ -349,9 +435,9 @@ def parse_messages(record: Record) -> Example:
                 raise _fail(record, "missing", f"messages[{i}].{key}")
         extra = sorted(set(item) - {"role", "content"})
         if extra:
-            raise _fail(record, f"unknown keys {', '.join(extra)}: a message has role and content", f"messages[{i}]")
-        if item["role"] not in {role.value for role in Role}:
-            raise _fail(record, f"unknown role {item['role']!r}: use system, user, assistant", f"messages[{i}].role")
+            raise _fail(record, f"unknown keys {_keys(extra)}: a message has role and content", f"messages[{i}]")
+        if not isinstance(item["role"], str) or item["role"] not in {role.value for role in Role}:
+            raise _fail(record, f"unknown role {_shown(item['role'])}: use system, user, assistant", f"messages[{i}].role")
         content = _text_field(record, item["content"], f"messages[{i}].content")
         messages.append(Message(item["role"], content))
     return _dialog_example(record, messages, "messages")
@@ -369,8 +455,8 @@ def parse_sharegpt(record: Record) -> Example:
         for key in ("from", "value"):
             if key not in item:
                 raise _fail(record, "missing", f"conversations[{i}].{key}")
-        if item["from"] not in SHAREGPT_ROLES:
-            raise _fail(record, f"unknown speaker {item['from']!r}: use human, gpt, system", f"conversations[{i}].from")
+        if not isinstance(item["from"], str) or item["from"] not in SHAREGPT_ROLES:
+            raise _fail(record, f"unknown speaker {_shown(item['from'])}: use human, gpt, system", f"conversations[{i}].from")
         content = _text_field(record, item["value"], f"conversations[{i}].value")
         messages.append(Message(SHAREGPT_ROLES[item["from"]], content))
     return _dialog_example(record, messages, "conversations", hint=" (human is the user, gpt the assistant)")
