@@ -12,7 +12,8 @@ from llmplan.planner.request import Precision, Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
 
 from .jobs import db_option, open_engine
-from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
+from .options import (BATCH, GPUS, SEED, TEMPERATURE, TOKENS, TOP_P, UserError, choice_of, json_option, model_argument,
+                      print_json, user_errors)
 
 INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
 
@@ -77,18 +78,18 @@ def generation_options(command):
         click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
                      help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line."),
         click.option("--output", type=click.Path(dir_okay=False), help="Write the completions here (JSONL)."),
-        click.option("--max-new-tokens", type=int, default=256, show_default=True, callback=positive),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True, callback=positive,
+        click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True),
+        click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0: greedy."),
+        click.option("--top-p", type=TOP_P, default=1.0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--batch-size", type=BATCH, default=8, show_default=True,
                      help="Prompts generated together (capped by what the plan says fits)."),
-        click.option("--prompt-len", type=int, default=512, show_default=True, callback=positive,
+        click.option("--prompt-len", type=TOKENS, default=512, show_default=True,
                      help="Longest prompt to plan memory for."),
         click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter directory."),
         click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), help="Default: the planner's choice."),
         click.option("--quant", type=choice_of(Quant), help="Default: the planner's choice (16-bit when it fits)."),
-        click.option("--gpus", type=int, callback=positive, help="GPUs to use (default: all NVML finds)."),
+        click.option("--gpus", type=GPUS, help="GPUs to use (default: all NVML finds)."),
         db_option,
         json_option,
     ]

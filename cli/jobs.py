@@ -172,7 +172,7 @@ def open_engine(db_url: str | None) -> Iterator[tuple[Engine, str]]:
     try:
         yield engine, display_url(engine.url)
     except UnknownJobError as error:  # a job id that names no job is the user's error, like any bad input
-        raise BadInput(f"JOB: no job {error.job_id} in {display_url(engine.url)}: "
+        raise BadInput(f"no job {error.job_id} in {display_url(engine.url)}: "
                        "`llmplan jobs` lists the recorded jobs") from None
     except InvalidJobDataError as error:
         raise BadInput(str(error)) from None

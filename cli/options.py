@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -74,7 +76,8 @@ class BoundedInt(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         number = _whole_number(value, param)
         if number < self.low:
-            raise UserError(f"{parameter_name(param)} must be at least {self.low:,}, got {number}")
+            least = {0: "0 or more", 1: "positive"}.get(self.low, f"at least {self.low:,}")
+            raise UserError(f"{parameter_name(param)} must be {least}, got {number}")
         if number > self.high:
             raise UserError(f"{parameter_name(param)} must be at most {self.high:,}, got {number}")
         return number
@@ -133,6 +136,49 @@ class SizeType(click.ParamType):
             return parse_size(value)
         except ValueError as error:
             raise UserError(f"{parameter_name(param)}: {error}") from None
+
+
+class OutputDirType(click.Path):
+    """A directory a job may write into: an existing writable folder, or a new one under a writable folder.
+
+    Checked at submission, so that a path under a file or an unwritable folder is the user's error now
+    rather than a failed job later. Nothing is created here. A `click.Path`, so that whoever confines
+    paths (the dashboard) finds it among the path options."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        name = parameter_name(param)
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        if not isinstance(text, str) or not text.strip() or "\x00" in text:
+            raise UserError(f"{name}: give a directory path, got {shown(value)}")
+        path = Path(text).expanduser().absolute()
+        existing = next(folder for folder in (path, *path.parents) if folder.exists() or folder == folder.parent)
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"lies under the file {existing}"
+            raise UserError(f"{name}: {text} {where}: give a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{name}: {existing} is not writable: give a directory you can write to")
+        return text
+
+
+def lora_needs_lora(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback of --method and the --lora-* options: LoRA options with --method full are refused.
+
+    Whichever of them click reads second sees the other in `ctx.params`, so one check covers any order."""
+    lora_names = ("lora_r", "lora_targets")
+    method = value if param.name == "method" else ctx.params.get("method")
+    given = [f"--{name.replace('_', '-')}" for name in lora_names
+             if (name == param.name or name in ctx.params) and _given(ctx, name)]
+    if method == "full" and given:
+        raise UserError(f"{', '.join(given)}: LoRA options need --method lora, qlora or auto, not full fine-tuning")
+    return value
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
 
 
 def parse_job_id(text: Any, name: str = "JOB") -> int:
@@ -194,6 +240,7 @@ TEMPERATURE = FiniteFloat(0, 100)
 TOP_P = FiniteFloat(0, 1, low_open=True)
 JOB_ID = JobIdType()
 SIZE = SizeType()
+OUTPUT_DIR = OutputDirType()
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")

@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from .options import UserError
+from .options import PRIORITY, UserError
 
 PRIORITY_HELP = "Higher runs first; equal priorities run in submission order."
 
 
 def scheduling_options(command):
     options = [
-        click.option("--priority", type=int, default=0, show_default=True, help=PRIORITY_HELP),
+        click.option("--priority", type=PRIORITY, default=0, show_default=True, help=PRIORITY_HELP),
         click.option("--max-retries", type=click.IntRange(0, 10), default=2, show_default=True,
                      help="Re-planned retries after running out of memory."),
         click.option("--address", metavar="HOST:PORT",

@@ -10,11 +10,14 @@ from pathlib import Path
 import click
 
 from llmplan.planner.plan import PlanError
+from llmplan.planner.request import RequestError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
+from llmplan.runtime.train_config import TrainConfigError
 
 from .generate import announce_model, generation_options, jobs_dir, prepare
 from .jobs import db_option, open_engine
-from .options import UserError, json_option, positive, user_errors
+from .options import (BATCH, EPOCHS, FRACTION, GPUS, JOB_ID, LEARNING_RATE, LORA_RANK, OUTPUT_DIR, SEED, STEPS,
+                      STEPS_OR_ZERO, TOKENS, WORKERS, UserError, json_option, lora_needs_lora, user_errors)
 from .scheduling import Cluster, report_queued, scheduling_options
 
 POLL_SECONDS = 0.5
@@ -144,37 +147,38 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
               show_default=True)
 @click.option("--template", type=click.Choice(("auto", "alpaca", "chat")), default="auto", show_default=True)
 @click.option("--packing/--no-packing", default=False, show_default=True, help="Pack short examples into full sequences (each still attends only to itself).")
-@click.option("--val-fraction", type=float, default=0.05, show_default=True)
-@click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
-@click.option("--seq-len", type=int, default=512, show_default=True, callback=positive)
-@click.option("--batch-size", type=int, default=None, callback=positive,
+@click.option("--val-fraction", type=FRACTION, default=0.05, show_default=True)
+@click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True, callback=lora_needs_lora)
+@click.option("--seq-len", type=TOKENS, default=512, show_default=True)
+@click.option("--batch-size", type=BATCH, default=None,
               help="Global batch (sequences per optimizer step) [default: 16, or micro-batch x grad-accum x GPUs].")
-@click.option("--micro-batch", type=int, default=None, callback=positive, help="Default: the planner's choice.")
-@click.option("--grad-accum", type=int, default=None, callback=positive, help="Default: global batch / micro-batch / GPUs.")
+@click.option("--micro-batch", type=BATCH, default=None, help="Default: the planner's choice.")
+@click.option("--grad-accum", type=BATCH, default=None, help="Default: global batch / micro-batch / GPUs.")
 @click.option("--precision", type=click.Choice(("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")))
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--zero", type=click.IntRange(0, 3), default=None, help="DeepSpeed ZeRO stage (0: DDP).")
 @click.option("--offload", type=click.Choice(("none", "optimizer", "params")), default=None)
-@click.option("--gpus", type=int, default=None, callback=positive, help="GPUs to use (default: all NVML finds).")
+@click.option("--gpus", type=GPUS, default=None, help="GPUs to use (default: all NVML finds).")
 @click.option("--fsdp", type=click.Choice(("full-shard", "shard-grad-op")), default=None, hidden=True)
 @click.option("--fsdp-offload", is_flag=True, hidden=True)
-@click.option("--workers", type=int, default=1, show_default=True, callback=positive,
+@click.option("--workers", type=WORKERS, default=1, show_default=True,
               help="Data-parallel processes when training on the CPU (on GPUs: one per GPU).")
-@click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
-@click.option("--lora-targets", default="all-linear", show_default=True, help="Comma list or all-linear.")
-@click.option("--epochs", type=float, default=None, help="Passes over the data [default: 1].")
-@click.option("--max-steps", type=int, default=None, callback=positive, help="Optimizer steps (instead of --epochs).")
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--warmup-steps", type=int, default=10, show_default=True)
-@click.option("--save-every", type=int, default=50, show_default=True, callback=positive)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--output", type=click.Path(file_okay=False), help="Output directory [default: the job's folder].")
-@click.option("--resume", "resume_job", type=int, default=None, metavar="JOB",
+@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True, callback=lora_needs_lora)
+@click.option("--lora-targets", default="all-linear", show_default=True, callback=lora_needs_lora,
+              help="Comma list or all-linear.")
+@click.option("--epochs", type=EPOCHS, default=None, help="Passes over the data [default: 1].")
+@click.option("--max-steps", type=STEPS, default=None, help="Optimizer steps (instead of --epochs).")
+@click.option("--lr", type=LEARNING_RATE, default=2e-4, show_default=True)
+@click.option("--warmup-steps", type=STEPS_OR_ZERO, default=10, show_default=True)
+@click.option("--save-every", type=STEPS, default=50, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--output", type=OUTPUT_DIR, help="Output directory [default: the job's folder].")
+@click.option("--resume", "resume_job", type=JOB_ID, default=None, metavar="JOB",
               help="Continue a failed or cancelled job from its latest checkpoint (a new, linked job).")
 @scheduling_options
 @db_option
 @json_option
-@user_errors(PlanError, UnknownModelError, ModelConfigError)
+@user_errors(PlanError, UnknownModelError, ModelConfigError, RequestError, TrainConfigError)
 def submit_finetune(model: str, data: str, resume_job: int | None, priority: int, max_retries: int,
                     address: str | None, wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Fine-tuning as a job: planned for the cluster's GPUs, checked, queued, run in Ray Train workers."""
@@ -231,6 +235,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
     )
+    ask.lora.target_shapes(spec)  # unknown --lora-targets are refused before the cluster is joined
     hardware = hardware_for(options["gpus"])
     if margin_for is not None:
         ask = dataclasses.replace(ask, margin=margin_for(spec.name, hardware.gpu.name if hardware else "cpu"))

@@ -7,6 +7,7 @@ never re-derives any of these on its own. No torch import here: the CLI and the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,6 +26,10 @@ STATE_FILE = "trainer_state.pt"
 
 class TrainConfigError(ValueError):
     """A configuration that cannot run as written; the message says what to change."""
+
+
+def _option(field_name: str) -> str:
+    return f"--{field_name.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -101,13 +106,25 @@ class TrainConfig:
         if self.backend == "deepspeed" and self.zero == 3 and self.method == "qlora":
             raise TrainConfigError("ZeRO-3 would partition QLoRA's 4-bit weights, which bitsandbytes cannot compute "
                                    "with: use zero 2 (or backend ddp)")
-        if self.lr <= 0 or self.epochs <= 0:
-            raise TrainConfigError(f"lr and epochs must be positive, got lr {self.lr}, epochs {self.epochs}")
-        for name in ("warmup_steps", "eval_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise TrainConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        self._check_numbers()
         if self.data.format not in DATA_FORMATS or self.data.template not in TEMPLATES:
             raise TrainConfigError(f"data format must be one of {DATA_FORMATS} and template one of {TEMPLATES}")
+
+    def _check_numbers(self) -> None:
+        """Finite, in range; named as the options that set them (`--lr`), since they mirror these fields."""
+        for name in ("lr", "epochs", "weight_decay", "max_grad_norm", "lora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TrainConfigError(f"{_option(name)} must be a finite number, got {value!r}")
+        for name in ("lr", "epochs"):
+            if getattr(self, name) <= 0:
+                raise TrainConfigError(f"{_option(name)} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "max_grad_norm", "weight_decay", "lora_dropout"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{_option(name)} must be 0 or more, got {getattr(self, name)}")
+        fraction = self.data.val_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise TrainConfigError(f"--val-fraction must be at least 0 and below 1, got {fraction!r}")
 
     @property
     def global_batch(self) -> int:

@@ -214,7 +214,7 @@ def test_unknown_job_is_bad_input(history: dict[str, object]) -> None:
     [
         (("--status", "runing"), "unknown status 'runing'"),
         (("--kind", "train"), "unknown kind 'train'"),
-        (("--limit", "0"), "at least 1"),
+        (("--limit", "0"), "must be positive"),
         (("--limit", "ten"), "not a whole number"),
         (("--since", "yesterday"), "cannot read 'yesterday'"),
     ],
