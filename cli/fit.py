@@ -96,16 +96,16 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
             lines = lines[:-1]  # the sample may end mid-record
         try:
             records = [json.loads(line) for line in lines if line.strip()]
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"--dataset {path}: not JSON Lines ({error.msg}, line {error.lineno})") from error
+        except (ValueError, RecursionError) as error:  # also nested too deeply, or a number of 5,000 digits
+            raise DatasetError(f"--dataset {path}: not JSON Lines ({_json_problem(error)})") from error
     elif suffix == ".json":
         if scale > 1:
             raise DatasetError(f"--dataset {path} is a JSON file over {SAMPLE_BYTES // 2**20} MiB: convert it to "
                                "JSON Lines or give --tokens N")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"--dataset {path}: not JSON ({error.msg})") from error
+        except (ValueError, RecursionError) as error:
+            raise DatasetError(f"--dataset {path}: not JSON ({_json_problem(error)})") from error
         records = data if isinstance(data, list) else [data]
     how = f"~{CHARS_PER_TOKEN:g} characters per token"
     if records is None:
@@ -115,6 +115,12 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
     tokens = round(sum(per_record) * scale)
     return max(tokens, 1), (f"{path.name}: {count:,} records, {how}, each cut at {seq_len} tokens; "
                             "times assume no padding")
+
+
+def _json_problem(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg}, line {error.lineno}"
+    return "nested too deeply" if isinstance(error, RecursionError) else "a number too long to read"
 
 
 def _methods(method: str) -> tuple[Method, ...]:
