@@ -193,7 +193,7 @@ class TorchEngine:
                 if name not in parameters or parameters[name].shape != tensor.shape:
                     raise CheckpointMismatch(directory, f"its weight {name} does not fit this model")
                 parameters[name].copy_(tensor)
-        state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=False)
+        state = load_state(directory / OPTIMIZER_FILE, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -249,6 +249,32 @@ class CheckpointMismatch(RuntimeError):
     def __init__(self, directory: Path, why: str) -> None:
         super().__init__(f"cannot resume from {directory}: {why}; resume with the configuration that wrote it, "
                          "or start again in a new output_dir")
+
+
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file holding more than tensors and plain values: refused, none of its code run."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"cannot resume from {path.parent}: {path.name} is not a checkpoint llmplan wrote ({why}); "
+                         "it was refused unread: remove that checkpoint folder or start again in a new output_dir")
+
+
+def load_state(path: Path, map_location: Any = "cpu") -> Any:
+    """A `torch.save` file read by torch's restricted unpickler (weights_only): tensors, numbers, strings, lists,
+    tuples and dicts only. A pickle planted in a checkpoint folder cannot run code here: it is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # or not a torch.save file
+        raise UnsafeCheckpoint(path, _unpickler_reason(error)) from None
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's long refusal that says what the file asked for ("Unsupported global: GLOBAL posix.system")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0] if lines else "")
+    return reason[:200] or type(error).__name__
 
 
 def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int, device: torch.device,

@@ -51,6 +51,7 @@ from .distributed import (
     Engine,
     barrier,
     gather_across,
+    load_state,
     prepare,
     release_zero3_loading,
     sum_across,
@@ -452,7 +453,7 @@ def trainer_state(state: TrainState, rng: list[dict[str, Any]]) -> dict[str, Any
 
 def restore(state: TrainState, directory: Path) -> None:
     """Continue from a checkpoint: weights, optimizer, scheduler, step, data position, history, RNG states."""
-    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = load_state(directory / STATE_FILE)  # plain values and tensors only: a planted pickle runs no code
     if saved["world_size"] != state.world_size:
         raise TrainConfigError(f"{directory} was written by {saved['world_size']} worker(s), this run has "
                                f"{state.world_size}: resume with workers {saved['world_size']}")
@@ -470,7 +471,10 @@ def restore(state: TrainState, directory: Path) -> None:
 def rng_states(device: torch.device) -> dict[str, Any]:
     import numpy
 
-    states = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
+    # numpy's key array as a list: the checkpoint holds only what torch's restricted unpickler reads back.
+    states = {"python": random.getstate(), "numpy": (name, keys.tolist(), position, has_gauss, cached_gaussian),
+              "torch": torch.get_rng_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -480,7 +484,8 @@ def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     import numpy
 
     random.setstate(states["python"])
-    numpy.random.set_state(states["numpy"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    numpy.random.set_state((name, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
