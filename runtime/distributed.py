@@ -273,7 +273,8 @@ def load_state(path: Path, map_location: Any = "cpu") -> Any:
 def _unpickler_reason(error: Exception) -> str:
     """The line of torch's long refusal that says what the file asked for ("Unsupported global: GLOBAL posix.system")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[0] if lines else "")
+    reason = next((line for line in lines if "nsupported" in line and "GLOBAL" in line), None) or \
+        next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
     return reason[:200] or type(error).__name__
 
 
