@@ -11,7 +11,7 @@ import pytest
 from llmplan.runtime.store.db import open_store
 from llmplan.runtime.store.repository import JobFilter, list_jobs
 
-from .bad_input import EXAMPLE_DATA, assert_refused, fingerprint, run
+from bad_input import EXAMPLE_DATA, assert_refused, fingerprint, run
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from llmplan.runtime.store.db import open_store
 
-from .bad_input import EXAMPLE_DATA, Outcome, fingerprint, run
+from bad_input import EXAMPLE_DATA, Outcome, fingerprint, run
 
 EXAMPLES = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
