@@ -12,10 +12,10 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import announce_model, generation_options, jobs_dir, prepare
+from .generate import generation_options, prepare
 from .jobs import db_option, open_engine
 from .options import UserError, json_option, positive, user_errors
-from .scheduling import Cluster, report_queued, scheduling_options
+from .scheduling import Cluster, prepare_model, report_queued, say_if_device_changed, scheduling_options
 
 POLL_SECONDS = 0.5
 RETRY_PATIENCE_S = 10.0
@@ -59,9 +59,9 @@ def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retrie
                  wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Batch inference as a job, queued on the Ray cluster: prints the job id and returns (or follows it with --wait)."""
     with open_engine(db_url) as (engine, _):
-        job, plan = queue_inference(Cluster(engine, address), model, prompts, options, priority=priority,
-                                    max_retries=max_retries)
-        report_queued(engine, job.id, plan, as_json, wait)
+        cluster = Cluster(engine, address)
+        job, plan = queue_inference(cluster, model, prompts, options, priority=priority, max_retries=max_retries)
+        report_queued(engine, job.id, plan, cluster.jobs_root, as_json, wait)
 
 
 def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], options: dict, *, priority: int,
@@ -70,9 +70,10 @@ def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], opti
     `llmplan submit infer` and the dashboard both do. Returns the job record and its plan."""
     from llmplan.runtime import inference_job
 
+    prepare_model(model)
     plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
+    say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("infer", plan)
-    announce_model(plan.model)
     job = inference_job.submit(cluster.engine, plan, inputs, name=f"infer {plan.model_name}",
                                submitter=getpass.getuser(), priority=priority,
                                scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
@@ -179,9 +180,10 @@ def submit_finetune(model: str, data: str, resume_job: int | None, priority: int
                     address: str | None, wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Fine-tuning as a job: planned for the cluster's GPUs, checked, queued, run in Ray Train workers."""
     with open_engine(db_url) as (engine, _):
-        job, plan = queue_finetune(Cluster(engine, address), model, data, options, priority=priority,
-                                   max_retries=max_retries, resume_job=resume_job)
-        report_queued(engine, job.id, plan, as_json, wait)
+        cluster = Cluster(engine, address)
+        job, plan = queue_finetune(cluster, model, data, options, priority=priority, max_retries=max_retries,
+                                   resume_job=resume_job)
+        report_queued(engine, job.id, plan, cluster.jobs_root, as_json, wait)
 
 
 def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, priority: int, max_retries: int,
@@ -193,10 +195,14 @@ def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, pr
     engine = cluster.engine
     if resume_job is not None:
         plan, config = resumed(engine, resume_job)
+        prepare_model(plan.model)
     else:
-        plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine))
+        check_training_request(data, options)
+        prepare_model(model)
+        plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine),
+                                     cluster.jobs_root)
+    say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("finetune", plan)
-    announce_model(plan.model)
     job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
                               retry_of=resume_job, priority=priority,
                               scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
@@ -204,13 +210,8 @@ def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, pr
     return job, plan
 
 
-def plan_training(model: str, data: str, options: dict, hardware_for, margin_for=None):
-    """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first.
-
-    `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs)."""
-    from llmplan.planner.plan import FinetuneAsk, plan_finetune
-    from llmplan.planner.request import LoraSpec, Method, Offload, Precision
-    from llmplan.planner.resolve import resolve_model
+def check_training_request(data: str, options: dict) -> None:
+    """What needs no cluster: the backend asked for, and the data file (its first problem)."""
     from llmplan.runtime.data_formats import DataError, load_examples
 
     if options["fsdp"] or options["fsdp_offload"]:
@@ -220,6 +221,17 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
     except DataError as error:
         more = f" (and {error.count - 1} more problem{'s' if error.count > 2 else ''})" if error.count > 1 else ""
         raise DataFileError(f"{error.first}{more}") from error
+
+
+def plan_training(model: str, data: str, options: dict, hardware_for, margin_for, jobs_root: Path):
+    """The plan (checked against the GPUs) and the TrainConfig it fixes (`check_training_request` first).
+
+    `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs);
+    `jobs_root` is the store's folder, where a job's default output goes."""
+    from llmplan.planner.plan import FinetuneAsk, plan_finetune
+    from llmplan.planner.request import LoraSpec, Method, Offload, Precision
+    from llmplan.planner.resolve import resolve_model
+
     spec = resolve_model(model).spec
     methods = tuple(Method) if options["method"] == "auto" else (Method(options["method"]),)
     targets = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
@@ -235,7 +247,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
     if margin_for is not None:
         ask = dataclasses.replace(ask, margin=margin_for(spec.name, hardware.gpu.name if hardware else "cpu"))
     plan = plan_finetune(ask, hardware)
-    return plan, train_config(plan, data, options)
+    return plan, train_config(plan, data, options, jobs_root)
 
 
 def learned_margin_in(engine):
@@ -254,12 +266,13 @@ def global_batch(options: dict) -> int:
     return 16
 
 
-def train_config(plan, data: str, options: dict):
+def train_config(plan, data: str, options: dict, jobs_root: Path):
+    from llmplan.runtime.paths import default_output
     from llmplan.runtime.train_config import DataConfig, TrainConfig
 
     if plan.backend == "fsdp":
         raise UserError(FSDP_MISSING)
-    output = options["output"] or str(jobs_dir() / "finetune" / f"{plan.model_name}-{int(time.time())}")
+    output = options["output"] or str(default_output(jobs_root, "finetune", plan.model_name))
     return TrainConfig(
         model=plan.model, data=DataConfig(path=str(Path(data).resolve()), format=options["data_format"],
                                           template=options["template"], packing=options["packing"],

@@ -348,7 +348,7 @@ def submit_json(config: DashboardConfig, engine: Any, body: dict[str, Any]) -> d
         job, plan = queue_finetune(cluster, options.pop("model"), options.pop("data"), options, **queue)
     else:
         job, plan = queue_inference(cluster, options.pop("model"), options.pop("prompts"), options, **queue)
-    return queued_document(job.id, plan)
+    return queued_document(job.id, plan, cluster.jobs_root)
 
 
 def checked_paths(spec: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:

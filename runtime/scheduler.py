@@ -20,7 +20,6 @@ Every decision is a transition in the job store, so the history survives the sch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -32,7 +31,7 @@ from typing import Any
 from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
 from .cluster import NAMESPACE, head_node_id
 from .model_store import CACHE_ENV as MODEL_CACHE_ENV
-from .paths import LOG_NAME, job_folder
+from .paths import LOG_NAME, job_folder, store_key
 
 POLL_S = 0.5
 INVENTORY_TTL_S = 5.0
@@ -42,7 +41,7 @@ MAX_QUEUE = 100_000  # queued jobs read per cycle
 
 
 def _url_key(db_url: str) -> str:
-    return hashlib.sha1(db_url.encode()).hexdigest()[:12]
+    return store_key(db_url)
 
 
 def managed(job: Any) -> bool:
