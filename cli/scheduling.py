@@ -108,22 +108,36 @@ class Cluster:
 def prepare_model(model: str) -> None:
     """Make the model runnable here before anything is queued (pull or convert once, with progress), or
     refuse it (exit 2) with what to pass instead: a catalog model llmplan cannot download, a missing path."""
-    from llmplan.planner.resolve import find_model
-    from llmplan.runtime.model_store import ModelStoreError, ensure_model, find_runnable
+    from llmplan.runtime.model_store import ModelStoreError, ensure_model
 
     from .commands import weights_placeholder
 
     try:
         local = ensure_model(model, progress=True)
     except ModelStoreError as error:
-        spec = find_model(model) if find_runnable(model) is None else None
-        if spec is not None and not Path(model).expanduser().exists():
+        spec = catalog_only(model)
+        if spec is not None:
             raise UserError(f"--model {model}: {spec.name} has no local weights and llmplan cannot download them: "
                             f"pass --model {weights_placeholder(spec.name)} (its Hugging Face or Meta checkpoint "
                             "directory)") from None
         raise UserError(f"--model {model}: {error}") from None
     if local.converted_now:
         click.echo(local.note, err=True)
+
+
+def catalog_only(model: str) -> Any:
+    """The catalog entry that `model` names (or abbreviates: 7B) when llmplan can plan it but not pull it;
+    None for paths, unknown names and the models llmplan pulls itself."""
+    from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
+    from llmplan.runtime.model_store import find_runnable
+
+    if Path(model).expanduser().exists() or any(separator in model for separator in ("/", "\\")):
+        return None
+    try:
+        spec = resolve_model(model).spec
+    except (UnknownModelError, ModelConfigError):
+        return None
+    return spec if find_runnable(spec.name) is None else None
 
 
 def say_if_device_changed(gpus: int | None, plan: Any) -> None:

@@ -68,12 +68,12 @@ def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], opti
                     max_retries: int):
     """Plan a batch-inference job for the cluster, check it, record it queued and wake the scheduler: what
     `llmplan submit infer` and the dashboard both do. Returns the job record and its plan."""
-    from llmplan.runtime import inference_job
-
     prepare_model(model)
     plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
     say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("infer", plan)
+    from llmplan.runtime import inference_job  # after the checks: refusals stay quick
+
     job = inference_job.submit(cluster.engine, plan, inputs, name=f"infer {plan.model_name}",
                                submitter=getpass.getuser(), priority=priority,
                                scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
@@ -190,8 +190,6 @@ def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, pr
                    resume_job: int | None = None):
     """Plan a fine-tuning job for the cluster (or take a resumed job's plan), check it, record it queued and
     wake the scheduler: what `llmplan submit finetune` and the dashboard both do. Returns the job and its plan."""
-    from llmplan.runtime import finetune_job
-
     engine = cluster.engine
     if resume_job is not None:
         plan, config = resumed(engine, resume_job)
@@ -203,6 +201,8 @@ def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, pr
                                      cluster.jobs_root)
     say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("finetune", plan)
+    from llmplan.runtime import finetune_job  # after the checks: refusals stay quick
+
     job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
                               retry_of=resume_job, priority=priority,
                               scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
