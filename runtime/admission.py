@@ -76,7 +76,7 @@ class CpuDemand:
 
     def describe(self) -> str:
         plural = "s" if self.workers > 1 else ""
-        return f"{self.workers} CPU worker{plural} with {self.bytes_per_worker / 2**30:.1f} GiB of host memory each"
+        return f"{self.workers} CPU worker{plural} with {memory_text(self.bytes_per_worker)} of host memory each"
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,11 @@ def demand_of(kind: str, plan: Mapping[str, Any] | None) -> Demand:
         return Demand(0, 0)
     gpus = plan["workers"] if kind == "finetune" else plan["replicas"] * plan["gpus_per_replica"]
     return Demand(int(gpus), int(plan["estimated_device_bytes"]))
+
+
+def memory_text(size: int) -> str:
+    """"49.0 GiB", or "12 MiB" below a GiB."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
 
 
 def cpu_demand_of(kind: str, plan: Mapping[str, Any] | None) -> CpuDemand | None:
@@ -216,7 +221,6 @@ def never_fits_on_cpus(demand: CpuDemand | None, nodes: Sequence[CpuNode]) -> st
         return f"the plan needs {demand.describe()} but the cluster has no nodes"
     largest = max(node.memory_bytes for node in nodes)
     if largest < demand.bytes_per_worker:
-        return (f"the plan needs {demand.describe()}; the cluster's largest node has {largest / 2**30:.1f} GiB "
-                "of host memory")
+        return f"the plan needs {demand.describe()}; the cluster's largest node has {memory_text(largest)} of host memory"
     return (f"the plan needs {demand.describe()}; the cluster holds {cpu_capacity(demand, nodes)} "
             f"({sum(node.cpus for node in nodes)} CPUs on {len(nodes)} node{'s' if len(nodes) > 1 else ''})")

@@ -91,7 +91,7 @@ def test_cpu_workers_are_held_by_the_nodes_cpus_and_memory() -> None:
     assert cpu_capacity(CpuDemand(1, 4 * GIB), nodes) == 2 + 2  # b: 8 CPUs, but memory for 2 workers
     assert never_fits_on_cpus(CpuDemand(4, 4 * GIB), nodes) is None
     assert never_fits_on_cpus(CpuDemand(1000, GIB // 2), nodes) == (
-        "the plan needs 1000 CPU workers with 0.5 GiB of host memory each; the cluster holds 10 (10 CPUs on 2 nodes)")
+        "the plan needs 1000 CPU workers with 512 MiB of host memory each; the cluster holds 10 (10 CPUs on 2 nodes)")
     assert never_fits_on_cpus(CpuDemand(1, 49 * GIB), nodes) == (
         "the plan needs 1 CPU worker with 49.0 GiB of host memory each; the cluster's largest node has 23.0 GiB "
         "of host memory")
