@@ -13,6 +13,12 @@ from .options import UserError
 PRIORITY_HELP = "Higher runs first; equal priorities run in submission order."
 
 
+class ModelError(UserError):
+    """A --model that cannot run here: the message says what to pass instead."""
+
+    field = "model"  # the option (and the dashboard's form field) at fault
+
+
 def scheduling_options(command):
     options = [
         click.option("--priority", type=int, default=0, show_default=True, help=PRIORITY_HELP),
@@ -117,10 +123,10 @@ def prepare_model(model: str) -> None:
     except ModelStoreError as error:
         spec = catalog_only(model)
         if spec is not None:
-            raise UserError(f"--model {model}: {spec.name} has no local weights and llmplan cannot download them: "
+            raise ModelError(f"--model {model}: {spec.name} has no local weights and llmplan cannot download them: "
                             f"pass --model {weights_placeholder(spec.name)} (its Hugging Face or Meta checkpoint "
                             "directory)") from None
-        raise UserError(f"--model {model}: {error}") from None
+        raise ModelError(f"--model {model}: {error}") from None
     if local.converted_now:
         click.echo(local.note, err=True)
 

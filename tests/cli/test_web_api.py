@@ -74,7 +74,7 @@ def test_plan_for_a_catalog_model_lists_ranked_candidates_with_their_memory(api:
     assert 0 < first["memory_bytes"] <= plan["budget_bytes"] and first["breakdown"]
     assert plan["recommendation"]["command"].startswith("llmplan submit finetune")
     job = first["job"]  # the submit form's start: the candidate as a job spec, with no data path yet
-    assert job["task"] == "finetune" and job["model"] == "Llama-2-7B" and "data" not in job
+    assert job["task"] == "finetune" and job["model"] == "PATH/TO/Llama-2-7B" and "data" not in job  # no weights here
     assert (job["method"], job["micro-batch"], job["grad-accum"]) == (first["method"], first["micro_batch"],
                                                                       first["grad_accum"])
 

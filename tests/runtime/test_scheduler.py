@@ -180,10 +180,17 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
 
 def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
     site = gpu_site  # one 24 GiB GPU
-    full = site.llmplan("submit", "finetune", "--model", "Llama-2-7B", "--data", str(site.data), "--method", "full")
+    llama_7b = site.tmp / "llama-2-7b"  # its config and a weights file: nothing is loaded before the refusal
+    llama_7b.mkdir(exist_ok=True)
+    (llama_7b / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "torch_dtype": "float16"}))
+    (llama_7b / "model.safetensors").write_bytes(b"")
+    full = site.llmplan("submit", "finetune", "--model", str(llama_7b), "--data", str(site.data), "--method", "full")
     assert full.returncode != 0
     assert "does not fit 1 x" in full.stderr and "24.0 GiB" in full.stderr, full.stderr
-    two = site.llmplan("submit", "finetune", "--model", "smollm2-135m", "--data", str(site.data), "--gpus", "2",
+    two = site.llmplan("submit", "finetune", "--model", str(site.model), "--data", str(site.data), "--gpus", "2",
                        "--method", "lora", "--zero", "0")
     assert two.returncode == 1
     assert "refused: the plan needs 2 GPUs" in two.stderr and "largest node has 1 GPU(s) of 24.0 GiB" in two.stderr
