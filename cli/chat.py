@@ -11,7 +11,8 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import INFERENCE_PRECISIONS, announce_model, detect_hardware, jobs_dir, make_plan
+from .generate import INFERENCE_PRECISIONS, announce_model, detect_hardware, make_plan
+from .scheduling import store_jobs_root
 from .jobs import db_option, open_engine
 from .options import choice_of, positive, user_errors
 
@@ -53,7 +54,7 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
             replicas = inference_job.start(engine, job.id, plan, adapter)
             click.echo(f"{plan.model_name} is ready: {HELP}", err=True)
             turns, reports, seconds = converse(replicas[0], settings, system_prompt)
-            output = jobs_dir() / str(job.id) / "chat.jsonl"
+            output = store_jobs_root(engine) / str(job.id) / "chat.jsonl"
             inference_job.write_completions(output, [t[0] for t in turns], [t[1] for t in turns])
             inference_job.record_success(engine, job.id, [t[1] for t in turns], reports, seconds, output)
         except Exception as error:  # noqa: BLE001 - the job records what ended it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 
 import click
 
@@ -15,12 +14,6 @@ from .jobs import db_option, open_engine
 from .options import UserError, choice_of, json_option, model_argument, positive, print_json, user_errors
 
 INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
-
-
-def jobs_dir() -> Path:
-    from llmplan.runtime.paths import jobs_dir as configured
-
-    return configured()
 
 
 def detect_hardware(gpus: int | None):
@@ -126,6 +119,8 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
     """Complete text prompts or chat dialogs with MODEL, planned, run in Ray actors and recorded as a job."""
     from llmplan.runtime import inference_job
 
+    from .scheduling import store_jobs_root
+
     plan, inputs = prepare(model, prompts, **options)
     announce_model(plan.model)
     streamed = not as_json and len(inputs.items) == 1
@@ -133,7 +128,7 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
         job = inference_job.submit(engine, plan, inputs, name=f"generate {plan.model_name}", submitter=getpass.getuser())
         click.echo(f"job {job.id}: {plan.summary()}", err=True)
         on_text = (lambda piece: click.echo(piece, nl=False)) if streamed else None
-        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir(), on_text=on_text)
+        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=store_jobs_root(engine), on_text=on_text)
     if outcome.error:
         raise click.ClickException(f"job {job.id} failed: {outcome.error} (llmplan show {job.id})")
     if as_json:

@@ -19,6 +19,15 @@ class ModelError(UserError):
     field = "model"  # the option (and the dashboard's form field) at fault
 
 
+def store_jobs_root(engine: Any) -> Path:
+    """The job store's folder of job folders (logs, outputs), the same on every node: job 1 of another
+    store never shares it."""
+    from llmplan.runtime.paths import store_jobs_dir
+    from llmplan.runtime.scheduler import worker_database_url
+
+    return store_jobs_dir(worker_database_url(engine))
+
+
 def scheduling_options(command):
     options = [
         click.option("--priority", type=int, default=0, show_default=True, help=PRIORITY_HELP),
@@ -74,11 +83,7 @@ class Cluster:
 
     @cached_property
     def jobs_root(self) -> Path:
-        """This store's folder of job folders (logs, default outputs), the same on every node."""
-        from llmplan.runtime.paths import store_jobs_dir
-        from llmplan.runtime.scheduler import worker_database_url
-
-        return store_jobs_dir(worker_database_url(self.engine))
+        return store_jobs_root(self.engine)
 
     def refuse_if_never_fits(self, kind: str, plan: Any) -> None:
         """Refuse (exit 1, nothing queued) a plan this cluster could not run even when idle, saying what to pass."""
