@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("ray")
 
 from llmplan.runtime.store.db import open_store  # noqa: E402
-from llmplan.runtime.store.repository import get_job  # noqa: E402
+from llmplan.runtime.store.repository import JobFilter, get_job, list_jobs  # noqa: E402
 
 from .conftest import run_llmplan  # noqa: E402
 
@@ -25,10 +25,12 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("Error:")]
 
 
-def queued_jobs(*db: str) -> list:
-    listed = run_llmplan("jobs", "--json", *(("--db", *db) if db else ()))
-    assert listed.returncode == 0, listed.stderr
-    return json.loads(listed.stdout)
+def recorded_jobs(db: str) -> list:
+    engine = open_store(db)
+    try:
+        return list_jobs(engine, JobFilter())
+    finally:
+        engine.dispose()
 
 
 def test_more_workers_than_the_cluster_has_cpus_are_refused(cluster_env, tiny_llama: Path, tiny_alpaca: Path) -> None:
@@ -39,7 +41,7 @@ def test_more_workers_than_the_cluster_has_cpus_are_refused(cluster_env, tiny_ll
     assert re.fullmatch(r"Error: refused: the plan needs 1000 CPU workers with \d+ MiB of host memory each; the "
                         r"cluster holds 4 \(4 CPUs on 1 node\); pass --workers 4", line), result.stderr
     assert "Traceback" not in result.stderr
-    assert queued_jobs() == []
+    assert recorded_jobs(cluster_env["LLMPLAN_DB"]) == []
 
 
 def test_a_cpu_plan_no_nodes_memory_holds_is_refused(cluster_env, tmp_path: Path, tiny_alpaca: Path) -> None:
@@ -56,9 +58,10 @@ def test_a_cpu_plan_no_nodes_memory_holds_is_refused(cluster_env, tmp_path: Path
     [line] = error_lines(result.stderr)
     assert line.startswith("Error: refused: the plan needs 1 CPU worker with ") and "GiB of host memory each; the " \
         "cluster's largest node has" in line and line.endswith("or add a node with more memory"), line
-    assert queued_jobs() == []
+    assert recorded_jobs(cluster_env["LLMPLAN_DB"]) == []
 
 
+@pytest.mark.slow  # two 1-step runs of the tiny model
 def test_gpus_planned_on_the_cpu_say_so_and_two_stores_keep_their_logs_apart(
         cluster_env, tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
     stores = [cluster_env["LLMPLAN_DB"], f"sqlite:///{tmp_path / 'other.db'}"]
