@@ -12,9 +12,9 @@ from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
 from .generate import INFERENCE_PRECISIONS, announce_model, detect_hardware, make_plan
-from .scheduling import store_jobs_root
 from .jobs import db_option, open_engine
 from .options import choice_of, positive, user_errors
+from .scheduling import store_jobs_root
 
 HELP = "type a message; /system TEXT sets the system prompt, /reset starts over, /exit (or Ctrl-D) ends"
 
