@@ -19,6 +19,14 @@ class ModelError(UserError):
     field = "model"  # the option (and the dashboard's form field) at fault
 
 
+def smaller_cpu_plan(kind: str, workers_that_fit: int) -> str:
+    """What to pass instead of a CPU plan the cluster cannot hold (the options of that kind's submit command)."""
+    if kind == "finetune" and workers_that_fit > 0:
+        return f"pass --workers {workers_that_fit}"
+    smaller = "--method lora or a shorter --seq-len" if kind == "finetune" else "a smaller --batch-size or --prompt-len"
+    return f"pass a smaller model, {smaller}, or add a node with more memory"
+
+
 def store_jobs_root(engine: Any) -> Path:
     """The job store's folder of job folders (logs, outputs), the same on every node: job 1 of another
     store never shares it."""
@@ -98,9 +106,7 @@ class Cluster:
         reason = never_fits_on_cpus(cpu_demand, self.cpu_nodes)
         if reason is not None:
             fitting = cpu_capacity(cpu_demand, self.cpu_nodes)
-            instead = (f"pass --workers {fitting}" if kind == "finetune" and fitting > 0 else
-                       "pass a smaller model, --method lora or a shorter --seq-len, or add a node with more memory")
-            raise click.ClickException(f"refused: {reason}; {instead}")
+            raise click.ClickException(f"refused: {reason}; {smaller_cpu_plan(kind, fitting)}")
 
     def wake(self) -> None:
         """Tell the scheduler a job was queued, so that it need not wait for its next cycle."""

@@ -5,6 +5,7 @@ address points at a closed port, so a submission that went on would fail rather 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,14 @@ def test_two_submissions_in_one_second_get_different_default_outputs(store: str,
                for _ in range(2)]
     assert outputs[0] != outputs[1]
     assert all(output.parent == root / "finetune" and output.name.startswith("SmolLM2-135M-") for output in outputs)
+
+
+@pytest.mark.parametrize("kind", ["finetune", "infer"])
+def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind: str) -> None:
+    from llmplan.cli.scheduling import smaller_cpu_plan
+    from llmplan.cli.submit import spec_command
+
+    options = {option for param in spec_command(kind).params for option in param.opts}
+    for workers_that_fit in (0, 2):
+        named = set(re.findall(r"--[a-z-]+", smaller_cpu_plan(kind, workers_that_fit)))
+        assert named and named <= options, (kind, named - options)
