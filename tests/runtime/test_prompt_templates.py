@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -87,45 +86,24 @@ def test_a_broken_template_file_names_itself(tmp_path: Path) -> None:
 
 
 # ---- a trained adapter, and what its replica sends the model -----------------------------------------
-@pytest.fixture(scope="module")
-def trained(tiny_llama: Path, tiny_alpaca: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A LoRA adapter and a full fine-tune of the tiny Llama on Alpaca data (2 steps each)."""
-    pytest.importorskip("peft")
-    from llmplan.runtime.train import cleanup, setup, train
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
-
-    out = tmp_path_factory.mktemp("trained")
-    base = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), val_fraction=0.1),
-                       output_dir=str(out / "lora"), method="lora", precision="fp32", micro_batch=2, grad_accum=1,
-                       seq_len=64, lr=1e-2, warmup_steps=0, max_steps=2, save_every=100, device="cpu")
-    found = {}
-    for config in (base, dataclasses.replace(base, method="full", output_dir=str(out / "full"))):
-        state = setup(config)
-        try:
-            result = train(state)
-        finally:
-            cleanup(state)
-        found[config.method] = Path(result.adapter_dir or result.model_dir)
-    return found
-
-
-def test_training_stores_the_template_beside_the_adapter_and_the_full_model(trained: dict[str, Path]) -> None:
+def test_training_stores_the_template_beside_the_adapter_and_the_full_model(tiny_trained: dict[str, Path]) -> None:
     from llmplan.runtime.data import ALPACA_PROMPT_NO_INPUT
 
-    for artifact in trained.values():
+    for artifact in tiny_trained.values():
         stored = json.loads((artifact / TEMPLATE_FILE).read_text())
         assert stored["template"] == "alpaca" and stored["format"] == "alpaca"
         assert f"{stored['preamble']}\n\n{stored['turn']}" == ALPACA_PROMPT_NO_INPUT
-    assert resolve_template("auto", trained["full"]).name == "alpaca"
+    assert resolve_template("auto", tiny_trained["full"]).name == "alpaca"
 
 
-def test_the_replica_asks_the_adapter_in_its_alpaca_layout_unless_told_otherwise(tiny_llama: Path, trained) -> None:
+def test_the_replica_asks_the_adapter_in_its_alpaca_layout_unless_told_otherwise(tiny_llama: Path,
+                                                                                tiny_trained) -> None:
     from llmplan.runtime.inference import GenerationSettings, complete
     from llmplan.runtime.ray_inference import InferenceReplica
 
     settings = GenerationSettings(max_new_tokens=4)
-    replica = InferenceReplica(str(tiny_llama), "fp32", "none", "cpu", str(trained["lora"]))
-    raw = InferenceReplica(str(tiny_llama), "fp32", "none", "cpu", str(trained["lora"]), template="none")
+    replica = InferenceReplica(str(tiny_llama), "fp32", "none", "cpu", str(tiny_trained["lora"]))
+    raw = InferenceReplica(str(tiny_llama), "fp32", "none", "cpu", str(tiny_trained["lora"]), template="none")
     try:
         assert replica.prompt(QUESTION) == ALPACA_QUESTION
         assert raw.prompt(QUESTION) == QUESTION
