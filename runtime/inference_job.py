@@ -130,7 +130,8 @@ def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, te
     placed_by_scheduler = get_job(engine, job_id).placement_node is not None
     update = JobUpdate(placement=None if placed_by_scheduler else Placement(node=where["node"], gpus=tuple(where["gpus"])),
                        ray=None if placed_by_scheduler else RayIds(job_id=where["job"], actor_id=where["actor"]))
-    transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}", update=update)
+    transition(engine, job_id, JobStatus.RUNNING, message=f"on {where['node']}: {local.note or f'model {local.path}'}",
+               update=update)  # the node's IP: what `llmplan show` names a scheduler's placement (a Ray node id) by
     return replicas
 
 
