@@ -114,8 +114,9 @@ TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")  # runtime.prompt_template
 def template_option(choices: tuple[str, ...]):
     return click.option(
         "--template", type=click.Choice(choices), default="auto", show_default=True,
-        help="How a prompt is sent. auto: the template the adapter (or fine-tuned model) was trained with, else "
-             "the model's chat template, else the text as written; none: the text as written (a completion).")
+        help="How a prompt is sent. auto: the template the adapter (or fine-tuned model) was trained with; else, "
+             "on a model with a chat template, that template for a prompt that ends a sentence (. ! ?) and the "
+             "text as written for one that does not; none: the text as written (a completion).")
 
 
 def generation_options(command):

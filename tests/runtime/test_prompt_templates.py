@@ -77,6 +77,13 @@ def test_alpaca_writes_a_conversation_as_answered_instructions_and_a_system_prom
                                      "### Instruction:\nCode word?\n\n### Response:\n")
 
 
+def test_the_cli_offers_every_template_choice() -> None:
+    from llmplan.cli.generate import TEMPLATE_CHOICES
+    from llmplan.runtime.prompt_templates import CHOICES
+
+    assert TEMPLATE_CHOICES == CHOICES
+
+
 def test_a_broken_template_file_names_itself(tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
