@@ -513,10 +513,15 @@ def finish(state: TrainState, eval_loss: float | None) -> TrainResult:
 
 
 def save_artifact(state: TrainState, directory: Path) -> None:
-    """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer."""
+    """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer and the
+    prompt template it was trained with (`llmplan_template.json`, which `generate` and `chat` apply)."""
+    from .data import ALPACA_PROMPT_NO_INPUT
+    from .prompt_templates import write_template
+
     directory.mkdir(parents=True, exist_ok=True)
     state.model.save_pretrained(str(directory))
     state.tokenizer.save_pretrained(str(directory))
+    write_template(directory, state.data_stats.template, state.data_stats.format, ALPACA_PROMPT_NO_INPUT)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

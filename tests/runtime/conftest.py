@@ -94,6 +94,31 @@ def tiny_alpaca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_llama: Path, tiny_alpaca: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A LoRA adapter and a full fine-tune of the tiny Llama on Alpaca data (2 steps each), by method: each
+    directory holds what training writes (the weights, the tokenizer, the prompt template)."""
+    import dataclasses
+
+    pytest.importorskip("peft")
+    from llmplan.runtime.train import cleanup, setup, train
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    out = tmp_path_factory.mktemp("trained")
+    base = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), val_fraction=0.1),
+                       output_dir=str(out / "lora"), method="lora", precision="fp32", micro_batch=2, grad_accum=1,
+                       seq_len=64, lr=1e-2, warmup_steps=0, max_steps=2, save_every=100, device="cpu")
+    found = {}
+    for config in (base, dataclasses.replace(base, method="full", output_dir=str(out / "full"))):
+        state = setup(config)
+        try:
+            result = train(state)
+        finally:
+            cleanup(state)
+        found[config.method] = Path(result.adapter_dir or result.model_dir)
+    return found
+
+
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
     """A job store, a jobs folder and the shared model cache for a test that runs jobs (SmolLM2 pulled)."""
