@@ -55,7 +55,7 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Te
     _seeded_adapters(model)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return float(loss), {name: p.grad.float().flatten() for name, p in _lora_tensors(model).items()}
+    return loss.item(), {name: p.grad.float().flatten() for name, p in _lora_tensors(model).items()}
 
 
 def _assert_close(new: tuple[float, dict], old: tuple[float, dict], loss_rtol: float, min_cosine: float) -> None:
@@ -65,7 +65,7 @@ def _assert_close(new: tuple[float, dict], old: tuple[float, dict], loss_rtol: f
     for name in new_grads:
         cosine = torch.nn.functional.cosine_similarity(new_grads[name], old_grads[name], dim=0)
         assert cosine > min_cosine, (name, float(cosine))
-        assert new_grads[name].norm() == pytest.approx(float(old_grads[name].norm()), rel=0.05), name
+        assert float(new_grads[name].norm()) == pytest.approx(float(old_grads[name].norm()), rel=0.05), name
 
 
 # ---- CPU (CI) ---------------------------------------------------------------------------------------
