@@ -323,8 +323,12 @@ def backward_transient_term(req: EstimateRequest) -> Term:
         return Term("backward transients", 0, "none")
     widest = max(fan_in for fan_in, _ in req.lora.target_shapes(req.model).values())
     per_element = FP32 + activation_bytes(req)
-    return Term("backward transients", int(req.tokens * widest * per_element),
-                f"{req.tokens} tokens x {widest} (widest adapted input) x {per_element} bytes: input gradients")
+    # Without Liger's SwiGLU (which writes them in place) the gate's and the up projection's output gradients
+    # are two more 16-bit tensors of the MLP width.
+    mlp = 0 if req.fused_kernels else 2 * activation_bytes(req) * req.model.intermediate_size * req.model.experts_per_token
+    return Term("backward transients", int(req.tokens * (widest * per_element + mlp)),
+                f"{req.tokens} tokens x {widest} (widest adapted input) x {per_element} bytes: input gradients"
+                + ("" if req.fused_kernels else ", plus the gate and up gradients"))
 
 
 def activation_terms(req: EstimateRequest) -> tuple[Term, ...]:
