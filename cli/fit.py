@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
-from llmplan.planner.request import ALL_LINEAR, LoraSpec, Method, Offload, Quant, RequestError, Task
+from llmplan.planner.request import ALL_LINEAR, Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
 from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, FitRequest, FitResult, search
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
@@ -437,6 +437,9 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--deepspeed/--no-deepspeed", default=None, help="Plan with or without DeepSpeed [default: if nvcc is found].")
+@click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
+              help="Plan with Liger's fused training kernels (what the runtime uses on GPUs) or none.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @json_option
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)

@@ -163,6 +163,9 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
               help="Data-parallel processes when training on the CPU (on GPUs: one per GPU).")
 @click.option("--lora-r", type=int, default=8, show_default=True, callback=positive)
 @click.option("--lora-targets", default="all-linear", show_default=True, help="Comma list or all-linear.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--kernels", type=click.Choice(("liger", "none")), default="liger", show_default=True,
+              help="Liger's fused training kernels (on GPUs, for the architectures Liger supports) or none.")
 @click.option("--epochs", type=float, default=None, help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=int, default=None, callback=positive, help="Optimizer steps (instead of --epochs).")
 @click.option("--lr", type=float, default=2e-4, show_default=True)
@@ -229,7 +232,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
     `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs);
     `jobs_root` is the store's folder, where a job's default output goes."""
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
-    from llmplan.planner.request import LoraSpec, Method, Offload, Precision
+    from llmplan.planner.request import Kernels, LoraSpec, Method, Offload, Precision
     from llmplan.planner.resolve import resolve_model
 
     spec = resolve_model(model).spec
@@ -242,6 +245,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
         precision=Precision(options["precision"]) if options["precision"] else None, micro_batch=options["micro_batch"],
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
+        kernels=Kernels(options["kernels"]), lora_dropout=options["lora_dropout"],
     )
     hardware = hardware_for(options["gpus"])
     if margin_for is not None:
@@ -282,6 +286,7 @@ def train_config(plan, data: str, options: dict, jobs_root: Path):
         gradient_checkpointing=plan.gradient_checkpointing, optimizer=plan.optimizer, lr=options["lr"],
         warmup_steps=options["warmup_steps"], max_steps=options["max_steps"], epochs=options["epochs"] or 1.0,
         lora_r=plan.lora_r, lora_alpha=2 * plan.lora_r, lora_targets=plan.lora_targets, seed=options["seed"],
+        kernels=plan.kernels, lora_dropout=plan.lora_dropout,
         save_every=options["save_every"], device=plan.device, workers=plan.workers,
         backend="single" if plan.backend == "single" else plan.backend, zero=plan.zero, offload=plan.offload,
     )
