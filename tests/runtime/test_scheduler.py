@@ -308,27 +308,39 @@ def live_train_actors(ray: Any) -> set[str]:
             if actor["State"] == "ALIVE" and actor["ActorClassName"] in TRAIN_ACTORS}
 
 
+def new_group(ray: Any, known: set[str], timeout: float = 180) -> str:
+    """A placement group not in `known` (a job's Ray Train run reserved it), once there is one; added to `known`."""
+    deadline = time.monotonic() + timeout
+    while not (new := reserved_groups(ray) - known):
+        assert time.monotonic() < deadline, "no new placement group"
+        time.sleep(0.3)
+    known.update(new)
+    return new.pop()
+
+
+@pytest.mark.slow
 def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
         tmp_path: Path, ray_head: RayNode, ray_client: Any, tiny_llama: Path, tiny_alpaca: Path) -> None:
     """Ray Train's placement group (2 CPUs for 2 workers) and its detached cleaner outlived a killed driver: on
     this 4-CPU head, two cancels left the next jobs running for ever with no step. Three cancels in a row and a
-    driver killed by SIGKILL, then a fifth job runs, and nothing of theirs is left reserved or alive."""
+    driver killed by SIGKILL, each once its workers have their group, then a fifth job runs, and nothing of
+    theirs is left reserved or alive."""
     ray = ray_client
     site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca)
     groups_before, actors_before = reserved_groups(ray), live_train_actors(ray)
-    training = lambda job: bool(site.details(job.id).metrics)  # noqa: E731 - its workers run in their group
+    seen = set(groups_before)
 
     for turn in range(3):
         job_id = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name=f"cancelled-{turn}")
         if turn == 0:
             site.cluster()  # starts the scheduler
-        site.wait(job_id, training)
+        new_group(ray, seen)
         stopped = site.llmplan("cancel", str(job_id))
         assert stopped.stdout.strip() == f"job {job_id}: cancelled", stopped.stderr
 
     killed = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name="driver-killed")
-    driver = site.wait(killed, training).ray_actor_id
-    os.kill(ray._private.state.actors(driver)["Pid"], signal.SIGKILL)
+    new_group(ray, seen)
+    os.kill(ray._private.state.actors(site.job(killed).ray_actor_id)["Pid"], signal.SIGKILL)
     failed = site.wait(killed, ended)
     assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
 
