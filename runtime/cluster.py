@@ -66,7 +66,7 @@ def ensure_ray(address: str | None = None) -> None:
     if target:
         check_reachable(target, "--address" if address else f"${ADDRESS_ENV}")
     _ray_logs_to_file()
-    ray.init(address=target or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=target or "local", include_dashboard=False, log_to_driver=False)
     _cluster_messages_to_log()
 
 
@@ -83,7 +83,7 @@ def connect(address: str | None = None) -> None:
     target = given or local_head_address(start=True)
     _ray_logs_to_file()
     try:
-        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
     except ConnectionError as error:
         raise ClusterError(f"cannot reach the Ray cluster at {target}: {error}; start it (`ray start --head`) "
                            f"or fix --address / ${ADDRESS_ENV}") from None
@@ -118,7 +118,9 @@ def _unreachable(address: str, timeout: float) -> str | None:
 
 def _ray_logs_to_file() -> None:
     # Ray logs to the terminal from import on (its token notice on every local start, "Started a local Ray
-    # instance"): those lines go to a file next to the head file instead.
+    # instance"): those lines go to a file next to the head file instead. Before ray.init, which keeps the
+    # "ray" logger's handlers (with configure_logging=False it would clear them, and Python's last-resort
+    # handler would print its warnings to the terminal all the same).
     ray_logger = logging.getLogger("ray")
     if any(getattr(handler, "llmplan", False) for handler in ray_logger.handlers):
         return
@@ -127,7 +129,7 @@ def _ray_logs_to_file() -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     handler.llmplan = True  # type: ignore[attr-defined]
-    for terminal in [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)]:
+    for terminal in [h for h in ray_logger.handlers if not isinstance(h, logging.FileHandler)]:
         ray_logger.removeHandler(terminal)
     ray_logger.addHandler(handler)
     ray_logger.propagate = False
