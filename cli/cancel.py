@@ -16,7 +16,8 @@ POLL_SECONDS = 0.2
 
 @click.command("cancel")
 @click.argument("job_ref", metavar="JOB")
-@click.option("--address", metavar="HOST:PORT", callback=reachable_address, help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
+@click.option("--address", metavar="HOST:PORT", callback=reachable_address,
+              help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
 @click.option("--no-wait", is_flag=True, help="Return once the cancel is recorded, without waiting for the stop.")
 @db_option
 @json_option

@@ -60,11 +60,12 @@ def leftovers_of(driver_actor_id: str) -> Leftovers:
     started = _owned_by(driver, same_job)
     creators = {driver.actor_id, *(actor.actor_id for actor in started)}
     groups = (PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table())
+    removed = PlacementGroupTableData.REMOVED
     return Leftovers(
         actors=tuple(ActorProcess(actor.actor_id.hex(), actor.class_name, actor.address.node_id.hex(), actor.pid)
                      for actor in started if actor.state == ActorTableData.ALIVE and actor.pid),
         placement_groups=tuple(group.placement_group_id.hex() for group in groups
-                               if group.creator_actor_id in creators and group.state != PlacementGroupTableData.REMOVED),
+                               if group.creator_actor_id in creators and group.state != removed),
     )
 
 

@@ -74,7 +74,8 @@ def test_each_local_head_keeps_its_own_temp_dir_and_is_joined_after_another_stop
     monkeypatch.setenv(HEAD_FILE_ENV, str(second))
     assert stop_local_head()
     assert (first_session.parent / "session_latest").resolve() == first_session.resolve()
-    view = llmplan("cluster", "--json", env={HEAD_FILE_ENV: str(first), "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"})
+    view = llmplan("cluster", "--json",
+                   env={HEAD_FILE_ENV: str(first), "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"})
     assert view.returncode == 0, view.stderr
     assert [node["head"] for node in json.loads(view.stdout)["nodes"]] == [True]
 

@@ -348,5 +348,6 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
     assert last.status is JobStatus.SUCCEEDED, last.error_message
     deadline = time.monotonic() + 30  # the last run's own teardown may still be under way
     while (reserved_groups(ray), live_train_actors(ray)) != (groups_before, actors_before):
-        assert time.monotonic() < deadline, (reserved_groups(ray) - groups_before, live_train_actors(ray) - actors_before)
+        left = (reserved_groups(ray) - groups_before, live_train_actors(ray) - actors_before)
+        assert time.monotonic() < deadline, left
         time.sleep(0.5)
