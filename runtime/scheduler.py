@@ -338,11 +338,10 @@ class Scheduler:
 
     # -- what stopped drivers left --
     def _free(self, job_id: int, driver_id: str | None) -> None:
-        """Free what the job's stopped driver started now (placement groups first: the next job may need
-        them), and again each cycle until nothing is left."""
+        """Free what the job's stopped driver started: this cycle, before admission (the next job may need its
+        placement group), and each cycle after until nothing is left."""
         if driver_id:
             self.releasing[job_id] = Release(driver_id)
-            self._sweep(job_id)
 
     def _release(self) -> None:
         for job_id in list(self.releasing):
