@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .options import UserError
+from .cluster import reachable_address
 
 PRIORITY_HELP = "Higher runs first; equal priorities run in submission order."
 
@@ -41,7 +41,7 @@ def scheduling_options(command):
         click.option("--priority", type=int, default=0, show_default=True, help=PRIORITY_HELP),
         click.option("--max-retries", type=click.IntRange(0, 10), default=2, show_default=True,
                      help="Re-planned retries after running out of memory."),
-        click.option("--address", metavar="HOST:PORT",
+        click.option("--address", metavar="HOST:PORT", callback=reachable_address,
                      help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else llmplan's local Ray head]."),
         click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 1 if it failed."),
     ]
@@ -64,8 +64,8 @@ class Cluster:
 
         try:
             return ensure_scheduler(worker_database_url(self.engine), self.address)
-        except ClusterError as error:
-            raise UserError(str(error)) from error
+        except ClusterError as error:  # the system failed, not the input: exit 1
+            raise click.ClickException(str(error)) from None
 
     @cached_property
     def slots(self) -> list[Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .cluster import reachable_address
 from .jobs import db_option
 
 DEFAULT_PORT = 8321  # Ray's dashboard is 8265
@@ -19,7 +20,7 @@ DEFAULT_PORT = 8321  # Ray's dashboard is 8265
 @click.option("--root", "roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A folder that submitted data, model and output paths may be in (repeatable) "
                    "[default: the working directory].")
-@click.option("--address", metavar="HOST:PORT",
+@click.option("--address", metavar="HOST:PORT", callback=reachable_address,
               help="Ray cluster for submitted jobs [default: $LLMPLAN_RAY_ADDRESS, else llmplan's local Ray head].")
 @db_option
 def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], address: str | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,9 +69,9 @@ class Site:
         return json.loads(done.stdout)
 
     def queue(self, *, gpu_gib: float | None, steps: int, priority: int = 0, micro_batch: int = 1,
-              save_every: int = 100_000, name: str = "job") -> int:
+              save_every: int = 100_000, name: str = "job", workers: int = 1) -> int:
         """A queued fine-tuning record, as `llmplan submit` writes one: its plan asks for one GPU with
-        `gpu_gib` (None: a CPU plan); it trains the tiny model on the CPU."""
+        `gpu_gib` (None: a CPU plan); it trains the tiny model on the CPU, in `workers` DDP processes."""
         spec = resolve_model(str(self.model)).spec
         plan = plan_finetune(FinetuneAsk(model=str(self.model), spec=spec, batch_size=2 * micro_batch,
                                          micro_batch=micro_batch, seq_len=64), None)
@@ -79,7 +80,8 @@ class Site:
         config = TrainConfig(model=str(self.model), data=DataConfig(path=str(self.data), template="alpaca"),
                              output_dir=str(self.tmp / "out" / f"{name}-{time.monotonic_ns()}"), method="lora",
                              precision="fp32", micro_batch=plan.micro_batch, grad_accum=plan.grad_accum, seq_len=64,
-                             lr=1e-3, warmup_steps=1, max_steps=steps, save_every=save_every, device="cpu")
+                             lr=1e-3, warmup_steps=1, max_steps=steps, save_every=save_every, device="cpu",
+                             workers=workers, backend="ddp" if workers > 1 else "single")
         engine = open_store(self.db)
         try:
             job = finetune_job.submit(engine, plan, config, name=name, submitter="test", priority=priority,
@@ -283,3 +285,76 @@ def test_a_job_on_a_worker_node_that_dies_fails_as_infrastructure(
     finally:
         worker.kill()
         head.kill()
+
+
+# ---- what a stopped job leaves on the cluster -----------------------------------------------------------
+RESERVING = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")  # placement group states that hold resources
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+
+
+@pytest.fixture
+def ray_client(ray_head: RayNode) -> Iterator[Any]:
+    """This test process joined to the session's cluster, to read Ray's own tables."""
+    import ray
+
+    ray.init(address=ray_head.address, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def reserved_groups(ray: Any) -> set[str]:
+    return {pg_id for pg_id, group in ray.util.placement_group_table().items() if group["state"] in RESERVING}
+
+
+def live_train_actors(ray: Any) -> set[str]:
+    from ray._private.state import actors
+
+    return {actor_id for actor_id, actor in actors().items()
+            if actor["State"] == "ALIVE" and actor["ActorClassName"] in TRAIN_ACTORS}
+
+
+def new_group(ray: Any, known: set[str], timeout: float = 180) -> str:
+    """A placement group not in `known` (a job's Ray Train run reserved it), once there is one; added to `known`."""
+    deadline = time.monotonic() + timeout
+    while not (new := reserved_groups(ray) - known):
+        assert time.monotonic() < deadline, "no new placement group"
+        time.sleep(0.3)
+    known.update(new)
+    return new.pop()
+
+
+@pytest.mark.slow
+def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
+        tmp_path: Path, ray_head: RayNode, ray_client: Any, tiny_llama: Path, tiny_alpaca: Path) -> None:
+    """Ray Train's placement group (2 CPUs for 2 workers) and its detached cleaner outlived a killed driver: on
+    this 4-CPU head, two cancels left the next jobs running for ever with no step. Three cancels in a row and a
+    driver killed by SIGKILL, each once its workers have their group, then a fifth job runs, and nothing of
+    theirs is left reserved or alive."""
+    ray = ray_client
+    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca)
+    groups_before, actors_before = reserved_groups(ray), live_train_actors(ray)
+    seen = set(groups_before)
+
+    for turn in range(3):
+        job_id = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name=f"cancelled-{turn}")
+        if turn == 0:
+            site.cluster()  # starts the scheduler
+        new_group(ray, seen)
+        stopped = site.llmplan("cancel", str(job_id))
+        assert stopped.stdout.strip() == f"job {job_id}: cancelled", stopped.stderr
+
+    killed = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name="driver-killed")
+    new_group(ray, seen)
+    os.kill(ray._private.state.actors(site.job(killed).ray_actor_id)["Pid"], signal.SIGKILL)
+    failed = site.wait(killed, ended)
+    assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
+
+    last = site.wait(site.queue(gpu_gib=None, steps=2, workers=2, name="after"), ended)
+    assert last.status is JobStatus.SUCCEEDED, last.error_message
+    deadline = time.monotonic() + 30  # the last run's own teardown may still be under way
+    while (reserved_groups(ray), live_train_actors(ray)) != (groups_before, actors_before):
+        left = (reserved_groups(ray) - groups_before, live_train_actors(ray) - actors_before)
+        assert time.monotonic() < deadline, left
+        time.sleep(0.5)
