@@ -85,3 +85,35 @@ def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env
     steps = [metric.step for metric in second.metrics]
     assert min(steps) > 4 - 1 and max(steps) == 8
     assert get_job(engine, job_id).status is JobStatus.CANCELLED
+
+
+def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_llama, tiny_alpaca, tmp_path) -> None:
+    """One CPU worker needs no process group: the job trains here (no Ray Train, not even Ray) and records
+    every logged step, its checkpoints, the adapter and the results as a Ray Train run does."""
+    import ray
+
+    from llmplan.planner.plan import FinetuneAsk, plan_finetune
+    from llmplan.planner.resolve import resolve_model
+    from llmplan.runtime import finetune_job
+    from llmplan.runtime.train import saved_checkpoints
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    assert not ray.is_initialized()
+    plan = plan_finetune(FinetuneAsk(model=str(tiny_llama), spec=resolve_model(str(tiny_llama)).spec, batch_size=2,
+                                     micro_batch=2, seq_len=64), None)
+    config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), template="alpaca"),
+                         output_dir=str(tmp_path / "out"), method="lora", precision="fp32", micro_batch=2, grad_accum=1,
+                         seq_len=64, lr=1e-3, warmup_steps=1, max_steps=4, save_every=2, device="cpu")
+    engine = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = finetune_job.submit(engine, plan, config, name="in process", submitter="test")
+
+    outcome = finetune_job.run(engine, job.id, config)
+
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    assert not ray.is_initialized()
+    details = get_job_details(engine, job.id)
+    assert [metric.step for metric in details.metrics] == [1, 2, 3, 4]
+    assert details.job.final_loss is not None
+    assert details.job.measured_tokens_per_s > 0
+    assert [path.name for path in saved_checkpoints(config.output_dir)] == ["step-2", "step-4"]
+    assert (Path(outcome.artifact) / "adapter_config.json").exists()
