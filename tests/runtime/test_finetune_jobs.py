@@ -27,6 +27,7 @@ def submit(*args: str):
     return run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args)
 
 
+@pytest.mark.slow
 def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env, tmp_path: Path) -> None:
     env = cluster_env
     result = submit("--max-steps", "12", "--save-every", "6", "--output", str(tmp_path / "out"), "--wait", "--json")
@@ -64,6 +65,7 @@ def test_a_yaml_spec_with_an_unknown_key_is_refused(env, tmp_path: Path) -> None
     assert "unknown key(s) learning_rate" in result.output
 
 
+@pytest.mark.slow
 def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env, tmp_path: Path) -> None:
     env, out = cluster_env, tmp_path / "out"
     result = submit("--max-steps", "8", "--save-every", "2", "--output", str(out))

@@ -43,6 +43,7 @@ def cpu_plan(model: str = MODEL, replicas: int = 1):
     return replace(plan, replicas=replicas)
 
 
+@pytest.mark.slow
 def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json"])
     assert result.exit_code == 0, result.output
@@ -60,6 +61,7 @@ def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> No
     assert written[0]["completion"] == data["completions"][0]["text"]
 
 
+@pytest.mark.slow
 def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     engine = open_store(env["LLMPLAN_DB"])
     prompts = ("The capital of France is", "Water boils at", "One, two, three,")
@@ -75,6 +77,7 @@ def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     assert len(texts[0]) == 3
 
 
+@pytest.mark.slow
 def test_chat_dialogs_from_a_jsonl_file(local_ray, env, tmp_path: Path) -> None:
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
@@ -94,6 +97,7 @@ def test_a_bad_dialog_in_the_input_file_is_refused_with_its_line(env, tmp_path: 
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
 
 
+@pytest.mark.slow
 def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_ray, env, tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -108,6 +112,7 @@ def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_r
     assert "weights" in job.error_message
 
 
+@pytest.mark.slow
 def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["chat", MODEL, "--max-new-tokens", "20"],
                                 input="What is the capital of France?\n/exit\n")
@@ -117,6 +122,7 @@ def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
     assert job.status is JobStatus.SUCCEEDED and job.name.startswith("chat")
 
 
+@pytest.mark.slow
 def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> None:
     result = run_llmplan("submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
                          "--max-new-tokens", "8", "--wait", "--json")
@@ -127,6 +133,7 @@ def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> No
     assert "Paris" in json.loads(completions.read_text().splitlines()[0])["completion"]
 
 
+@pytest.mark.slow
 def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
