@@ -42,7 +42,7 @@ def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env
     adapter = Path(data["adapter_path"])
     assert (adapter / "adapter_config.json").exists() and (tmp_path / "out" / "loss.png").exists()
     generated = run_llmplan("generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
-                            "--max-new-tokens", "8", "--json", private_ray=True)
+                            "--max-new-tokens", "8", "--json")
     assert generated.returncode == 0, generated.stderr
 
 

@@ -141,3 +141,36 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     job = get_job(open_store(env["LLMPLAN_DB"]), 1)
     assert job.status is JobStatus.SUCCEEDED
     assert job.measured_tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_a_second_generate_on_the_same_model_finds_its_replica_warm(cluster_env, monkeypatch) -> None:
+    """`generate` leaves its one replica loaded in a named actor; the next `generate` of the model (another
+    process) runs on that same actor, without starting or loading anything; both answers are the model's."""
+    monkeypatch.setenv("LLMPLAN_WARM_SECONDS", "300")
+    jobs = []
+    try:
+        for _ in range(2):
+            done = run_llmplan("generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json")
+            assert done.returncode == 0, done.stderr
+            assert "Paris" in json.loads(done.stdout)["completions"][0]["text"]
+            jobs.append(json.loads(done.stdout)["job"])
+    finally:
+        stop_warm_replicas(cluster_env["LLMPLAN_RAY_ADDRESS"])
+    engine = open_store(cluster_env["LLMPLAN_DB"])
+    first, second = (get_job(engine, job_id) for job_id in jobs)
+    assert first.ray_actor_id is not None and second.ray_actor_id == first.ray_actor_id
+
+
+def stop_warm_replicas(address: str) -> None:
+    """Kill the cluster's warm replicas (from a process of its own: this one may run another Ray)."""
+    import subprocess
+    import sys
+
+    code = ("import ray\n"
+            "from llmplan.runtime.ray_inference import WARM_PREFIX\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            "for actor in ray.util.list_named_actors(all_namespaces=True):\n"
+            "    if actor['name'].startswith(WARM_PREFIX):\n"
+            "        ray.kill(ray.get_actor(actor['name'], namespace=actor['namespace']))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)
