@@ -89,18 +89,23 @@ def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env
     assert get_job(engine, job_id).status is JobStatus.CANCELLED
 
 
-def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_llama, tiny_alpaca, tmp_path) -> None:
+def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_llama, tiny_alpaca, tmp_path,
+                                                                          monkeypatch) -> None:
     """One CPU worker needs no process group: the job trains here (no Ray Train, not even Ray) and records
     every logged step, its checkpoints, the adapter and the results as a Ray Train run does."""
     import ray
 
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
     from llmplan.planner.resolve import resolve_model
-    from llmplan.runtime import finetune_job
+    from llmplan.runtime import distributed, finetune_job
     from llmplan.runtime.train import saved_checkpoints
     from llmplan.runtime.train_config import DataConfig, TrainConfig
 
-    assert not ray.is_initialized()
+    def ray_train(*args, **kwargs):
+        raise AssertionError("a one-worker CPU job started Ray Train")
+
+    monkeypatch.setattr(distributed, "run_ray_train", ray_train)
+    ray_before = ray.is_initialized()  # False, unless an earlier test of the session left one in this process
     plan = plan_finetune(FinetuneAsk(model=str(tiny_llama), spec=resolve_model(str(tiny_llama)).spec, batch_size=2,
                                      micro_batch=2, seq_len=64), None)
     config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), template="alpaca"),
@@ -112,7 +117,7 @@ def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_l
     outcome = finetune_job.run(engine, job.id, config)
 
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before
     details = get_job_details(engine, job.id)
     assert [metric.step for metric in details.metrics] == [1, 2, 3, 4]
     assert details.job.final_loss is not None
