@@ -57,6 +57,7 @@ def test_the_converted_directory_loads_plainly_with_its_chat_template(smollm2) -
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_greedy_continuation_is_the_gguf_models(smollm2) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32)
@@ -69,6 +70,7 @@ def test_greedy_continuation_is_the_gguf_models(smollm2) -> None:
     assert tokenizer.decode(new) == GGUF_GREEDY_TEXT
 
 
+@pytest.mark.slow
 def test_weights_are_the_gguf_tensors_rounded_to_bf16(smollm2, tmp_path: Path) -> None:
     """Independent of transformers' GGUF loader: gguf's own dequantization, tensor by tensor."""
     path = locate_gguf(SMOLLM2_135M_INSTRUCT, smollm2.path.parents[1] / "downloads", tmp_path)
