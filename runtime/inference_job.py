@@ -119,12 +119,12 @@ def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, te
     import ray
 
     from .model_store import ensure_model
-    from .cluster import ensure_ray
+    from .cluster import connect
     from .ray_inference import start_replicas
 
     mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
-    ensure_ray()
+    connect()  # the job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait
     replicas = start_replicas(plan, str(local.path), adapter, template)
     where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
     placed_by_scheduler = get_job(engine, job_id).placement_node is not None

@@ -257,6 +257,16 @@ def cosine_with_warmup(optimizer: Any, warmup_steps: int, total_steps: int) -> A
 
 
 # ---- train ----------------------------------------------------------------------------------------
+def run_rank(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: str | None = None,
+             on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
+    """One rank's whole run: set up, train, clean up (a Ray Train worker runs this; one CPU process by itself)."""
+    state = setup(config, rank=rank, world_size=world_size, device=device)
+    try:
+        return train(state, on_metrics=on_metrics)
+    finally:
+        cleanup(state)
+
+
 def train(state: TrainState, on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
     """Train to the schedule's last step; rank 0 calls `on_metrics` with every logged step, then saves."""
     config, schedule = state.config, state.schedule

@@ -123,7 +123,8 @@ def tiny_trained(tiny_llama: Path, tiny_alpaca: Path, tmp_path_factory: pytest.T
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
     """A job store, a jobs folder and the shared model cache for a test that runs jobs (SmolLM2 pulled)."""
     values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
-              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
+              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}",
+              "LLMPLAN_WARM_SECONDS": "30"}  # a test's warm replica (generate, chat) frees its memory soon
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
@@ -146,10 +147,7 @@ def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) 
     return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address}
 
 
-def run_llmplan(*args: str, input: str | None = None, timeout: float = 300,
-                private_ray: bool = False) -> subprocess.CompletedProcess:
-    """The `llmplan` command in its own process (as users run it), with this test's environment; with
-    `private_ray`, foreground commands (generate, chat) start their own Ray instead of joining the cluster."""
+def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `llmplan` command in its own process (as users run it), with this test's environment."""
     command = [str(Path(sys.executable).with_name("llmplan")), *args]
-    env = {key: value for key, value in os.environ.items() if not (private_ray and key == "LLMPLAN_RAY_ADDRESS")}
-    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=env)
+    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=dict(os.environ))

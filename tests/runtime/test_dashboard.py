@@ -27,6 +27,7 @@ from urllib.error import HTTPError
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray head, SmolLM2 jobs and the browser
 
 from ci_required import unavailable  # noqa: E402
 from llmplan.runtime.store.db import open_store  # noqa: E402

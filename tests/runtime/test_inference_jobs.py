@@ -44,6 +44,7 @@ def cpu_plan(model: str = MODEL, replicas: int = 1):
     return replace(plan, replicas=replicas)
 
 
+@pytest.mark.slow
 def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", QUESTION, "--max-new-tokens", "8",
                                       "--json"])
@@ -65,6 +66,7 @@ def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> No
     assert written[0]["completion"] == data["completions"][0]["text"]
 
 
+@pytest.mark.slow
 def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     engine = open_store(env["LLMPLAN_DB"])
     prompts = ("The capital of France is", "Water boils at", "One, two, three,")
@@ -80,6 +82,7 @@ def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     assert len(texts[0]) == 3
 
 
+@pytest.mark.slow
 def test_chat_dialogs_from_a_jsonl_file(local_ray, env, tmp_path: Path) -> None:
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
@@ -99,6 +102,7 @@ def test_a_bad_dialog_in_the_input_file_is_refused_with_its_line(env, tmp_path: 
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
 
 
+@pytest.mark.slow
 def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_ray, env, tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -113,6 +117,7 @@ def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_r
     assert "weights" in job.error_message
 
 
+@pytest.mark.slow
 def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
     typed = "/model gpt-4\n/system Be concise.\nWhat is the capital of France?\n/reset\n/exit\n"
     result = CliRunner().invoke(cli, ["chat", MODEL, "--max-new-tokens", "20"], input=typed)
@@ -176,6 +181,7 @@ def test_an_empty_completion_says_so_and_what_to_try(local_ray, env) -> None:
             f"{MODEL}") in raw.stderr
 
 
+@pytest.mark.slow
 def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> None:
     result = run_llmplan("submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
                          "--max-new-tokens", "8", "--wait", "--json")
@@ -186,6 +192,7 @@ def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> No
     assert "Paris" in json.loads(completions.read_text().splitlines()[0])["completion"]
 
 
+@pytest.mark.slow
 def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
@@ -193,3 +200,36 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     job = get_job(open_store(env["LLMPLAN_DB"]), 1)
     assert job.status is JobStatus.SUCCEEDED
     assert job.measured_tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_a_second_generate_on_the_same_model_finds_its_replica_warm(cluster_env, monkeypatch) -> None:
+    """`generate` leaves its one replica loaded in a named actor; the next `generate` of the model (another
+    process) runs on that same actor, without starting or loading anything; both answers are the model's."""
+    monkeypatch.setenv("LLMPLAN_WARM_SECONDS", "300")
+    jobs = []
+    try:
+        for _ in range(2):
+            done = run_llmplan("generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json")
+            assert done.returncode == 0, done.stderr
+            assert "Paris" in json.loads(done.stdout)["completions"][0]["text"]
+            jobs.append(json.loads(done.stdout)["job"])
+    finally:
+        stop_warm_replicas(cluster_env["LLMPLAN_RAY_ADDRESS"])
+    engine = open_store(cluster_env["LLMPLAN_DB"])
+    first, second = (get_job(engine, job_id) for job_id in jobs)
+    assert first.ray_actor_id is not None and second.ray_actor_id == first.ray_actor_id
+
+
+def stop_warm_replicas(address: str) -> None:
+    """Kill the cluster's warm replicas (from a process of its own: this one may run another Ray)."""
+    import subprocess
+    import sys
+
+    code = ("import ray\n"
+            "from llmplan.runtime.ray_inference import WARM_PREFIX\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            "for actor in ray.util.list_named_actors(all_namespaces=True):\n"
+            "    if actor['name'].startswith(WARM_PREFIX):\n"
+            "        ray.kill(ray.get_actor(actor['name'], namespace=actor['namespace']))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray clusters (`ray start`) and their jobs
 
 from llmplan.planner.plan import FinetuneAsk, plan_finetune  # noqa: E402
 from llmplan.planner.resolve import resolve_model  # noqa: E402
