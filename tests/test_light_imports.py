@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed")
+HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed", "fastapi", "uvicorn")
 
 PROBE = """
 import sys
