@@ -184,8 +184,16 @@ class JsonErrorRoute(APIRoute):
 
 
 async def http_error(request: Request, error: HTTPException) -> Response:
-    message = f"no such page: {request.url.path}" if error.status_code == HTTPStatus.NOT_FOUND else str(error.detail)
-    return error_response(error.status_code, message)
+    message = str(error.detail)
+    if error.status_code == HTTPStatus.NOT_FOUND:
+        message = f"no such page: {request.url.path}"
+    elif error.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        allowed = (error.headers or {}).get("Allow", "")
+        message = f"{request.method} {request.url.path} is not a call: use {allowed or 'another method'}" + (
+            " with a JSON body" if allowed == "POST" else "")
+    response = error_response(error.status_code, message)
+    response.headers.update(error.headers or {})
+    return response
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> Response:

@@ -88,6 +88,8 @@ def test_bad_plan_input_is_one_line_not_a_trace(api: str) -> None:
     assert (status, answer["error"]) == (400, "unknown field(s): learning_rate")
     status, answer = call(api, "/api/plan", {"model": "7B", "seq_len": "long"})
     assert status == 400 and "bad field value" in answer["error"]
+    status, answer = call(api, "/api/plan")  # a link or a typed address: says how to ask
+    assert (status, answer["error"]) == (405, "GET /api/plan is not a call: use POST with a JSON body")
 
 
 def test_jobs_list_detail_and_cancel(api: str, store: str) -> None:
