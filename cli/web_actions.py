@@ -42,6 +42,17 @@ def local_gpus() -> dict[str, Any]:
     return probe_gpus().to_dict()
 
 
+def option_choices() -> dict[str, dict[str, list[str]]]:
+    """The submit commands' options that take one of a few values, by task: the submit form's menus."""
+    import click
+
+    from .submit import SPEC_TASKS, spec_command
+
+    return {task: {param.opts[0].lstrip("-"): [str(choice) for choice in param.type.choices]
+                   for param in spec_command(task).params if isinstance(param.type, click.Choice)}
+            for task in SPEC_TASKS}
+
+
 def plan_json(form: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
     """`llmplan fit --json` for the plan form's fields (already validated: web_api.PlanForm)."""
     from llmplan.planner.hardware import deepspeed_preflight, find_nvcc

@@ -3,6 +3,7 @@ what each call does is in web_actions.py (the same planner, store and scheduler 
 
     GET  /api/health                   {"ok": true}
     GET  /api/models                   the model catalog
+    GET  /api/choices                  the submit form's menus: {task: {option: [values]}}
     GET  /api/gpus                     the local GPUs (NVML), as `llmplan gpus --json`
     POST /api/plan                     `llmplan fit --json` for a form: {"model", "gpus", "gpu", "gpu_mem", "task", ...}
     GET  /api/jobs?status=&kind=&model=&limit=   job history, as `llmplan jobs --json`
@@ -58,7 +59,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .web_actions import (Scope, cancel_json, job_json, list_jobs_json, list_models, local_gpus, log_tail,
-                          plan_json, submit_json)
+                          option_choices, plan_json, submit_json)
 from .web_errors import ApiError, error_answer, error_document
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -301,6 +302,10 @@ def create_app(config: DashboardConfig) -> FastAPI:
     def models() -> Response:
         return json_document(list_models())
 
+    @app.get("/api/choices", dependencies=api)
+    def choices() -> Response:
+        return json_document(option_choices())
+
     @app.get("/api/gpus", dependencies=api)
     def gpus() -> Response:
         return json_document(local_gpus())
@@ -351,12 +356,13 @@ class HeadDeadlineProtocol(H11Protocol):
 
 
 def bind(config: DashboardConfig) -> socket.socket:
-    """The listening socket (IPv4 preferred for a name that has both), so that the port is known before serving."""
+    """The socket, listening (IPv4 preferred for a name that has both), so that the port is known before serving."""
     found = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, address = min(found, key=lambda entry: entry[0] != socket.AF_INET)
     listener = socket.socket(family, kind, proto)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(address)
+    listener.listen(128)  # connections made once the address is printed wait for the server
     return listener
 
 
