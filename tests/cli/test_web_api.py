@@ -265,6 +265,12 @@ def test_the_page_is_served_at_the_root_and_calls_only_the_api(api: str) -> None
     assert "http://" not in page.split("<script>")[1] and "https://" not in page  # no outside assets or calls
 
 
+def test_the_submit_forms_menus_are_the_submit_commands_choices(api: str) -> None:
+    status, menus = call(api, "/api/choices")
+    assert status == 200 and menus["finetune"]["method"] == ["auto", "full", "lora", "qlora"]
+    assert "fp32" in menus["finetune"]["precision"] and menus["infer"]["quant"] == ["none", "int8", "nf4"]
+
+
 # ---- submissions refused before anything is planned or queued (no Ray cluster is joined) ------------------
 def refused(api: str, spec: dict) -> tuple[str | None, str]:
     status, answer = call(api, "/api/jobs", spec)
