@@ -193,7 +193,7 @@ def checked_paths(spec: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, An
             checked[key] = checked_model(text, roots)
             continue
         path = inside_roots(key, text, roots, must_exist=must_exist)
-        if key == "output" and spec["task"] == "infer" and path.exists():
+        if key == "output" and spec["task"] == "infer" and exists(path):
             raise FieldError(key, f"{key}: {text} already exists; name a new file (the dashboard never "
                                   "overwrites one)")
         checked[key] = str(path)
@@ -220,7 +220,7 @@ def checked_model(model: str, roots: tuple[Path, ...]) -> str:
     if catalog_name(model):
         return model
     path = Path(model).expanduser().resolve()
-    if any(path.is_relative_to(root) for root in roots) and path.exists():
+    if any(path.is_relative_to(root) for root in roots) and exists(path):
         return str(inside_roots("model", model, roots, must_exist=True))
     if looks_like_path(model):
         inside_roots("model", model, roots, must_exist=True)  # refuses it: outside, or missing
@@ -249,11 +249,19 @@ def inside_roots(field: str, text: str, roots: tuple[Path, ...], *, must_exist: 
         allowed = ", ".join(str(root) for root in roots)
         raise FieldError(field, f"{field}: {text} is outside the folders this dashboard may use ({allowed}; "
                                 "see llmplan ui --root)")
-    if must_exist and not path.exists():
+    if must_exist and not exists(path):
         raise FieldError(field, f"{field}: {text}: no such file or directory")
     if must_exist and not readable(path):
         raise FieldError(field, f"{field}: {text} cannot be read (permission denied, or not a file or directory)")
     return path
+
+
+def exists(path: Path) -> bool:
+    """Whether `path` exists; a name the system refuses (too long, say) names nothing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def readable(path: Path) -> bool:

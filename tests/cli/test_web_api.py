@@ -84,6 +84,8 @@ def test_plan_for_a_catalog_model_lists_ranked_candidates_with_their_memory(api:
 
 def test_bad_plan_input_is_one_line_not_a_trace(api: str) -> None:
     assert call(api, "/api/plan", {"model": "Llama-9000"})[0] == 400
+    status, answer = call(api, "/api/plan", {"model": "x" * 300})  # longer than a file name may be
+    assert status == 400 and "unknown model" in answer["error"]
     status, answer = call(api, "/api/plan", {"model": "7B", "learning_rate": 1})
     assert (status, answer["error"]) == (400, "unknown field(s): learning_rate")
     status, answer = call(api, "/api/plan", {"model": "7B", "seq_len": "long"})
