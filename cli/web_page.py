@@ -25,7 +25,7 @@ PAGE = r"""<!doctype html>
   .legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }
   .muted { color: #6b7580; }
   pre { background: #1d232a; color: #e6e6e6; padding: 8px; max-height: 240px; overflow: auto; font-size: 12px; }
-  #job, #submit { grid-column: 1 / span 2; }
+  #plan, #job, #submit { grid-column: 1 / span 2; }
   tr.job { cursor: pointer; }
   #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
   td.wrap { white-space: normal; overflow-wrap: anywhere; }
@@ -84,8 +84,10 @@ const when = (iso) => {
   return `${time.getFullYear()}-${two(time.getMonth() + 1)}-${two(time.getDate())} ` +
          `${two(time.getHours())}:${two(time.getMinutes())}:${two(time.getSeconds())}`;
 };
-// A record's key as words: peak_memory_per_gpu_bytes -> "peak memory per GPU" (the value carries its unit).
-const label = (key) => key.replace(/_(bytes|s)$/, "").replaceAll("_", " ").replace(/\bgpu\b/g, "GPU");
+// A record's key as words: peak_memory_per_gpu_bytes -> "peak memory per GPU" (the value carries its unit),
+// tokens_per_s -> "tokens per second".
+const label = (key) => key.replace(/_per_s$/, "_per_second").replace(/_bytes$/, "").replace(/_s$/, "_(s)")
+  .replaceAll("_", " ").replace(/\bgpu\b/g, "GPU");
 // One colour per memory term, whichever candidate shows it (the legend names them).
 const termColors = new Map();
 const termColor = (name) => {

@@ -229,6 +229,7 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         assert dashboard.record(job_id).output_dir == str(dashboard.root / "out" / "browser")
         labels = [cell.text for cell in page.elements("#job-detail td.label")]
         assert labels and not any("_" in text or "bytes" in text for text in labels), labels
+        assert "peak memory per GPU" in labels and "tokens per second" in labels, labels
         times = [cell.text for cell in page.elements("#job-detail td.time") + page.elements("#job-rows td.time")]
         assert times and all(HUMAN_TIME.fullmatch(text) for text in times), times
         assert page.fits_the_window()
