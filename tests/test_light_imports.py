@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed")
+HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed", "fastapi", "uvicorn")
 STORE = ("sqlmodel", "sqlalchemy")
 
 PROBE = """
