@@ -209,23 +209,13 @@ def _load(case: Case):
 
 
 def _prepare_for_training(model, case: Case):
-    from llmplan.runtime.modeling import LoraSettings, apply_lora, enable_gradient_checkpointing
+    from llmplan.runtime.modeling import LoraSettings, prepare_for_training
 
-    if case.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=case.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif case.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    lora = None
     if case.method in ("lora", "qlora"):
         targets = case.lora_targets if case.lora_targets == "all-linear" else tuple(case.lora_targets.split(","))
-        model = apply_lora(model, LoraSettings(r=case.lora_r, alpha=2 * case.lora_r, targets=targets))
-    model.train()
-    return model
+        lora = LoraSettings(r=case.lora_r, alpha=2 * case.lora_r, targets=targets)
+    return prepare_for_training(model, case.method, case.gradient_checkpointing, lora, kernels="none")
 
 
 def _finetune(model, case: Case, vocab: int) -> dict:

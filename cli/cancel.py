@@ -6,6 +6,7 @@ import time
 
 import click
 
+from .cluster import cluster_errors, reachable_address
 from .jobs import db_option, open_engine, parse_job_id
 from .options import UserError, json_option, print_json
 
@@ -15,7 +16,8 @@ POLL_SECONDS = 0.2
 
 @click.command("cancel")
 @click.argument("job_ref", metavar="JOB")
-@click.option("--address", metavar="HOST:PORT", help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
+@click.option("--address", metavar="HOST:PORT", callback=reachable_address,
+              help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
 @click.option("--no-wait", is_flag=True, help="Return once the cancel is recorded, without waiting for the stop.")
 @db_option
 @json_option
@@ -29,7 +31,8 @@ def cancel(job_ref: str, address: str | None, no_wait: bool, db_url: str | None,
         status = get_job(engine, job_id).status
         if status.is_terminal():
             raise UserError(f"job {job_id} already ended: {status.value}")
-        cancel_job(engine, job_id, address)
+        with cluster_errors():
+            cancel_job(engine, job_id, address)
         final = get_job(engine, job_id) if no_wait else wait_until_ended(engine, job_id)
     if as_json:
         print_json({"id": job_id, "status": final.status.value})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -12,8 +14,31 @@ from .options import json_option, print_json
 GIB = 2**30
 
 
+@contextlib.contextmanager
+def cluster_errors() -> Iterator[None]:
+    """A cluster that cannot be reached or started: its one line on stderr, exit 1 (the system failed)."""
+    from llmplan.runtime.cluster import ClusterError
+
+    try:
+        yield
+    except ClusterError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def reachable_address(ctx: click.Context, param: click.Parameter, address: str | None) -> str | None:
+    """--address's check, before anything else runs: where nothing answers, one line and exit 1 at once (Ray
+    would retry it for minutes)."""
+    from llmplan.runtime.cluster import check_reachable
+
+    if address:
+        with cluster_errors():
+            check_reachable(address, "--address")
+    return address
+
+
 @click.group("cluster", invoke_without_command=True)
-@click.option("--address", metavar="HOST:PORT", help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
+@click.option("--address", metavar="HOST:PORT", callback=reachable_address,
+              help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else the local head].")
 @db_option
 @json_option
 @click.pass_context
@@ -24,7 +49,7 @@ def cluster(ctx: click.Context, address: str | None, db_url: str | None, as_json
     from llmplan.runtime.cluster import nodes
     from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
 
-    with open_engine(db_url) as (engine, _):
+    with open_engine(db_url) as (engine, _), cluster_errors():
         ensure_scheduler(worker_database_url(engine), address)
         views = nodes()
         placed, queued = placed_and_queued(engine)

@@ -10,6 +10,7 @@ from llmplan.planner.models import ModelSpec
 from llmplan.planner.request import (
     ALL_LINEAR,
     EstimateRequest,
+    Kernels,
     LoraSpec,
     Method,
     Offload,
@@ -118,6 +119,9 @@ def to_json(result: MemoryEstimate, model: ModelSpec, how: str) -> dict:
 @click.option("--gpus", type=GPUS, default=1, show_default=True)
 @click.option("--zero", type=click.IntRange(0, 3), default=0, show_default=True, help="DeepSpeed ZeRO stage (0: DDP).")
 @click.option("--offload", type=choice_of(Offload), default="none", show_default=True)
+@click.option("--kernels", type=choice_of(Kernels), default="none", show_default=True,
+              help="liger: Liger's fused training kernels (the runtime's default on GPUs).")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
 @json_option
 @click.pass_context
 @user_errors(RequestError, UnknownModelError, ModelConfigError, ValueError)
@@ -141,6 +145,8 @@ def estimate(ctx: click.Context, model: str, task: str, method: str, lora_r: int
         gradient_checkpointing=sizes["gradient_checkpointing"],
         optimizer=Optimizer(sizes["optimizer"]),
         parallel=Parallelism(gpus=gpus, zero=zero, offload=Offload(offload)),
+        kernels=Kernels(sizes["kernels"]),
+        lora_dropout=sizes["lora_dropout"],
     )
     result = estimate_memory(request)
     if as_json:

@@ -11,7 +11,6 @@ Tests inject stand-ins through click's context object: ``obj={"nvml": fake_pynvm
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,18 @@ from typing import Any
 import click
 
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
-from llmplan.planner.request import ALL_LINEAR, LoraSpec, Method, Offload, Quant, RequestError, Task
+from llmplan.planner.request import ALL_LINEAR, Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
 from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, FitRequest, FitResult, search
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
 from llmplan.planner.units import format_gib
 
+from .commands import DATA_PLACEHOLDER, PROMPT_PLACEHOLDER, command_line as llmplan_command, plain, weights_placeholder
 from .memory_view import breakdown_table
 from .options import (BATCH, DATA_TOKENS, EPOCHS, EXIT_INFEASIBLE, FRACTION, GPUS, LORA_RANK, ROWS, SIZE, TOKENS,
                       UserError,
                       choice_of, json_option, model_argument, print_json, user_errors)
 
-DATA_PLACEHOLDER = "PATH"
 # A data set file larger than this is sampled: its first SAMPLE_BYTES, scaled by the file size.
 SAMPLE_BYTES = 64 * 2**20
 
@@ -134,8 +133,15 @@ def _parse_targets(text: str) -> tuple[str, ...]:
 
 # ---- commands and job specs -----------------------------------------------------------------------------
 def model_reference(resolved: ResolvedModel, typed: str) -> str:
-    """What to pass as --model: the path the user typed for a checkpoint, else the catalog name."""
-    return typed if resolved.how.startswith(("config.json", "Meta params.json")) else resolved.spec.name
+    """What to pass as --model: the path the user typed for a checkpoint, the catalog name of a model llmplan
+    pulls itself, else a placeholder for the directory of its weights (PATH/TO/Llama-2-7B)."""
+    from llmplan.runtime.model_store import find_runnable  # light: stdlib and the planner
+
+    if resolved.how.startswith(("config.json", "Meta params.json")):
+        return typed
+    if find_runnable(resolved.spec.name) is not None:
+        return resolved.spec.name
+    return weights_placeholder(resolved.spec.name)
 
 
 def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) -> dict[str, Any]:
@@ -174,32 +180,25 @@ def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) 
 
 
 def command_line(candidate: Candidate, spec: Mapping[str, Any]) -> str:
-    """`llmplan submit finetune ...`, `llmplan generate ...` or `llmplan submit infer ...`."""
+    """`llmplan submit finetune ...`, `llmplan generate MODEL PROMPT ...` or `llmplan submit infer ... --prompt`."""
     if candidate.request.task is Task.FINETUNE:
-        head = "llmplan submit finetune"
-    else:
-        head = "llmplan submit infer" if candidate.strategy.replicas > 1 else "llmplan generate"
-    parts = [head]
-    for key, value in spec.items():
-        if value is True:
-            parts.append(f"--{key}")
-        else:
-            parts.append(f"--{key} {_shell_word(str(_plain(value)))}")
-    return " ".join(parts)
+        return llmplan_command(("submit", "finetune"), options=spec)
+    if candidate.strategy.replicas > 1:
+        return llmplan_command(("submit", "infer"), options={**spec, "prompt": PROMPT_PLACEHOLDER})
+    options = {key: value for key, value in spec.items() if key != "model"}
+    return llmplan_command(("generate",), (spec["model"], PROMPT_PLACEHOLDER), options)
 
 
-def _plain(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _shell_word(text: str) -> str:
-    return shlex.quote(text)
+def job_document(task: Task, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The job spec `llmplan submit SPEC.yaml` reads: the task, the options, and a prompt to replace (inference)."""
+    prompts = {"prompt": [PROMPT_PLACEHOLDER]} if task is Task.INFER else {}
+    return {"task": task.value, **{key: plain(value) for key, value in spec.items()}, **prompts}
 
 
 def yaml_text(task: Task, spec: Mapping[str, Any]) -> str:
     import yaml
 
-    return yaml.safe_dump({"task": task.value, **{k: _plain(v) for k, v in spec.items()}}, sort_keys=False)
+    return yaml.safe_dump(job_document(task, spec), sort_keys=False)
 
 
 # ---- rendering ----------------------------------------------------------------------------------------
@@ -330,7 +329,7 @@ class Report:
         if result.best is not None:
             spec = self.spec_for(result.best)
             data["recommendation"] = {**result.best.to_dict(total), "command": command_line(result.best, spec),
-                                      "job": {"task": fit.task.value, **spec}}
+                                      "job": job_document(fit.task, spec)}
         else:
             data["reasons"] = list(result.reasons)
             data["nearest"] = result.nearest.to_dict(total) if result.nearest else None
@@ -446,6 +445,9 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--deepspeed/--no-deepspeed", default=None, help="Plan with or without DeepSpeed [default: if nvcc is found].")
+@click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
+              help="Plan with Liger's fused training kernels (what the runtime uses on GPUs) or none.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @json_option
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)

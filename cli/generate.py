@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 
 import click
 
@@ -16,12 +15,6 @@ from .options import (BATCH, GPUS, SEED, TEMPERATURE, TOKENS, TOP_P, UserError, 
                       print_json, user_errors)
 
 INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
-
-
-def jobs_dir() -> Path:
-    from llmplan.runtime.paths import jobs_dir as configured
-
-    return configured()
 
 
 def detect_hardware(gpus: int | None):
@@ -44,8 +37,9 @@ def make_plan(model: str, *, batch_size: int, prompt_len: int, max_new_tokens: i
     return plan_inference(ask, hardware)
 
 
-def announce_model(model: str) -> None:
-    """Make the model runnable here first (pull or convert once, with progress) and say where it went.
+def announce_model(model: str) -> Path | None:
+    """Make the model runnable here first (pull or convert once, with progress), say where it went and
+    return its directory.
 
     A model that cannot be made runnable is left to the job, which records the failure and its class."""
     from llmplan.runtime.model_store import ModelStoreError, ensure_model
@@ -53,9 +47,45 @@ def announce_model(model: str) -> None:
     try:
         local = ensure_model(model, progress=True)
     except ModelStoreError:
-        return
+        return None
     if local.converted_now:
         click.echo(local.note, err=True)
+    return local.path
+
+
+def prompt_template(model_dir: Path | None, adapter: str | None, choice: str):
+    """The prompt template the prompts go to the model in (`prompt_templates.resolve_template`), checked
+    before the job starts; None when the model is not runnable here (the job reports that)."""
+    from llmplan.runtime.prompt_templates import TemplateError, resolve_template
+
+    if model_dir is None:
+        return None
+    try:
+        template = resolve_template(choice, model_dir, adapter)
+    except TemplateError as error:
+        raise UserError(str(error)) from None
+    return template
+
+
+def empty_answer_hint(template, model: str) -> str:
+    """What to try when the model answered nothing, given the template the prompt was sent in."""
+    if template is not None and template.name == "none":
+        return (f"it was sent as raw text; an instruct or fine-tuned model answers a question in its template: "
+                f"try --template chat (or alpaca), or llmplan chat {model}")
+    sent = f"it was sent in template {template.name}" if template is not None else "check the prompt template"
+    return f"{sent}; try another --template (alpaca, chat, none), or llmplan chat {model}"
+
+
+def warn_empty(items, completions, template, model: str) -> None:
+    """One line on stderr for each completion that is empty: the model stopped at once."""
+    for index, (item, completion) in enumerate(zip(items, completions)):
+        if completion.text.strip():
+            continue
+        which = f"completion {index + 1} is" if len(completions) > 1 else "the completion is"
+        stopped = ("the model stopped at once" if completion.finish_reason.value == "stop"
+                   else f"{completion.completion_tokens} tokens of blank text")
+        sent_in = template.for_item(item) if template is not None else None
+        click.echo(f"note: {which} empty ({stopped}): {empty_answer_hint(sent_in, model)}", err=True)
 
 
 def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
@@ -70,6 +100,17 @@ def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
     if not items:
         raise UserError("nothing to generate: give a prompt, or --input FILE.jsonl with one prompt or dialog a line")
     return items
+
+
+TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")  # runtime.prompt_templates.CHOICES (not imported: light)
+
+
+def template_option(choices: tuple[str, ...]):
+    return click.option(
+        "--template", type=click.Choice(choices), default="auto", show_default=True,
+        help="How a prompt is sent. auto: the template the adapter (or fine-tuned model) was trained with; else, "
+             "on a model with a chat template, that template for a prompt that ends a sentence (. ! ?) and the "
+             "text as written for one that does not; none: the text as written (a completion).")
 
 
 def generation_options(command):
@@ -87,6 +128,7 @@ def generation_options(command):
         click.option("--prompt-len", type=TOKENS, default=512, show_default=True,
                      help="Longest prompt to plan memory for."),
         click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter directory."),
+        template_option(TEMPLATE_CHOICES),
         click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), help="Default: the planner's choice."),
         click.option("--quant", type=choice_of(Quant), help="Default: the planner's choice (16-bit when it fits)."),
         click.option("--gpus", type=GPUS, help="GPUs to use (default: all NVML finds)."),
@@ -100,7 +142,8 @@ def generation_options(command):
 
 def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, output: str | None,
             max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int, prompt_len: int,
-            adapter: str | None, precision: str | None, quant: str | None, gpus: int | None, hardware=None):
+            adapter: str | None, template: str, precision: str | None, quant: str | None, gpus: int | None,
+            hardware=None):
     """The plan and the inputs of an inference job, checked before anything starts.
 
     `hardware(gpus)` says what to plan for (`llmplan submit`: the cluster's GPUs); default: this machine's."""
@@ -115,7 +158,7 @@ def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, out
                                       seed=seed, batch_size=plan.batch_size)
     except InferenceError as error:
         raise UserError(str(error)) from error
-    return plan, InferenceInputs(items=items, settings=settings, adapter=adapter, output=output)
+    return plan, InferenceInputs(items=items, settings=settings, adapter=adapter, output=output, template=template)
 
 
 @click.command("generate")
@@ -127,24 +170,29 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
     """Complete text prompts or chat dialogs with MODEL, planned, run in Ray actors and recorded as a job."""
     from llmplan.runtime import inference_job
 
+    from .scheduling import store_jobs_root
+
     plan, inputs = prepare(model, prompts, **options)
-    announce_model(plan.model)
+    template = prompt_template(announce_model(plan.model), inputs.adapter, inputs.template)
     streamed = not as_json and len(inputs.items) == 1
     with open_engine(db_url) as (engine, _):
         job = inference_job.submit(engine, plan, inputs, name=f"generate {plan.model_name}", submitter=getpass.getuser())
         click.echo(f"job {job.id}: {plan.summary()}", err=True)
+        if template is not None:
+            click.echo(template.describe(), err=True)
         on_text = (lambda piece: click.echo(piece, nl=False)) if streamed else None
-        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=jobs_dir(), on_text=on_text)
+        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=store_jobs_root(engine), on_text=on_text)
     if outcome.error:
         raise click.ClickException(f"job {job.id} failed: {outcome.error} (llmplan show {job.id})")
+    if streamed:
+        click.echo()
+    warn_empty(inputs.items, outcome.completions, template, model)
     if as_json:
         print_json({"job": job.id, "plan": plan.to_dict(), "output": outcome.output,
-                    "tokens_per_s": outcome.tokens_per_s,
+                    "tokens_per_s": outcome.tokens_per_s, "template": template.name if template else None,
                     "completions": [{"text": c.text, "finish_reason": c.finish_reason.value,
                                      "completion_tokens": c.completion_tokens} for c in outcome.completions]})
         return
-    if streamed:
-        click.echo()
     for index, completion in enumerate(() if streamed else outcome.completions):
         if len(outcome.completions) > 1:
             click.echo(f"--- {index + 1}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -56,6 +56,8 @@ STATUS_STYLES = {
     JobStatus.FAILED: "bold red",
     JobStatus.CANCELLED: "yellow",
 }
+RAY_NODE_ID = re.compile(r"[0-9a-f]{56}")  # what the scheduler records as a job's placement
+RUNNING_ON = re.compile(r"on (\S+): ")  # a driver's running event names the node's IP (runtime.inference_job.start)
 _RELATIVE_SINCE = re.compile(r"^\s*(?P<count>[0-9]+)\s*(?P<unit>m|min|h|d|w)\s*$", re.IGNORECASE)
 _SINCE_UNITS = {"m": timedelta(minutes=1), "min": timedelta(minutes=1), "h": timedelta(hours=1),
                 "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -216,6 +218,12 @@ class PlanComparison:
     planned_tokens_per_s: float | None
     measured_tokens_per_s: float | None
     final_loss: float | None
+    on_cpu: bool = False  # the plan runs on the CPU: memory is per process, not per GPU
+
+    @property
+    def memory_unit(self) -> str:
+        """What one memory figure is measured on: a GPU, or a CPU process (a training rank)."""
+        return "process" if self.on_cpu else "GPU"
 
     @property
     def measured_peak_memory_bytes(self) -> int | None:
@@ -231,6 +239,7 @@ def compare_plan(job: Job) -> PlanComparison:
         planned_tokens_per_s=job.planned_tokens_per_s,
         measured_tokens_per_s=job.measured_tokens_per_s,
         final_loss=job.final_loss,
+        on_cpu=(job.plan or {}).get("device") == "cpu",
     )
 
 
@@ -289,7 +298,7 @@ def render_job_details(console: Console, details: JobDetails) -> None:
     job = details.job
     now = datetime.now(timezone.utc)
     console.print(f"[bold]Job {job.id}[/bold]  {job.name}  ({job.kind.value})  {styled_status(job.status)}")
-    console.print(_summary_table(job, now))
+    console.print(_summary_table(job, now, details.events))
     console.print()
     console.print("[bold]Planned vs measured[/bold]")
     console.print(_comparison_table(compare_plan(job)))
@@ -309,7 +318,7 @@ def render_job_details(console: Console, details: JobDetails) -> None:
             console.print(JSON.from_data(document))
 
 
-def _summary_table(job: Job, now: datetime) -> Table:
+def _summary_table(job: Job, now: datetime, events: Sequence[JobEvent]) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim", no_wrap=True)
     table.add_column()
@@ -323,7 +332,7 @@ def _summary_table(job: Job, now: datetime) -> Table:
         ("started", _utc(job.started_at)),
         ("finished", _utc(job.finished_at)),
         ("ran", format_duration(run_time(job, now))),
-        ("placement", placement_text(job) or NO_VALUE),
+        ("placement", placement_text(job, events) or NO_VALUE),
         ("ray", ray_text(job) or NO_VALUE),
     ]
     if job.error_class is not None:
@@ -344,7 +353,7 @@ def _comparison_table(comparison: PlanComparison) -> Table:
     planned_memory = comparison.planned_memory_per_gpu_bytes
     measured_memory = comparison.measured_peak_memory_bytes
     table.add_row(
-        "peak memory per GPU",
+        f"peak memory per {comparison.memory_unit}",
         format_gib(planned_memory) if planned_memory is not None else NO_VALUE,
         format_gib(measured_memory) if measured_memory is not None else NO_VALUE,
         format_ratio(measured_memory, planned_memory),
@@ -352,7 +361,7 @@ def _comparison_table(comparison: PlanComparison) -> Table:
     peaks = comparison.measured_peak_memory_per_gpu_bytes or []
     if len(peaks) > 1:
         for index, peak in enumerate(peaks):
-            table.add_row(f"  GPU {index}", "", format_gib(peak), format_ratio(peak, planned_memory))
+            table.add_row(f"  {comparison.memory_unit} {index}", "", format_gib(peak), format_ratio(peak, planned_memory))
     table.add_row(
         "throughput (tokens/s)",
         format_number(comparison.planned_tokens_per_s),
@@ -404,11 +413,22 @@ def run_time(job: Job, now: datetime) -> timedelta | None:
     return (job.finished_at or now) - job.started_at
 
 
-def placement_text(job: Job) -> str:
+def placement_text(job: Job, events: Sequence[JobEvent] = ()) -> str:
     if job.placement_node is None:
         return ""
+    node = node_text(job.placement_node, events)
     gpus = ",".join(str(gpu) for gpu in job.placement_gpus or [])
-    return f"{job.placement_node} GPU {gpus}" if gpus else job.placement_node
+    return f"{node} GPU {gpus}" if gpus else node
+
+
+def node_text(node: str, events: Sequence[JobEvent] = ()) -> str:
+    """The node as users know it: its IP (recorded by `generate`, or reported by the job's driver when it
+    started: "on IP: ..."); a scheduler records Ray's 56-character node id, shown by its first 12 characters
+    when no event names the IP."""
+    if not RAY_NODE_ID.fullmatch(node):
+        return node
+    reported = (RUNNING_ON.match(event.message or "") for event in events if event.to_status is JobStatus.RUNNING)
+    return next((match.group(1) for match in reported if match), f"node {node[:12]}")
 
 
 def ray_text(job: Job) -> str:

@@ -1,14 +1,16 @@
 """The `llmplan` command.
 
 Subcommands are imported only when they run, so `llmplan estimate` and `llmplan fit` never pay for
-(or import) the job store, Ray or the heavy runtime stack.
+(or import) the job store, Ray or the heavy runtime stack; `llmplan --help` imports none of them.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
+from pathlib import Path
 
 import click
 
@@ -69,6 +71,15 @@ class LazyGroup(click.Group):
             raise OneLineError(f"internal error, {type(error).__name__}: {error} (a bug in llmplan; "
                                f"{DEBUG_VARIABLE}=1 shows the traceback)", EXIT_SYSTEM_FAILED) from None
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list with each command's docstring read from its source, not imported (that costs seconds)."""
+        listed = [(name, click.Command(name, help=command_docstring(name))) for name in self.list_commands(ctx)]
+        if not listed:
+            return
+        limit = formatter.width - 6 - max(len(name) for name, _ in listed)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, command.get_short_help_str(limit)) for name, command in listed])
+
     @staticmethod
     def _module_exists(cmd_name: str) -> bool:
         module_name = COMMANDS[cmd_name].split(":")[0]
@@ -82,6 +93,15 @@ class OneLineError(click.ClickException):
         lines = [line.strip() for line in str(message).splitlines() if line.strip()]
         super().__init__("; ".join(lines) or "failed")
         self.exit_code = exit_code
+
+
+def command_docstring(cmd_name: str) -> str | None:
+    """The docstring of the function behind a subcommand (click's help text for it), from its module's source."""
+    module_name, attribute = COMMANDS[cmd_name].split(":")
+    spec = importlib.util.find_spec(f"llmplan.cli.{module_name}")
+    tree = ast.parse(Path(spec.origin).read_text())
+    return next((ast.get_docstring(node) for node in tree.body
+                 if isinstance(node, ast.FunctionDef) and node.name == attribute), None)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmplan.runtime.model_store import ModelStoreError, merge_adapter
+from llmplan.runtime.model_store import ModelStoreError
 
 from .options import UserError, user_errors
 
@@ -20,9 +20,17 @@ def merge(base: str, adapter: Path, out: Path) -> None:
     """Merge the PEFT LoRA adapter in ADAPTER into BASE and save a plain Hugging Face directory at --out.
 
     BASE is what the adapter was trained on: a Hugging Face directory, a Meta checkpoint directory or
-    smollm2-135m-instruct. The merged model loads without PEFT and runs at the base model's speed.
+    smollm2-135m-instruct. The merged model loads without PEFT and runs at the base model's speed, and
+    keeps the prompt template the adapter was trained with. What the libraries print goes to a log file
+    (~/.llmplan/logs/merge.log), not the terminal.
     """
+    from llmplan.runtime.library_output import command_log, library_output_to
+    from llmplan.runtime.model_store import merge_adapter
+    from llmplan.runtime.prompt_templates import carry_template
+
     if not adapter.expanduser().is_dir():
         raise UserError(f"no such directory: {adapter} (give the directory a PEFT adapter was saved to)")
-    path = merge_adapter(base, adapter, out)
+    with library_output_to(command_log("merge")):
+        path = merge_adapter(base, adapter, out)
+    carry_template(adapter.expanduser(), path)
     click.echo(path)

@@ -14,11 +14,11 @@ from llmplan.planner.request import RequestError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 from llmplan.runtime.train_config import TrainConfigError
 
-from .generate import announce_model, generation_options, jobs_dir, prepare
+from .generate import generation_options, prepare
 from .jobs import db_option, open_engine
 from .options import (BATCH, EPOCHS, FRACTION, GPUS, JOB_ID, LEARNING_RATE, LORA_RANK, OUTPUT_DIR, SEED, STEPS,
                       STEPS_OR_ZERO, TOKENS, WORKERS, UserError, json_option, lora_needs_lora, user_errors)
-from .scheduling import Cluster, report_queued, scheduling_options
+from .scheduling import Cluster, prepare_model, report_queued, say_if_device_changed, scheduling_options
 
 POLL_SECONDS = 0.5
 RETRY_PATIENCE_S = 10.0
@@ -62,20 +62,21 @@ def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retrie
                  wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Batch inference as a job, queued on the Ray cluster: prints the job id and returns (or follows it with --wait)."""
     with open_engine(db_url) as (engine, _):
-        job, plan = queue_inference(Cluster(engine, address), model, prompts, options, priority=priority,
-                                    max_retries=max_retries)
-        report_queued(engine, job.id, plan, as_json, wait)
+        cluster = Cluster(engine, address)
+        job, plan = queue_inference(cluster, model, prompts, options, priority=priority, max_retries=max_retries)
+        report_queued(engine, job.id, plan, cluster.jobs_root, as_json, wait)
 
 
 def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], options: dict, *, priority: int,
                     max_retries: int):
     """Plan a batch-inference job for the cluster, check it, record it queued and wake the scheduler: what
     `llmplan submit infer` and the dashboard both do. Returns the job record and its plan."""
-    from llmplan.runtime import inference_job
-
+    prepare_model(model)
     plan, inputs = prepare(model, prompts, hardware=cluster.hardware, **options)
+    say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("infer", plan)
-    announce_model(plan.model)
+    from llmplan.runtime import inference_job  # after the checks: refusals stay quick
+
     job = inference_job.submit(cluster.engine, plan, inputs, name=f"infer {plan.model_name}",
                                submitter=getpass.getuser(), priority=priority,
                                scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
@@ -166,6 +167,9 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
 @click.option("--lora-r", type=LORA_RANK, default=8, show_default=True, callback=lora_needs_lora)
 @click.option("--lora-targets", default="all-linear", show_default=True, callback=lora_needs_lora,
               help="Comma list or all-linear.")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--kernels", type=click.Choice(("liger", "none")), default="liger", show_default=True,
+              help="Liger's fused training kernels (on GPUs, for the architectures Liger supports) or none.")
 @click.option("--epochs", type=EPOCHS, default=None, help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=STEPS, default=None, help="Optimizer steps (instead of --epochs).")
 @click.option("--lr", type=LEARNING_RATE, default=2e-4, show_default=True)
@@ -183,24 +187,29 @@ def submit_finetune(model: str, data: str, resume_job: int | None, priority: int
                     address: str | None, wait: bool, db_url: str | None, as_json: bool, **options) -> None:
     """Fine-tuning as a job: planned for the cluster's GPUs, checked, queued, run in Ray Train workers."""
     with open_engine(db_url) as (engine, _):
-        job, plan = queue_finetune(Cluster(engine, address), model, data, options, priority=priority,
-                                   max_retries=max_retries, resume_job=resume_job)
-        report_queued(engine, job.id, plan, as_json, wait)
+        cluster = Cluster(engine, address)
+        job, plan = queue_finetune(cluster, model, data, options, priority=priority, max_retries=max_retries,
+                                   resume_job=resume_job)
+        report_queued(engine, job.id, plan, cluster.jobs_root, as_json, wait)
 
 
 def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, priority: int, max_retries: int,
                    resume_job: int | None = None):
     """Plan a fine-tuning job for the cluster (or take a resumed job's plan), check it, record it queued and
     wake the scheduler: what `llmplan submit finetune` and the dashboard both do. Returns the job and its plan."""
-    from llmplan.runtime import finetune_job
-
     engine = cluster.engine
     if resume_job is not None:
         plan, config = resumed(engine, resume_job)
+        prepare_model(plan.model)
     else:
-        plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine))
+        check_training_request(data, options)
+        prepare_model(model)
+        plan, config = plan_training(model, data, options, cluster.hardware, learned_margin_in(engine),
+                                     cluster.jobs_root)
+    say_if_device_changed(options["gpus"], plan)
     cluster.refuse_if_never_fits("finetune", plan)
-    announce_model(plan.model)
+    from llmplan.runtime import finetune_job  # after the checks: refusals stay quick
+
     job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
                               retry_of=resume_job, priority=priority,
                               scheduling=cluster.request_fields(plan, max_retries, options["gpus"]))
@@ -208,13 +217,8 @@ def queue_finetune(cluster: Cluster, model: str, data: str, options: dict, *, pr
     return job, plan
 
 
-def plan_training(model: str, data: str, options: dict, hardware_for, margin_for=None):
-    """The plan (checked against the GPUs) and the TrainConfig it fixes; the data is validated first.
-
-    `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs)."""
-    from llmplan.planner.plan import FinetuneAsk, plan_finetune
-    from llmplan.planner.request import LoraSpec, Method, Offload, Precision
-    from llmplan.planner.resolve import resolve_model
+def check_training_request(data: str, options: dict) -> None:
+    """What needs no cluster: the backend asked for, and the data file (its first problem)."""
     from llmplan.runtime.data_formats import DataError, load_examples
 
     if options["fsdp"] or options["fsdp_offload"]:
@@ -224,6 +228,17 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
     except DataError as error:
         more = f" (and {error.count - 1} more problem{'s' if error.count > 2 else ''})" if error.count > 1 else ""
         raise DataFileError(f"{error.first}{more}") from error
+
+
+def plan_training(model: str, data: str, options: dict, hardware_for, margin_for, jobs_root: Path):
+    """The plan (checked against the GPUs) and the TrainConfig it fixes (`check_training_request` first).
+
+    `margin_for(model name, card)` is the headroom the job store has learned for them (more after OOMs);
+    `jobs_root` is the store's folder, where a job's default output goes."""
+    from llmplan.planner.plan import FinetuneAsk, plan_finetune
+    from llmplan.planner.request import Kernels, LoraSpec, Method, Offload, Precision
+    from llmplan.planner.resolve import resolve_model
+
     spec = resolve_model(model).spec
     methods = tuple(Method) if options["method"] == "auto" else (Method(options["method"]),)
     targets = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
@@ -234,13 +249,14 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
         precision=Precision(options["precision"]) if options["precision"] else None, micro_batch=options["micro_batch"],
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
+        kernels=Kernels(options["kernels"]), lora_dropout=options["lora_dropout"],
     )
     ask.lora.target_shapes(spec)  # unknown --lora-targets are refused before the cluster is joined
     hardware = hardware_for(options["gpus"])
     if margin_for is not None:
         ask = dataclasses.replace(ask, margin=margin_for(spec.name, hardware.gpu.name if hardware else "cpu"))
     plan = plan_finetune(ask, hardware)
-    return plan, train_config(plan, data, options)
+    return plan, train_config(plan, data, options, jobs_root)
 
 
 def learned_margin_in(engine):
@@ -259,12 +275,13 @@ def global_batch(options: dict) -> int:
     return 16
 
 
-def train_config(plan, data: str, options: dict):
+def train_config(plan, data: str, options: dict, jobs_root: Path):
+    from llmplan.runtime.paths import default_output
     from llmplan.runtime.train_config import DataConfig, TrainConfig
 
     if plan.backend == "fsdp":
         raise UserError(FSDP_MISSING)
-    output = options["output"] or str(jobs_dir() / "finetune" / f"{plan.model_name}-{int(time.time())}")
+    output = options["output"] or str(default_output(jobs_root, "finetune", plan.model_name))
     return TrainConfig(
         model=plan.model, data=DataConfig(path=str(Path(data).resolve()), format=options["data_format"],
                                           template=options["template"], packing=options["packing"],
@@ -274,6 +291,7 @@ def train_config(plan, data: str, options: dict):
         gradient_checkpointing=plan.gradient_checkpointing, optimizer=plan.optimizer, lr=options["lr"],
         warmup_steps=options["warmup_steps"], max_steps=options["max_steps"], epochs=options["epochs"] or 1.0,
         lora_r=plan.lora_r, lora_alpha=2 * plan.lora_r, lora_targets=plan.lora_targets, seed=options["seed"],
+        kernels=plan.kernels, lora_dropout=plan.lora_dropout,
         save_every=options["save_every"], device=plan.device, workers=plan.workers,
         backend="single" if plan.backend == "single" else plan.backend, zero=plan.zero, offload=plan.offload,
     )

@@ -10,8 +10,9 @@ PAGE = r"""<!doctype html>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #1d232a; background: #f6f7f9; }
   header { background: #1d232a; color: #fff; padding: 10px 20px; font-weight: 600; }
-  main { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; padding: 16px 20px; }
-  section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 12px 16px; }
+  main { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; padding: 16px 20px; }
+  section { background: #fff; border: 1px solid #dde1e6; border-radius: 6px; padding: 12px 16px; min-width: 0;
+            overflow-x: auto; }
   h2 { font-size: 15px; margin: 0 0 8px; }
   label { display: inline-block; margin: 0 10px 6px 0; }
   input, select { font: inherit; padding: 2px 4px; }
@@ -19,10 +20,12 @@ PAGE = r"""<!doctype html>
   th, td { text-align: left; padding: 3px 6px; border-bottom: 1px solid #eef0f2; white-space: nowrap; }
   .bar { display: flex; height: 12px; width: 220px; background: #eef0f2; border-radius: 3px; overflow: hidden; }
   .bar span { display: block; height: 100%; }
-  .error { color: #b3261e; }
+  .error { color: #b3261e; white-space: normal; overflow-wrap: anywhere; }
+  .legend { display: flex; flex-wrap: wrap; gap: 4px 12px; font-size: 12px; margin: 6px 0; }
+  .legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }
   .muted { color: #6b7580; }
   pre { background: #1d232a; color: #e6e6e6; padding: 8px; max-height: 240px; overflow: auto; font-size: 12px; }
-  #job, #submit { grid-column: 1 / span 2; }
+  #plan, #job, #submit { grid-column: 1 / span 2; }
   tr.job { cursor: pointer; }
   #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
   td.wrap { white-space: normal; overflow-wrap: anywhere; }
@@ -71,6 +74,27 @@ const GIB = 2 ** 30;
 const colors = ["#3b6ea8", "#e08a2c", "#5a9e4b", "#a8443b", "#7c5aa8", "#2ca3a3", "#a8a23b", "#888"];
 const esc = (text) => String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 const gib = (bytes) => bytes == null ? "" : (bytes / GIB).toFixed(1) + " GiB";
+// A stored time (ISO, UTC, microseconds) as the reader's local time to the second: 2026-12-03 11:25:42.
+const when = (iso) => {
+  if (!iso) return "";
+  const text = String(iso).replace(" ", "T").replace(/(\.\d{3})\d+/, "$1");
+  const time = new Date(/[zZ]$|[+-]\d\d:?\d\d$/.test(text) ? text : text + "Z");
+  if (isNaN(time)) return String(iso);
+  const two = (n) => String(n).padStart(2, "0");
+  return `${time.getFullYear()}-${two(time.getMonth() + 1)}-${two(time.getDate())} ` +
+         `${two(time.getHours())}:${two(time.getMinutes())}:${two(time.getSeconds())}`;
+};
+// A record's key as words: peak_memory_per_gpu_bytes -> "peak memory per GPU" (the value carries its unit),
+// tokens_per_s -> "tokens per second".
+const label = (key) => key.replace(/_per_s$/, "_per_second").replace(/_bytes$/, "").replace(/_s$/, "_(s)")
+  .replaceAll("_", " ").replace(/\bgpu\b/g, "GPU");
+// One colour per memory term, whichever candidate shows it (the legend names them).
+const termColors = new Map();
+const termColor = (name) => {
+  if (!termColors.has(name)) termColors.set(name, colors[termColors.size % colors.length]);
+  return termColors.get(name);
+};
+let choices = {};  // the submit commands' menus: {task: {key: [values]}}
 
 async function api(path, body) {
   const init = body === undefined ? {} : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
@@ -84,9 +108,15 @@ async function api(path, body) {
 
 function memoryBar(candidate, capacity) {
   const parts = (candidate.breakdown || []).filter((term) => term.bytes > 0);
-  const spans = parts.map((term, i) => `<span title="${esc(term.name)}: ${gib(term.bytes)} (${esc(term.note)})"
-    style="width:${100 * term.bytes / capacity}%;background:${colors[i % colors.length]}"></span>`);
+  const spans = parts.map((term) => `<span title="${esc(term.name)}: ${gib(term.bytes)} (${esc(term.note)})"
+    data-term="${esc(term.name)}" style="width:${100 * term.bytes / capacity}%;background:${termColor(term.name)}"></span>`);
   return `<div class="bar" title="${gib(candidate.memory_bytes)} of ${gib(capacity)}">${spans.join("")}</div>`;
+}
+
+function memoryLegend(candidates) {
+  const names = [...new Set(candidates.flatMap((c) => (c.breakdown || []).filter((t) => t.bytes > 0).map((t) => t.name)))];
+  return `<div id="memory-legend" class="legend">${names.map((name) =>
+    `<span data-term="${esc(name)}"><i style="background:${termColor(name)}"></i>${esc(name)}</span>`).join("")}</div>`;
 }
 
 async function plan(event) {
@@ -107,7 +137,8 @@ async function plan(event) {
       ${esc(report.hardware.gpu)} (${gib(capacity)} each); a plan may use ${gib(report.budget_bytes)}</p>` +
       (report.feasible ? `<table id="candidates"><thead><tr><th>#</th><th>method</th><th>quant</th><th>precision</th>
       <th>parallelism</th><th>micro x accum</th><th>memory/GPU</th><th>vs capacity</th><th>tokens/s</th><th>time</th><th></th></tr></thead>
-      <tbody>${rows.join("")}</tbody></table><p class="muted">${esc(report.recommendation.command)}</p>`
+      <tbody>${rows.join("")}</tbody></table>${memoryLegend(report.candidates)}
+      <p class="muted">${esc(report.recommendation.command)}</p>`
       : `<p class="error">nothing fits: ${esc((report.suggestions || []).map((s) => s.text).join("; "))}</p>`);
   } catch (error) {
     document.getElementById("plan-error").textContent = error.message;
@@ -121,10 +152,15 @@ const RUN_FIELDS = {finetune: ["data", "max-steps", "epochs", "lr", "output", "p
 const FIELD_HINTS = {data: "JSONL on the server", output: "folder on the server [default: the job's folder]",
                      prompt: "one prompt a line", input: "prompts JSONL on the server"};
 
-function specField(key, value) {
+function specField(key, value, menu) {
   const error = `<span class="field-error" data-field="${esc(key)}"></span>`;
   let input;
-  if (typeof value === "boolean") {
+  if (menu) {
+    const values = value === "" || menu.includes(String(value)) ? menu : [String(value), ...menu];
+    const options = ["", ...values].map((option) => `<option value="${esc(option)}" ${option === String(value) ? "selected" : ""}>
+      ${option ? esc(option) : "default"}</option>`);
+    input = `<select name="${esc(key)}">${options.join("")}</select>`;
+  } else if (typeof value === "boolean") {
     input = `<select name="${esc(key)}" data-kind="boolean"><option value="">planner's choice</option>
       <option value="true" ${value ? "selected" : ""}>yes</option><option value="false" ${value ? "" : "selected"}>no</option></select>`;
   } else if (key === "prompt") {
@@ -138,7 +174,8 @@ function specField(key, value) {
 function openSubmit(candidate) {
   const spec = candidate.job, task = spec.task;
   const keys = [...Object.keys(spec).filter((k) => k !== "task"), ...RUN_FIELDS[task].filter((k) => !(k in spec))];
-  document.getElementById("submit-fields").innerHTML = keys.map((k) => specField(k, spec[k] ?? "")).join("");
+  const menus = choices[task] || {};
+  document.getElementById("submit-fields").innerHTML = keys.map((k) => specField(k, spec[k] ?? "", menus[k])).join("");
   const form = document.getElementById("submit-form");
   form.dataset.task = task;
   document.getElementById("submit-title").textContent = `Submit: ${task} ${spec.model}`;
@@ -192,7 +229,7 @@ async function loadJobs() {
   const query = new URLSearchParams({...(status && {status}), ...(model && {model})});
   const jobs = await api("/api/jobs?" + query);
   document.getElementById("job-rows").innerHTML = jobs.map((j) => `<tr class="job" data-id="${j.id}"><td>${j.id}</td>
-    <td>${esc(j.name)}</td><td class="status">${esc(j.status)}</td><td>${esc(j.model)}</td><td>${esc(j.created_at)}</td>
+    <td>${esc(j.name)}</td><td class="status">${esc(j.status)}</td><td>${esc(j.model)}</td><td class="time">${esc(when(j.created_at))}</td>
     <td class="error">${esc(j.error_message)}</td></tr>`).join("");
 }
 
@@ -237,7 +274,7 @@ async function refreshJob(id) {
   if (followed !== id) return;
   const job = detail.job, cmp = detail.planned_vs_measured || {};
   const rows = Object.entries(cmp).filter(([, v]) => v && typeof v === "object" && "planned" in v).map(([k, v]) =>
-    `<tr><td>${esc(k.replaceAll("_", " "))}</td><td>${esc(shown(k, v.planned))}</td><td>${esc(shown(k, v.measured))}</td></tr>`).join("");
+    `<tr><td class="label">${esc(label(k))}</td><td>${esc(shown(k, v.planned))}</td><td>${esc(shown(k, v.measured))}</td></tr>`).join("");
   document.getElementById("job-name").textContent = job.name;
   document.getElementById("job-status-text").textContent = job.status;
   document.getElementById("cancel").hidden = !CANCELLABLE.has(job.status);
@@ -245,7 +282,7 @@ async function refreshJob(id) {
     ${job.error_message ? `<p class="error">${esc(job.error_class)}: ${esc(job.error_message)}</p>` : ""}
     ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
     ${lossCurve(detail.metrics)}
-    <h3>events</h3><table>${detail.events.map((e) => `<tr><td>${esc(e.at)}</td><td>${esc(e.from_status)}</td>
+    <h3>events</h3><table>${detail.events.map((e) => `<tr><td class="time">${esc(when(e.at))}</td><td>${esc(e.from_status)}</td>
       <td>${esc(e.to_status)}</td><td class="wrap">${esc(e.message)}</td></tr>`).join("")}</table>`;
   if (ENDED.has(job.status)) loadJobs();
   else setTimeout(() => refreshJob(id), 2000);
@@ -269,6 +306,7 @@ document.getElementById("job-rows").addEventListener("click", (e) => {
   const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));
 });
 for (const id of ["job-status", "job-model"]) document.getElementById(id).addEventListener("change", loadJobs);
+api("/api/choices").then((menus) => { choices = menus; });
 api("/api/models").then((models) => {
   document.getElementById("models").innerHTML = models.map((m) => `<option value="${esc(m.name)}">`).join("");
 });

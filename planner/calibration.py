@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from .estimator import estimate
-from .request import ALL_LINEAR, EstimateRequest, LoraSpec, Method, Optimizer, Precision, Quant, Task
+from .request import ALL_LINEAR, EstimateRequest, Kernels, LoraSpec, Method, Optimizer, Precision, Quant, Task
 from .resolve import find_model
 
 
@@ -16,21 +17,31 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def request_from_case(case: dict) -> EstimateRequest:
-    """The request describing a measured case (inference cases carry no method: LoRA is the default)."""
-    targets = (ALL_LINEAR,) if case["lora_targets"] == ALL_LINEAR else tuple(case["lora_targets"].split(","))
+    """The request describing a measured case (inference cases carry no method: LoRA is the default).
+
+    Cases of `benchmarks/long_context_bench.py` leave out what they do not vary (fine-tuning, bf16-true,
+    AdamW, all-linear LoRA targets) and may keep only `layers` of the architecture's decoder layers."""
+    model = find_model(case["model"])
+    if case.get("layers"):
+        model = dataclasses.replace(model, name=f"{model.name}-{case['layers']}l", num_layers=case["layers"])
+    method = case.get("method", "none")
+    targets = case.get("lora_targets", ALL_LINEAR)
     return EstimateRequest(
-        model=find_model(case["model"]),
-        task=Task(case["task"]),
-        method=Method(case["method"]) if case["method"] != "none" else Method.LORA,
-        precision=Precision(case["precision"]),
-        quant=Quant(case["quant"]),
+        model=model,
+        task=Task(case.get("task", "finetune")),
+        method=Method(method) if method != "none" else Method.LORA,
+        precision=Precision(case.get("precision", "bf16-true")),
+        quant=Quant(case.get("quant", "nf4" if method == "qlora" else "none")),
         batch_size=case["batch_size"],
         seq_len=case["seq_len"],
-        prompt_len=case["prompt_len"] or 1,
-        max_new_tokens=case["max_new_tokens"] or 1,
-        lora=LoraSpec(r=case["lora_r"], alpha=2 * case["lora_r"], targets=targets),
+        prompt_len=case.get("prompt_len") or 1,
+        max_new_tokens=case.get("max_new_tokens") or 1,
+        lora=LoraSpec(r=case["lora_r"], alpha=2 * case["lora_r"],
+                      targets=(ALL_LINEAR,) if targets == ALL_LINEAR else tuple(targets.split(","))),
         gradient_checkpointing=case["gradient_checkpointing"],
-        optimizer=Optimizer(case["optimizer"]),
+        optimizer=Optimizer(case.get("optimizer", "adamw")),
+        kernels=Kernels(case.get("kernels", "none")),
+        lora_dropout=case.get("lora_dropout", 0.0),
     )
 
 

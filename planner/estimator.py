@@ -106,8 +106,9 @@ def weight_bytes(req: EstimateRequest) -> Term:
         per_param = req.precision.param_bytes if full else req.precision.compute_bytes
         return Term("weights", int(model.params * per_param), f"{model.params / 1e9:.2f}B params x {per_param} bytes")
     quantized = NF4_BYTES_PER_PARAM if quant is Quant.NF4 else INT8_BYTES_PER_PARAM
-    # prepare_model_for_kbit_training (QLoRA) upcasts every non-quantized parameter to fp32.
-    rest = FP32 if req.method is Method.QLORA and req.task is Task.FINETUNE else BF16
+    # The runtime keeps every non-quantized parameter (embeddings, norms, head) in the compute dtype, QLoRA
+    # too (runtime.modeling.prepare_for_training: no fp32 upcast as in PEFT's prepare_model_for_kbit_training).
+    rest = req.precision.compute_bytes
     total = model.linear_params * quantized + _non_linear_params(model) * rest
     return Term(
         "weights",
@@ -199,19 +200,23 @@ EAGER_ATTENTION_BYTES = 8
 
 
 def activation_bytes(req: EstimateRequest) -> int:
-    """Bytes per element of the activations between layers.
+    """Bytes per element of the activations between layers: the compute dtype, QLoRA included (its norms
+    stay 16-bit, and bitsandbytes' `Linear4bit` casts each output back to its input's dtype)."""
+    return req.precision.compute_bytes
 
-    QLoRA runs them in fp32: `prepare_model_for_kbit_training` upcasts the norms (so their outputs are
-    fp32) and bitsandbytes' `Linear4bit` casts each output back to its input's dtype.
-    """
-    return FP32 if req.method is Method.QLORA else req.precision.compute_bytes
+
+# Liger's RMSNorm saves its input as it is and one fp32 reciprocal RMS per row (liger_kernel/ops/rms_norm.py),
+# where transformers' saves an fp32 copy of the input.
+LIGER_RSTD_BYTES = FP32
 
 
 def _norm_bytes_per_token(req: EstimateRequest) -> float:
     """Two RMSNorms per block (transformers `LlamaRMSNorm`). Each saves its input upcast to fp32; when
     the norm weight trains it also saves the normalised input of the weight multiply (16-bit, or fp32
-    under autocast where the residual stream stays fp32)."""
+    under autocast where the residual stream stays fp32). Liger's saves the input and the fp32 RMS."""
     h = req.model.hidden_size
+    if req.fused_kernels:
+        return 2 * (activation_bytes(req) * h + LIGER_RSTD_BYTES)
     if req.method is not Method.FULL:
         return 2 * FP32 * h
     normalised = FP32 if req.precision.is_mixed else req.precision.compute_bytes
@@ -235,16 +240,20 @@ def _distinct_inputs(model: ModelSpec, names: set[str]) -> list[int]:
     return widths
 
 
+# PEFT's LoRA dropout (`nn.Dropout`, p > 0) saves a mask of one byte per element of each targeted layer's
+# input for its backward, beside the dropped-out fp32 copy that lora_A saves instead of the plain one.
+LORA_DROPOUT_MASK_BYTES = 1
+
+
 def _linear_input_bytes_per_token(req: EstimateRequest) -> float:
     """Inputs the linear layers keep for backward.
 
     Autograd saves a matmul's input only when the weight needs a gradient, so:
     - full, 16-bit: each distinct input once;
     - full under autocast: every linear casts its fp32 input to 16 bits itself and saves that copy;
-    - LoRA: the frozen base saves nothing, but PEFT casts the input of every targeted layer to the
-      adapters' fp32 and lora_A saves that copy (plus lora_B's r-wide input);
-    - QLoRA: inputs are already fp32 and shared by the adapters of the layers that read them; the frozen
-      4-bit base saves nothing (bitsandbytes keeps only the quantized weight for the input gradient).
+    - LoRA and QLoRA: the frozen base saves nothing (bitsandbytes' 4-bit matmul keeps only the quantized
+      weight for the input gradient), but PEFT casts the input of every targeted layer to the adapters'
+      fp32 and lora_A saves that copy (plus lora_B's r-wide input), and with dropout its mask.
     """
     model, r = req.model, req.lora.r
     linears = model.block_linears()
@@ -254,9 +263,8 @@ def _linear_input_bytes_per_token(req: EstimateRequest) -> float:
         return req.precision.compute_bytes * sum(_distinct_inputs(model, set(linears)))
     targets = req.lora.target_shapes(model)
     adapters_r = FP32 * r * len(targets)
-    if req.method is Method.LORA:
-        return FP32 * sum(fan_in for fan_in, _ in targets.values()) + adapters_r
-    return FP32 * sum(_distinct_inputs(model, set(targets))) + adapters_r
+    per_input = FP32 + (LORA_DROPOUT_MASK_BYTES if req.lora_dropout > 0 else 0)
+    return per_input * sum(fan_in for fan_in, _ in targets.values()) + adapters_r
 
 
 # PyTorch's fused SDPA kernels refuse fp32 grouped-query attention ("both fused kernels require query, key
@@ -283,8 +291,10 @@ def _attention_bytes_per_token(req: EstimateRequest) -> float:
 
 def _mlp_bytes_per_token(req: EstimateRequest) -> float:
     """The gated MLP saves the gate output (for the activation), the up output and the activation output
-    (for their product)."""
-    return activation_bytes(req) * 3 * req.model.intermediate_size * req.model.experts_per_token
+    (for their product); Liger's fused SwiGLU / GeGLU saves the gate and up outputs only and recomputes the
+    activation in backward."""
+    widths = 2 if req.fused_kernels else 3
+    return activation_bytes(req) * widths * req.model.intermediate_size * req.model.experts_per_token
 
 
 def layer_bytes_per_token(req: EstimateRequest) -> float:
@@ -303,25 +313,77 @@ def _eager_attention_bytes_per_layer(req: EstimateRequest) -> float:
     return EAGER_ATTENTION_BYTES * req.batch_size * req.model.num_heads * req.seq_len**2
 
 
+# Backward through a LoRA-adapted linear briefly holds the gradient of its input twice: fp32 from lora_A
+# (the adapters' dtype) and 16-bit from the frozen base, before they are summed. The widest input is the
+# down projection's (the MLP width). It shows where no logits dominate: with checkpointing (the recomputed
+# layer's backward) and under Liger's loss (the last layer's backward, every activation still alive).
+# Fitted to issue 15's H200 runs.
+def backward_transient_term(req: EstimateRequest) -> Term:
+    if req.method is Method.FULL or not (req.gradient_checkpointing or req.fused_kernels):
+        return Term("backward transients", 0, "none")
+    widest = max(fan_in for fan_in, _ in req.lora.target_shapes(req.model).values())
+    per_element = FP32 + activation_bytes(req)
+    # Without Liger's SwiGLU (which writes them in place) the gate's and the up projection's output gradients
+    # are two more 16-bit tensors of the MLP width.
+    mlp = 0 if req.fused_kernels else 2 * activation_bytes(req) * req.model.intermediate_size * req.model.experts_per_token
+    return Term("backward transients", int(req.tokens * (widest * per_element + mlp)),
+                f"{req.tokens} tokens x {widest} (widest adapted input) x {per_element} bytes: input gradients"
+                + ("" if req.fused_kernels else ", plus the gate and up gradients"))
+
+
 def activation_terms(req: EstimateRequest) -> tuple[Term, ...]:
     m, tokens = req.model, req.tokens
     per_layer = layer_bytes_per_token(req) * tokens + _eager_attention_bytes_per_layer(req)
     if not req.gradient_checkpointing:
         return (Term("activations", int(per_layer * m.num_layers),
-                     f"{m.num_layers} layers x {tokens} tokens x {layer_bytes_per_token(req) / 1024:.0f} KiB"),)
+                     f"{m.num_layers} layers x {tokens} tokens x {layer_bytes_per_token(req) / 1024:.0f} KiB"),
+                backward_transient_term(req))
     residual = FP32 if req.precision.is_mixed else activation_bytes(req)
     checkpoints = m.num_layers * tokens * m.hidden_size * residual
     return (
         Term("checkpointed layer inputs", int(checkpoints), f"{m.num_layers} layers x {tokens} tokens x hidden x {residual} bytes"),
         Term("recomputed layer", int(per_layer), "one layer's activations, rebuilt during backward"),
+        backward_transient_term(req),
     )
 
 
+def liger_loss_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
+    """Rows of logits Liger's fused linear cross-entropy materialises at once: about tokens x hidden / vocab,
+    rounded up to a power of two (liger_kernel/ops/fused_linear_cross_entropy.py, chunk_mem_const 1)."""
+    inc_factor = -(-vocab // hidden)
+    rows = 1 << max(0, (-(-tokens // inc_factor) - 1).bit_length())
+    return min(rows, tokens)
+
+
+def fused_loss_term(req: EstimateRequest) -> Term:
+    """Liger's fused linear cross-entropy never holds the whole logits: it computes the loss and the gradient
+    of the hidden states chunk by chunk in the forward pass, keeping that gradient (tokens x hidden), one
+    chunk of logits and, when the head trains, its gradient accumulator (in the weights' dtype)."""
+    m, width = req.model, activation_bytes(req)
+    chunk = liger_loss_chunk_rows(req.tokens, m.vocab_size, m.hidden_size)
+    total = req.tokens * m.hidden_size * width + chunk * m.vocab_size * width + req.tokens * FP32
+    if req.method is Method.FULL:
+        total += m.lm_head_params * req.precision.param_bytes if m.lm_head_params else m.embedding_params * req.precision.param_bytes
+    return Term("fused loss", int(total), f"hidden-state gradient + {chunk} rows of logits at a time (Liger)")
+
+
 def logits_term(req: EstimateRequest) -> Term:
+    if req.fused_kernels:
+        return fused_loss_term(req)
     m = req.model
     per_logit = LOSS_BYTES_PER_LOGIT + (SOFTCAP_BYTES_PER_LOGIT if m.model_type == "gemma2" else 0)
     logits = req.tokens * m.vocab_size
     return Term("logits and loss", int(logits * per_logit), f"{req.tokens} tokens x {m.vocab_size} vocab x {per_logit} bytes (fp32 loss)")
+
+
+def tied_embedding_gradient_term(req: EstimateRequest) -> Term:
+    """With tied embeddings the embedding's gradient (vocab x hidden) is computed apart and then added to
+    the head's, so the end of a full fine-tune's backward holds one more copy (issue 15: Qwen2.5-1.5B)."""
+    m = req.model
+    if req.method is not Method.FULL or not m.tie_embeddings:
+        return Term("tied embedding gradient", 0, "none")
+    return Term("tied embedding gradient", m.embedding_params * req.precision.param_bytes,
+                "the embedding's gradient before it is added to the tied head's")
 
 
 def autocast_copies_term(req: EstimateRequest) -> Term:
@@ -381,9 +443,15 @@ def generate_logits_term(req: EstimateRequest) -> Term:
 MiB = 2**20
 SLACK_INFER = (64 * MiB, 0.01, 0.0)  # (fixed bytes, share of the allocation, share of the fp32 logits)
 SLACK_END_OF_BACKWARD = (512 * MiB, 0.01, 0.0)
-SLACK_QLORA = (400 * MiB, 0.0, 0.0)
 SLACK_NO_CHECKPOINTING = (512 * MiB, 0.0, 0.4)
 SLACK_CHECKPOINTING = (100 * MiB, 0.0, 1.05)
+# Issue 15's H200 runs (bf16 QLoRA, 2k-32k tokens): QLoRA with checkpointing keeps 0.59-0.76 x the fp32
+# logits where the loss backward is the peak (where the recomputed layer is, as with small vocabularies, the
+# rule of LoRA with checkpointing holds); under Liger's loss no logits-sized tensor comes and goes, and what stays follows the backward
+# transients (share of that term) instead.
+SLACK_QLORA_CHECKPOINTING = (100 * MiB, 0.0, 0.72)
+SLACK_FUSED_LOSS = (256 * MiB, 0.0, 0.0)
+FUSED_SLACK_SHARE_OF_TRANSIENTS = 0.7
 
 
 def _slack_rule(req: EstimateRequest, phase: str) -> tuple[int, float, float]:
@@ -391,15 +459,20 @@ def _slack_rule(req: EstimateRequest, phase: str) -> tuple[int, float, float]:
         return SLACK_INFER
     if phase == "end of backward":
         return SLACK_END_OF_BACKWARD
-    if req.method is Method.QLORA:
-        return SLACK_QLORA
-    return SLACK_CHECKPOINTING if req.gradient_checkpointing else SLACK_NO_CHECKPOINTING
+    if req.fused_kernels:
+        return SLACK_FUSED_LOSS
+    if req.gradient_checkpointing:
+        qlora_loss = req.method is Method.QLORA and phase == "loss backward"
+        return SLACK_QLORA_CHECKPOINTING if qlora_loss else SLACK_CHECKPOINTING
+    return SLACK_NO_CHECKPOINTING
 
 
 def allocator_slack(req: EstimateRequest, phase: str, allocated: int) -> Term:
     fixed, allocation_share, logits_share = _slack_rule(req, phase)
     fp32_logits = req.tokens * req.model.vocab_size * FP32 if req.task is Task.FINETUNE else 0
     slack = fixed + allocation_share * allocated + logits_share * fp32_logits
+    if req.task is Task.FINETUNE and req.fused_kernels and phase != "end of backward":
+        slack += FUSED_SLACK_SHARE_OF_TRANSIENTS * backward_transient_term(req).bytes
     return Term("allocator slack", int(slack), "reserved beyond allocated (expandable segments), measured on H200")
 
 
@@ -413,9 +486,12 @@ def _finetune_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
     persistent_grads = req.parallel.gpus > 1 or req.parallel.zero > 0
     during_step = [grads] if persistent_grads else []
     activations = activation_terms(req)
+    # Under Liger's loss no logits are alive when the layers' backward starts: its transients add instead.
+    first_backward = activations[1:] if req.fused_kernels and not req.gradient_checkpointing else ()
     phases = {
-        "loss backward": (*resident, *during_step, *activations[:1], logits_term(req), autocast_copies_term(req)),
-        "end of backward": (*resident, grads),
+        "loss backward": (*resident, *during_step, *activations[:1], logits_term(req), autocast_copies_term(req),
+                          *first_backward),
+        "end of backward": (*resident, grads, tied_embedding_gradient_term(req)),
     }
     if req.gradient_checkpointing:
         phases["recompute"] = (*resident, *during_step, *activations)

@@ -14,7 +14,7 @@ from typing import Any
 from .estimator import estimate
 from .hardware import Hardware
 from .models import ModelSpec
-from .request import EstimateRequest, LoraSpec, Method, Offload, Precision, Quant, Task
+from .request import EstimateRequest, Kernels, LoraSpec, Method, Offload, Precision, Quant, Task
 from .search import FitRequest, search
 
 DTYPE_OF_PRECISION = {Precision.BF16_TRUE: "bf16", Precision.FP16_TRUE: "fp16", Precision.FP32: "fp32"}
@@ -166,6 +166,8 @@ class FinetunePlan:
     estimated_tokens_per_s: float | None
     breakdown: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    kernels: str = "none"  # liger | none: the fused training kernels the run uses
+    lora_dropout: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return plan_to_dict(self)
@@ -176,8 +178,10 @@ class FinetunePlan:
         parallel = f", {self.workers} {where} workers ({self.backend}{zero})" if self.workers > 1 else f", 1 {where}"
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         rate = f", ~{self.estimated_tokens_per_s:,.0f} tokens/s" if self.estimated_tokens_per_s else ""
+        kernels = ", Liger kernels" if self.kernels == "liger" else ""
         return (f"plan: {self.model_name}, {self.method}, {self.precision}, micro-batch {self.micro_batch} x "
-                f"{self.grad_accum}{parallel}{checkpointing}, {self.estimated_device_bytes / 2**30:.1f} GiB per device{rate}")
+                f"{self.grad_accum}{parallel}{checkpointing}{kernels}, {self.estimated_device_bytes / 2**30:.1f} GiB per "
+                f"device{rate}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetunePlan":
@@ -202,6 +206,8 @@ class FinetuneAsk:
     workers: int = 1  # only for the CPU, where no planner decides
     margin: float = 0.10
     deepspeed: bool = False
+    kernels: Kernels = Kernels.LIGER  # used where the GPU run supports them (EstimateRequest.fused_kernels)
+    lora_dropout: float = 0.0
 
 
 def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
@@ -210,7 +216,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
         return _cpu_finetune(ask)
     fit = FitRequest(model=ask.spec, hardware=hardware, task=Task.FINETUNE, methods=ask.methods, seq_len=ask.seq_len,
                      batch_size=ask.batch_size, lora=ask.lora, margin=ask.margin, deepspeed=ask.deepspeed,
-                     micro_batch=ask.micro_batch)
+                     micro_batch=ask.micro_batch, kernels=ask.kernels, lora_dropout=ask.lora_dropout)
     per_gpu = ask.batch_size // hardware.count
     if ask.micro_batch and (ask.batch_size % hardware.count or per_gpu % ask.micro_batch):
         raise PlanError(f"--batch-size {ask.batch_size} over {hardware.count} GPU(s) is not a multiple of "
@@ -232,6 +238,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
         estimated_peak_bytes=best.memory.peak_bytes, estimated_device_bytes=best.memory.device_bytes,
         estimated_tokens_per_s=best.tokens_per_s if best.throughput.known else None,
         breakdown=best.memory.breakdown(), notes=(*hardware.notes, best.describe()),
+        kernels=Kernels.LIGER.value if req.fused_kernels else Kernels.NONE.value, lora_dropout=ask.lora_dropout,
     )
 
 
@@ -263,7 +270,8 @@ def _cpu_finetune(ask: FinetuneAsk) -> FinetunePlan:
         raise PlanError(f"--batch-size {ask.batch_size} over {ask.workers} worker(s) is not a multiple of "
                         f"--micro-batch {micro}")
     req = EstimateRequest(model=ask.spec, task=Task.FINETUNE, method=method, precision=precision, batch_size=micro,
-                          seq_len=ask.seq_len, lora=ask.lora, gradient_checkpointing=bool(ask.gradient_checkpointing))
+                          seq_len=ask.seq_len, lora=ask.lora, gradient_checkpointing=bool(ask.gradient_checkpointing),
+                          lora_dropout=ask.lora_dropout)
     memory = estimate(req)
     backend = "deepspeed" if ask.zero else ("ddp" if ask.workers > 1 else "single")
     return FinetunePlan(
@@ -272,5 +280,5 @@ def _cpu_finetune(ask: FinetuneAsk) -> FinetunePlan:
         offload=(ask.offload or Offload.NONE).value, gradient_checkpointing=bool(ask.gradient_checkpointing),
         optimizer="adamw", seq_len=ask.seq_len, lora_r=ask.lora.r, lora_targets=ask.lora.targets,
         estimated_peak_bytes=memory.peak_bytes, estimated_device_bytes=memory.peak_bytes, estimated_tokens_per_s=None,
-        breakdown=memory.breakdown(), notes=("no GPU: training on the CPU",),
+        breakdown=memory.breakdown(), notes=("no GPU: training on the CPU",), lora_dropout=ask.lora_dropout,
     )

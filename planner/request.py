@@ -71,6 +71,17 @@ class Offload(str, Enum):
     PARAMS = "params"
 
 
+class Kernels(str, Enum):
+    """Fused training kernels: Liger's (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) or none."""
+
+    LIGER = "liger"
+    NONE = "none"
+
+
+# Architectures Liger Kernel patches (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN);
+# the runtime applies it to these only, and the estimator models it for these only.
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
+
 ALL_LINEAR = "all-linear"
 
 
@@ -146,8 +157,12 @@ class EstimateRequest:
     gradient_checkpointing: bool = False
     optimizer: Optimizer = Optimizer.ADAMW
     parallel: Parallelism = field(default_factory=Parallelism)
+    kernels: Kernels = Kernels.NONE
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
         sizes = {"--batch-size": self.batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
                  "--max-new-tokens": self.max_new_tokens}
         for option, value in sizes.items():
@@ -184,6 +199,12 @@ class EstimateRequest:
     def effective_quant(self) -> Quant:
         """QLoRA always quantizes the base to nf4."""
         return Quant.NF4 if self.method is Method.QLORA and self.task is Task.FINETUNE else self.quant
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Liger's kernels run: asked for, fine-tuning, and an architecture Liger supports."""
+        return (self.kernels is Kernels.LIGER and self.task is Task.FINETUNE
+                and self.model.model_type in LIGER_MODEL_TYPES)
 
     @property
     def tokens(self) -> int:

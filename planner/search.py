@@ -28,7 +28,18 @@ from .estimator import MemoryEstimate, estimate
 from .gpus import GpuSpec
 from .hardware import Hardware
 from .models import ModelSpec
-from .request import EstimateRequest, LoraSpec, Method, Offload, Parallelism, Precision, Quant, RequestError, Task
+from .request import (
+    EstimateRequest,
+    Kernels,
+    LoraSpec,
+    Method,
+    Offload,
+    Parallelism,
+    Precision,
+    Quant,
+    RequestError,
+    Task,
+)
 from .throughput import Throughput, finetune_throughput, generation_throughput
 from .units import GiB, format_gib
 
@@ -129,6 +140,8 @@ class FitRequest:
     margin: float = 0.10
     deepspeed: bool = False
     micro_batch: int | None = None  # fine-tuning: only this micro-batch (the user's, or a re-plan's)
+    kernels: Kernels = Kernels.NONE  # the CLI passes liger, what the runtime uses on CUDA
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -406,6 +419,8 @@ def _request(fit: FitRequest, family: _Family, batch: int) -> EstimateRequest:
         lora=fit.lora,
         gradient_checkpointing=family.checkpointing,
         parallel=family.strategy.parallel,
+        kernels=fit.kernels,
+        lora_dropout=fit.lora_dropout,
     )
 
 

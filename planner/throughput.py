@@ -283,10 +283,9 @@ def training_work(req: EstimateRequest) -> TrainingWork:
         dequant = m.linear_params * per_param * _weight_passes(req)
     logits = tokens * m.vocab_size * LOSS_BYTES_PER_LOGIT
     flops = tokens * training_flops_per_token(req).total
-    # prepare_model_for_kbit_training upcasts every parameter bitsandbytes did not quantize to fp32, the
-    # output head included, and its input arrives in fp32: the head's forward and input-gradient matmuls
-    # (the head is frozen, and outside the checkpointed blocks) run at the fp32 rate.
-    fp32_flops = tokens * 4.0 * m.vocab_size * m.hidden_size if quantized and req.precision.compute_bytes < 4 else 0.0
+    # The runtime keeps QLoRA's output head in the compute dtype (issue 15; before, PEFT's k-bit preparation
+    # upcast it to fp32 and its matmuls ran at the fp32 rate): no matmul runs at the fp32 rate any more.
+    fp32_flops = 0.0
     return TrainingWork(
         tokens=tokens,
         flops=flops - fp32_flops,

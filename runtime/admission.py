@@ -6,6 +6,10 @@ The scheduler feeds it three things and carries out its answer:
 - the reservations of the jobs already placed (`Reservation`: their plan's bytes on each of their GPUs),
 - the queue (`QueuedJob`: each job's `Demand`, read from its plan).
 
+At submission, `never_fits` and `never_fits_on_cpus` refuse what the cluster could not run even idle: a GPU
+plan no node's GPUs hold, and a CPU plan whose workers (one CPU and its host memory each) the nodes'
+CPUs and memory (`CpuNode`) cannot all hold.
+
 A GPU's available memory is the smaller of what NVML says is free and its total minus the plans placed
 on it: NVML sees other processes and jobs still loading; the plans see jobs that have not allocated yet.
 
@@ -55,6 +59,27 @@ class Demand:
 
 
 @dataclass(frozen=True)
+class CpuNode:
+    """A node's CPUs, and its host memory as Ray measured it at start (its memory and object store)."""
+
+    node_id: str
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class CpuDemand:
+    """What a CPU plan needs: `workers` processes of one CPU and `bytes_per_worker` of host memory each."""
+
+    workers: int
+    bytes_per_worker: int
+
+    def describe(self) -> str:
+        plural = "s" if self.workers > 1 else ""
+        return f"{self.workers} CPU worker{plural} with {memory_text(self.bytes_per_worker)} of host memory each"
+
+
+@dataclass(frozen=True)
 class Reservation:
     job_id: int
     gpus: tuple[GpuKey, ...]
@@ -86,6 +111,33 @@ def demand_of(kind: str, plan: Mapping[str, Any] | None) -> Demand:
         return Demand(0, 0)
     gpus = plan["workers"] if kind == "finetune" else plan["replicas"] * plan["gpus_per_replica"]
     return Demand(int(gpus), int(plan["estimated_device_bytes"]))
+
+
+def memory_text(size: int) -> str:
+    """"49.0 GiB", or "12 MiB" below a GiB."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def cpu_demand_of(kind: str, plan: Mapping[str, Any] | None) -> CpuDemand | None:
+    """The CPU workers a recorded CPU plan asks for (fine-tuning: its workers; inference: its replicas); None
+    for a GPU plan."""
+    if not plan or plan.get("device") == "cuda":
+        return None
+    workers = plan.get("workers", 1) if kind == "finetune" else plan.get("replicas", 1)
+    return CpuDemand(int(workers), int(plan["estimated_device_bytes"]))
+
+
+def cpu_node(ray_node: Mapping[str, Any]) -> CpuNode:
+    """A live node as `ray.nodes()` lists it."""
+    resources = ray_node.get("Resources", {})
+    memory = resources.get("memory", 0) + resources.get("object_store_memory", 0)
+    return CpuNode(ray_node["NodeID"], int(resources.get("CPU", 0)), int(memory))
+
+
+def cpu_capacity(demand: CpuDemand, nodes: Sequence[CpuNode]) -> int:
+    """How many of the demand's workers the idle cluster holds: per node, as many as its CPUs and memory allow."""
+    per_worker = max(demand.bytes_per_worker, 1)
+    return sum(min(node.cpus, node.memory_bytes // per_worker) for node in nodes)
 
 
 def queue_order(queue: Iterable[QueuedJob]) -> list[QueuedJob]:
@@ -159,3 +211,16 @@ def never_fits(demand: Demand, slots: Sequence[GpuSlot]) -> str | None:
     largest = max(per_node.values(), key=lambda sizes: (len(sizes), max(sizes)))
     return (f"the plan needs {demand.describe()} on one node; the cluster's largest node has {len(largest)} GPU(s) "
             f"of {max(largest) / 2**30:.1f} GiB")
+
+
+def never_fits_on_cpus(demand: CpuDemand | None, nodes: Sequence[CpuNode]) -> str | None:
+    """Why a CPU plan cannot run on this cluster even when it is idle; None when it can (or is a GPU plan)."""
+    if demand is None or cpu_capacity(demand, nodes) >= demand.workers:
+        return None
+    if not nodes:
+        return f"the plan needs {demand.describe()} but the cluster has no nodes"
+    largest = max(node.memory_bytes for node in nodes)
+    if largest < demand.bytes_per_worker:
+        return f"the plan needs {demand.describe()}; the cluster's largest node has {memory_text(largest)} of host memory"
+    return (f"the plan needs {demand.describe()}; the cluster holds {cpu_capacity(demand, nodes)} "
+            f"({sum(node.cpus for node in nodes)} CPUs on {len(nodes)} node{'s' if len(nodes) > 1 else ''})")

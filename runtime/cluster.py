@@ -2,7 +2,11 @@
 
 Which cluster: `--address`, else `$LLMPLAN_RAY_ADDRESS`, else llmplan's own local head (`ray start
 --head`, started on first use and left running, so jobs outlive the command that submitted them; its
-address is kept in ~/.llmplan/ray-head). `llmplan cluster stop` stops that local head.
+address is kept in ~/.llmplan/ray-head). `llmplan cluster stop` stops that local head. An address where
+nothing answers is refused within seconds (Ray itself retries for minutes).
+
+Ray's own log lines (its token notice, the raylet's warnings) go to ~/.llmplan/ray-client.log, not to the
+terminal, which shows llmplan's lines only.
 
 GPUs: every node is asked through Ray (a task pinned to it) what NVML sees there. A node without NVML
 GPUs may declare logical ones: `ray start --num-gpus 2 --resources '{"llmplan_gpu_mib": 24576}'`
@@ -12,8 +16,11 @@ declares two GPUs of 24 GiB each (the resource's value is the memory of one GPU,
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,12 +40,12 @@ DEFAULT_HEAD_FILE = Path("~/.llmplan/ray-head")
 HEAD_START_TIMEOUT_S = 120
 HEAD_STARTED = "Ray runtime started"
 STOP_GRACE_S = 10
-# Its own temp dir: a plain ray.init() elsewhere must not find (and join) llmplan's head. Short: Ray's
-# socket paths must stay under 107 bytes.
-HEAD_TEMP_DIR = f"/tmp/llmplan-ray-{os.getuid()}"
+REACH_TIMEOUT_S = 5
 PROBE_TIMEOUT_S = 30
 HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node only
 RAY_TOKEN_FILE = Path("~/.ray/auth_token")
+RAY_LOG_NAME = "ray-client.log"  # next to the head file
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ClusterError(RuntimeError):
@@ -55,8 +62,12 @@ def ensure_ray(address: str | None = None) -> None:
         return
     # "local": a new private instance, never whatever `ray start` last left in /tmp/ray (plain
     # ray.init() would join that, or hang on it when it is gone).
-    target = address or os.environ.get(ADDRESS_ENV) or "local"
-    ray.init(address=target, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    target = address or os.environ.get(ADDRESS_ENV)
+    if target:
+        check_reachable(target, "--address" if address else f"${ADDRESS_ENV}")
+    _ray_logs_to_file()
+    ray.init(address=target or "local", include_dashboard=False, log_to_driver=False)
+    _cluster_messages_to_log()
 
 
 def connect(address: str | None = None) -> None:
@@ -66,30 +77,81 @@ def connect(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get(ADDRESS_ENV) or local_head_address(start=True)
+    given = address or os.environ.get(ADDRESS_ENV)
+    if given:
+        check_reachable(given, "--address" if address else f"${ADDRESS_ENV}")
+    target = given or local_head_address(start=True)
+    _ray_logs_to_file()
     try:
-        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False)
     except ConnectionError as error:
         raise ClusterError(f"cannot reach the Ray cluster at {target}: {error}; start it (`ray start --head`) "
                            f"or fix --address / ${ADDRESS_ENV}") from None
-    _cluster_messages_to_stderr()
+    _cluster_messages_to_log()
 
 
-def _cluster_messages_to_stderr() -> None:
-    # Ray's driver prints the cluster's warnings ("(raylet) node ... died") to stdout from a background
-    # thread, into the middle of `--json` output; llmplan's stdout is for results only. No public switch
-    # exists (ray 2.60), so the printer is wrapped to mark them as errors, which it writes to stderr.
+def check_reachable(address: str, given_by: str) -> None:
+    """Refuse at once an address where nothing answers (`given_by`: the option or variable that set it)."""
+    problem = _unreachable(address, REACH_TIMEOUT_S)
+    if problem is not None:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({problem}); start one there with "
+                           f"`ray start --head`, or leave {given_by} out to use llmplan's local head")
+
+
+def _unreachable(address: str, timeout: float) -> str | None:
+    """Why nothing answers a TCP connect to HOST:PORT (`ray://` allowed) within `timeout`; None when it does."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return "not HOST:PORT"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return "connection refused"
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror:
+        return f"unknown host {host}"
+    except (OSError, OverflowError) as error:
+        return getattr(error, "strerror", None) or str(error)
+
+
+def _ray_logs_to_file() -> None:
+    # Ray logs to the terminal from import on (its token notice on every local start, "Started a local Ray
+    # instance"): those lines go to a file next to the head file instead. Before ray.init, which keeps the
+    # "ray" logger's handlers (with configure_logging=False it would clear them, and Python's last-resort
+    # handler would print its warnings to the terminal all the same).
+    ray_logger = logging.getLogger("ray")
+    if any(getattr(handler, "llmplan", False) for handler in ray_logger.handlers):
+        return
+    path = head_file().with_name(RAY_LOG_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.llmplan = True  # type: ignore[attr-defined]
+    for terminal in [h for h in ray_logger.handlers if not isinstance(h, logging.FileHandler)]:
+        ray_logger.removeHandler(terminal)
+    ray_logger.addHandler(handler)
+    ray_logger.propagate = False
+
+
+def _cluster_messages_to_log() -> None:
+    # Ray's driver prints the cluster's warnings ("(raylet) node ... died", with colour codes) to stdout
+    # from a background thread, into the middle of `--json` output. No public switch exists (ray 2.60), so
+    # its printer is replaced by one writing them, uncoloured, to Ray's log file (see _ray_logs_to_file).
     from ray._private import worker
 
     original = getattr(worker, "print_to_stdstream", None)
-    if original is None or getattr(original, "llmplan_stderr", False):
+    if original is None or getattr(original, "llmplan_log", False):
         return
+    ray_logger = logging.getLogger("ray")
 
-    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
-        original({**data, "is_err": True}, ignore_prefix)
+    def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", ()):
+            ray_logger.warning("(%s) %s", data.get("pid", "cluster"), ANSI_ESCAPE.sub("", str(line)))
 
-    to_stderr.llmplan_stderr = True  # type: ignore[attr-defined]
-    worker.print_to_stdstream = to_stderr
+    to_log.llmplan_log = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_log
 
 
 def _send_auth_token() -> None:
@@ -115,14 +177,23 @@ def local_head_address(*, start: bool) -> str | None:
     return start_local_head(path)
 
 
+def head_temp_dir(path: Path) -> Path:
+    """The Ray temp dir of the head kept in `path`: its own, so that a plain ray.init() elsewhere does not find
+    (and join) it, and no other head (another head file) moves its `session_latest`. Short: Ray's socket
+    paths must stay under 107 bytes."""
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    return Path(f"/tmp/llmplan-ray-{os.getuid()}-{key}")
+
+
 def start_local_head(path: Path) -> str:
     """`ray start --head --block` in a session of its own (it outlives this command); its pid is kept so that
     `stop_local_head` stops this head only, never another Ray on the machine (`ray stop` would)."""
     port = _free_port()
     path.parent.mkdir(parents=True, exist_ok=True)
     log = path.with_name(path.name + ".log")
+    temp_dir = head_temp_dir(path)
     command = [_ray_executable(), "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
-               "--disable-usage-stats", f"--temp-dir={HEAD_TEMP_DIR}"]
+               "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     print(f"starting a local Ray head for llmplan jobs on port {port} (`llmplan cluster stop` stops it)",
           file=sys.stderr)
     with log.open("w") as sink:
@@ -135,7 +206,7 @@ def start_local_head(path: Path) -> str:
             head.kill()
             raise ClusterError(f"`{' '.join(command)}` failed: {log.read_text().strip()[-500:]}")
         time.sleep(0.2)
-    path.write_text(json.dumps({"address": address, "pid": head.pid}))
+    path.write_text(json.dumps({"address": address, "pid": head.pid, "temp_dir": str(temp_dir)}))
     return address
 
 
@@ -189,12 +260,7 @@ def _ray_executable() -> str:
 
 
 def _listening(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1):
-            return True
-    except (OSError, ValueError):
-        return False
+    return _unreachable(address, timeout=1) is None
 
 
 def _free_port() -> int:

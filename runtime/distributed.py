@@ -430,17 +430,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from .train import cleanup, setup, train
+    from .train import run_rank
 
     config = TrainConfig.from_dict(loop_config["config"])
     sink = loop_config["sink"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    state = setup(config, rank=rank, world_size=context.get_world_size(), device=str(ray.train.torch.get_device()))
-    try:
-        result = train(state, on_metrics=sink.put.remote if rank == 0 else None)
-    finally:
-        cleanup(state)
+    result = run_rank(config, rank=rank, world_size=context.get_world_size(), device=str(ray.train.torch.get_device()),
+                      on_metrics=sink.put.remote if rank == 0 else None)
     if rank == 0:
         ray.get(sink.finish.remote(result))
 

@@ -4,8 +4,9 @@
     outcome = run(engine, job.id, config)                 # scheduled -> running -> succeeded | failed
     # `llmplan submit finetune` queues the job; the scheduler's JobDriver runs run_recorded(engine, job.id)
 
-Training runs in Ray Train workers (`runtime.distributed.run_ray_train`); each logged step reaches the
-job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
+Training runs in Ray Train workers (`runtime.distributed.run_ray_train`), except one worker on the CPU:
+that needs no process group, so the recipe runs in this process (`train.run_rank`), without Ray Train's
+start-up. Each logged step reaches the job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
 and the adapter or model directory, against the plan.
 """
 
@@ -78,11 +79,9 @@ def run_recorded(engine: Any, job_id: int) -> FinetuneOutcome:
 # ---- setup ----------------------------------------------------------------------------------------------
 def _setup(engine: Any, job_id: int, config: TrainConfig) -> TrainConfig:
     from .model_store import ensure_model
-    from .cluster import ensure_ray
 
     mark_scheduled(engine, job_id, f"{config.workers} worker(s), {config.backend}")
     local = ensure_model(config.model)
-    ensure_ray()
     transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}",
                update=JobUpdate(artifacts=Artifacts(output_dir=config.output_dir)))
     return dataclasses.replace(config, model=str(local.path))
@@ -90,14 +89,23 @@ def _setup(engine: Any, job_id: int, config: TrainConfig) -> TrainConfig:
 
 # ---- train ----------------------------------------------------------------------------------------------
 def _train(engine: Any, job_id: int, config: TrainConfig) -> Any:
-    from .distributed import run_ray_train
-
     def on_metrics(step: Any) -> None:
         record_metrics(engine, job_id, [MetricPoint(step=step.step, loss=step.loss, learning_rate=step.lr,
                                                     tokens_per_s=step.tokens_per_s, memory_bytes=step.memory_bytes)])
         print(step_line(step), flush=True)  # the job's log (the scheduler's driver writes stdout there)
 
+    if runs_in_this_process(config):
+        from .train import run_rank
+
+        return run_rank(config, on_metrics=on_metrics)
+    from .distributed import run_ray_train
+
     return run_ray_train(config, on_metrics)
+
+
+def runs_in_this_process(config: TrainConfig) -> bool:
+    """One worker on the CPU: the same recipe in this process, without starting Ray Train (and its workers)."""
+    return config.workers == 1 and config.backend == "single" and config.device == "cpu"
 
 
 def step_line(step: Any) -> str:

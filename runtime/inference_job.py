@@ -45,6 +45,7 @@ class InferenceInputs:
     settings: GenerationSettings
     adapter: str | None = None
     output: str | None = None  # JSONL of completions; default: beside the job's log in the jobs folder
+    template: str = "auto"  # the prompt template (prompt_templates.CHOICES), resolved where the model loads
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class InferenceInputs:
             "settings": asdict(self.settings),
             "adapter": self.adapter,
             "output": self.output,
+            "template": self.template,
         }
 
 
@@ -86,7 +88,7 @@ def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, 
     output = Path(inputs.output) if inputs.output else jobs_dir / str(job_id) / "completions.jsonl"
     replicas: list[Any] = []
     try:
-        replicas = start(engine, job_id, plan, inputs.adapter)
+        replicas = start(engine, job_id, plan, inputs.adapter, inputs.template)
         completions, reports, seconds = _generate(replicas, inputs, on_text)
         write_completions(output, inputs.items, completions)
         return record_success(engine, job_id, completions, reports, seconds, output)
@@ -101,7 +103,8 @@ def inputs_from_request(request: dict[str, Any]) -> InferenceInputs:
     """The inputs `submit` recorded, read back: a job carries everything needed to run it."""
     items = tuple(p if isinstance(p, str) else tuple(as_message(m) for m in p) for p in request["prompts"])
     return InferenceInputs(items=items, settings=GenerationSettings(**request["settings"]),
-                           adapter=request.get("adapter"), output=request.get("output"))
+                           adapter=request.get("adapter"), output=request.get("output"),
+                           template=request.get("template", "auto"))
 
 
 def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcome:
@@ -111,23 +114,24 @@ def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcom
 
 
 # ---- setup ------------------------------------------------------------------------------------------
-def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None) -> list[Any]:
+def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, template: str = "auto") -> list[Any]:
     """Place the plan's replicas, wait for the model to load, and mark the job running."""
     import ray
 
     from .model_store import ensure_model
-    from .cluster import ensure_ray
+    from .cluster import connect
     from .ray_inference import start_replicas
 
     mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
-    ensure_ray()
-    replicas = start_replicas(plan, str(local.path), adapter)
+    connect()  # the job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait
+    replicas = start_replicas(plan, str(local.path), adapter, template)
     where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
     placed_by_scheduler = get_job(engine, job_id).placement_node is not None
     update = JobUpdate(placement=None if placed_by_scheduler else Placement(node=where["node"], gpus=tuple(where["gpus"])),
                        ray=None if placed_by_scheduler else RayIds(job_id=where["job"], actor_id=where["actor"]))
-    transition(engine, job_id, JobStatus.RUNNING, message=local.note or f"model {local.path}", update=update)
+    transition(engine, job_id, JobStatus.RUNNING, message=f"on {where['node']}: {local.note or f'model {local.path}'}",
+               update=update)  # the node's IP: what `llmplan show` names a scheduler's placement (a Ray node id) by
     return replicas
 
 

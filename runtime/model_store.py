@@ -247,7 +247,8 @@ class _Steps:
 
     @contextlib.contextmanager
     def step(self, text: str, *, spinner: bool = True, expect: str = "") -> Iterator[None]:
-        """One step: a spinner while it runs (or a plain line, for steps that draw their own bars)."""
+        """One step: a spinner while it runs on a terminal, else (and for steps that draw their own bars) a
+        line as it starts; a line with its time when it ends."""
         if not self.progress:
             yield
             return
@@ -256,7 +257,7 @@ class _Steps:
         console = Console(stderr=True)
         start = time.monotonic()
         running = f"{text} ({expect}) ..." if expect else f"{text} ..."
-        if spinner:
+        if spinner and console.is_terminal:
             with console.status(running):
                 yield
         else:
@@ -376,12 +377,12 @@ def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: _Ste
     built from the same config. bf16 storage halves the size; loaded back in fp32 it gives the GGUF model's
     greedy tokens (tests/runtime/test_model_store.py pins them).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .modeling import torch_dtype
-
     steps = steps or _Steps(False)
+    with steps.step("loading torch and transformers"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .modeling import torch_dtype
     folder, name = str(gguf_path.parent), gguf_path.name
     with _quiet_transformers():
         with steps.step(f"loading {name}", spinner=False, expect="dequantizing takes about 20 s"):

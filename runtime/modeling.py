@@ -8,6 +8,13 @@ functions, so the estimator is calibrated against what the runtime really does:
 - bitsandbytes LLM.int8 (threshold 6.0) and NF4 with double quantization and bf16 compute;
 - PEFT LoRA adapters kept in fp32 (PEFT's `autocast_adapter_dtype=True`), dropout 0, all linear
   layers of the decoder blocks unless targets are given;
+- QLoRA keeps every non-quantized weight (embeddings, norms, head) in the compute dtype: unlike PEFT's
+  `prepare_model_for_kbit_training`, nothing is upcast to fp32, so activations and attention stay 16-bit
+  and SDPA takes a fused kernel (flash or memory-efficient) at any length. What stays fp32 for stability:
+  the LoRA weights and their optimizer states, the RMSNorm's variance (transformers computes it in fp32),
+  and the loss (HF upcasts the logits; Liger's fused loss accumulates in fp32);
+- Liger Kernel (`prepare_for_training(kernels="liger")`, CUDA only): RMSNorm, RoPE, SwiGLU and the fused
+  linear cross-entropy that never materialises the logits, for the architectures in `LIGER_MODEL_TYPES`;
 - torch AdamW with `fused=True`, states in the parameters' dtype.
 """
 
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmplan.planner.models import ModelSpec, attention_implementation
+from llmplan.planner.request import LIGER_MODEL_TYPES, Kernels
 
 from .architectures import hf_config_dict
 
@@ -113,6 +121,53 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
 def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+KERNELS = tuple(kind.value for kind in Kernels)
+
+
+def kernels_that_run(requested: str | None, model_type: str, device_type: str) -> str:
+    """The kernels a run really uses: Liger where asked (default: on CUDA) and supported, else none."""
+    if requested not in (None, *KERNELS):
+        raise ValueError(f"unknown kernels {requested!r}: use {' or '.join(KERNELS)}")
+    wanted = requested or ("liger" if device_type == "cuda" else "none")
+    if wanted == "liger" and device_type == "cuda" and model_type in LIGER_MODEL_TYPES:
+        return "liger"
+    return "none"
+
+
+def apply_liger_kernels(model: Any) -> None:
+    """Swap in Liger's Triton kernels on this model instance (before PEFT wraps it)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def freeze_weights(model: Any) -> None:
+    """A quantized base is frozen as loaded: no weight trains and none is upcast (see the module docstring)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool, lora: LoraSettings | None,
+                         kernels: str = "none") -> Any:
+    """The model the recipe trains: kernels, frozen quantized base, checkpointing, adapters, train mode.
+
+    `method` is full, lora or qlora; `lora` the adapters for lora and qlora."""
+    model.config.use_cache = False  # no KV cache in training
+    if kernels == "liger":
+        apply_liger_kernels(model)
+    if method == "qlora":
+        freeze_weights(model)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if method in ("lora", "qlora"):
+        if lora is None:
+            raise ValueError(f"method {method} needs LoRA settings")
+        model = apply_lora(model, lora)
+    model.train()
+    return model
 
 
 def make_optimizer(model: Any, name: str, lr: float = 1e-4) -> Any:

@@ -12,6 +12,8 @@ or when poked:
    `infrastructure`, and a fine-tuning job with a checkpoint is queued again to resume from it.
 3. cancel: jobs marked `cancelling` have their driver killed (its replicas and training workers die
    with it, Ray's ownership), then become `cancelled`.
+   Whatever a stopped driver left (Ray Train's placement group and its detached cleaner outlive it) is
+   freed by `job_resources.release`, swept again each cycle until nothing of it is left.
 4. admit: `admission.admit` picks the queued jobs that fit the GPUs now (NVML free memory and the plans
    already placed); each gets a `JobDriver` actor on its node, which runs the job's recipe.
 
@@ -20,7 +22,6 @@ Every decision is a transition in the job store, so the history survives the sch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -32,17 +33,18 @@ from typing import Any
 from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
 from .cluster import NAMESPACE, head_node_id
 from .model_store import CACHE_ENV as MODEL_CACHE_ENV
-from .paths import LOG_NAME, job_folder
+from .paths import LOG_NAME, job_folder, store_key
 
 POLL_S = 0.5
 INVENTORY_TTL_S = 5.0
 PLACED_STATUSES = ("scheduled", "running", "cancelling")
 RUNNER_KEY, SCHEDULER_RUNNER = "runner", "scheduler"  # in a job's request
 MAX_QUEUE = 100_000  # queued jobs read per cycle
+RELEASE_SWEEPS = 120  # cycles (about a minute) to see a stopped driver's leftovers gone
 
 
 def _url_key(db_url: str) -> str:
-    return hashlib.sha1(db_url.encode()).hexdigest()[:12]
+    return store_key(db_url)
 
 
 def managed(job: Any) -> bool:
@@ -173,6 +175,18 @@ class Watch:
     done: Any  # ObjectRef of driver.run() or driver.wait()
     reservation: Reservation
 
+    @property
+    def driver_id(self) -> str:
+        return self.driver._actor_id.hex()
+
+
+@dataclass
+class Release:
+    """A stopped driver whose leftovers are being freed: swept each cycle until none is found."""
+
+    driver_id: str
+    sweeps_left: int = RELEASE_SWEEPS
+
 
 class Scheduler:
     def __init__(self, db_url: str) -> None:
@@ -181,6 +195,7 @@ class Scheduler:
         self.db_url = db_url
         self.engine = open_store(db_url)
         self.watched: dict[int, Watch] = {}
+        self.releasing: dict[int, Release] = {}
         self.slots: list[GpuSlot] = []
         self.slots_at = 0.0
         self.cycles = 0
@@ -203,6 +218,7 @@ class Scheduler:
             self._collect()
             self._reconcile()
             self._cancel()
+            self._release()
             self._admit()
             self.cycles += 1
             return self.cycles
@@ -240,6 +256,7 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - the driver died: its node, or a kill
                 self._driver_died(job_id, error)
             ray.kill(watch.driver, no_restart=True)
+            self._free(job_id, watch.driver_id)
             self._retry_if_out_of_memory(job_id)
 
     def _driver_died(self, job_id: int, error: BaseException) -> None:
@@ -287,6 +304,7 @@ class Scheduler:
 
         from .retries import resume_after_loss
 
+        self._free(job.id, job.ray_actor_id)
         if job.status is JobStatus.CANCELLING:
             transition(self.engine, job.id, JobStatus.CANCELLED, message="its work had already stopped")
             return
@@ -310,11 +328,42 @@ class Scheduler:
             watch = self.watched.pop(job.id, None)
             if watch is not None:
                 ray.kill(watch.driver, no_restart=True)
+            self._free(job.id, job.ray_actor_id)
             try:
                 transition(self.engine, job.id, JobStatus.CANCELLED, expected_from=JobStatus.CANCELLING,
                            message="stopped: its driver and workers were killed, its GPUs freed")
             except TransitionRefusedError:
                 pass  # it ended on its own first; the record says how
+
+    # -- what stopped drivers left --
+    def _free(self, job_id: int, driver_id: str | None) -> None:
+        """Free what the job's stopped driver started: this cycle, before admission (the next job may need its
+        placement group), and each cycle after until nothing is left."""
+        if driver_id:
+            self.releasing[job_id] = Release(driver_id)
+
+    def _release(self) -> None:
+        for job_id in list(self.releasing):
+            self._sweep(job_id)
+
+    def _sweep(self, job_id: int) -> None:
+        from .job_resources import release
+
+        pending = self.releasing[job_id]
+        try:
+            found = release(pending.driver_id)
+        except Exception:  # noqa: BLE001 - Ray's tables unreadable this time: the next cycle tries again
+            traceback.print_exc()
+            found = None
+        if found is not None and not found:
+            del self.releasing[job_id]
+            return
+        if found:
+            print(f"job {job_id}: freeing what its driver left: {found.describe()}", flush=True)
+        pending.sweeps_left -= 1
+        if pending.sweeps_left <= 0:
+            print(f"job {job_id}: gave up freeing what its driver left", flush=True)
+            del self.releasing[job_id]
 
     # -- 4. admission --
     def _admit(self) -> None:

@@ -6,12 +6,13 @@
     cleanup(state)
 
 `setup` seeds every RNG, loads the tokenizer and the model the runtime's way (`runtime.modeling`:
-`load_pretrained`, `apply_lora`, `enable_gradient_checkpointing`, `make_optimizer`, the allocator), builds
+`load_pretrained`, `prepare_for_training`, `make_optimizer`, the allocator), builds
 the data (`runtime.data.build_datasets`), the cosine schedule with linear warmup and the engine
 (`runtime.distributed.prepare`: one process, DDP or DeepSpeed), and with `config.resume` restores the latest
 checkpoint. Precision (`PRECISIONS`): bf16-true trains bf16 weights (LoRA adapters stay fp32, as PEFT keeps
 them); bf16-mixed and fp16-mixed keep fp32 weights and autocast the forward (fp16 with a GradScaler); QLoRA
-loads the base in NF4 and runs PEFT's `prepare_model_for_kbit_training` before LoRA.
+loads the base in NF4 and freezes it in the compute dtype (no fp32 upcast: attention stays on a fused SDPA
+kernel). On CUDA, Liger's kernels (`config.kernels`) replace RMSNorm, RoPE, SwiGLU and the loss.
 
 `train` runs optimizer steps until `max_steps` (or `epochs` over the data). One step is `grad_accum`
 micro-batches on every rank; its loss is the mean over every loss token of the global batch, whatever the
@@ -59,11 +60,11 @@ from .distributed import (
 )
 from .modeling import (
     LoraSettings,
-    apply_lora,
     configure_allocator,
-    enable_gradient_checkpointing,
+    kernels_that_run,
     load_pretrained,
     make_optimizer,
+    prepare_for_training,
 )
 from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig, TrainConfigError
 
@@ -236,24 +237,17 @@ def plan_schedule(config: TrainConfig, examples: int, world_size: int) -> Schedu
 
 
 def build_model(config: TrainConfig, precision: Precision, device: torch.device | None) -> Any:
-    """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base, PEFT's k-bit preparation).
-    `device` None: ZeRO-3 builds it partitioned and places the partitions itself."""
+    """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base kept frozen in the compute
+    dtype, `modeling.prepare_for_training`). `device` None: ZeRO-3 builds it partitioned and places the
+    partitions itself."""
     quant = "nf4" if config.method == "qlora" else "none"
     model = load_pretrained(config.model, precision.weights, quant, str(device) if device else None)
-    model.config.use_cache = False  # no KV cache in training
-    if config.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    lora = None
     if config.method in ("lora", "qlora"):
         targets = config.lora_targets[0] if config.lora_targets == ("all-linear",) else config.lora_targets
-        model = apply_lora(model, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets))
-    model.train()
-    return model
+        lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    kernels = kernels_that_run(config.kernels, model.config.model_type, config.device)
+    return prepare_for_training(model, config.method, config.gradient_checkpointing, lora, kernels)
 
 
 def cosine_with_warmup(optimizer: Any, warmup_steps: int, total_steps: int) -> Any:
@@ -264,6 +258,16 @@ def cosine_with_warmup(optimizer: Any, warmup_steps: int, total_steps: int) -> A
 
 
 # ---- train ----------------------------------------------------------------------------------------
+def run_rank(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: str | None = None,
+             on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
+    """One rank's whole run: set up, train, clean up (a Ray Train worker runs this; one CPU process by itself)."""
+    state = setup(config, rank=rank, world_size=world_size, device=device)
+    try:
+        return train(state, on_metrics=on_metrics)
+    finally:
+        cleanup(state)
+
+
 def train(state: TrainState, on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
     """Train to the schedule's last step; rank 0 calls `on_metrics` with every logged step, then saves."""
     config, schedule = state.config, state.schedule
@@ -518,10 +522,15 @@ def finish(state: TrainState, eval_loss: float | None) -> TrainResult:
 
 
 def save_artifact(state: TrainState, directory: Path) -> None:
-    """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer."""
+    """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer and the
+    prompt template it was trained with (`llmplan_template.json`, which `generate` and `chat` apply)."""
+    from .data import ALPACA_PROMPT_NO_INPUT
+    from .prompt_templates import write_template
+
     directory.mkdir(parents=True, exist_ok=True)
     state.model.save_pretrained(str(directory))
     state.tokenizer.save_pretrained(str(directory))
+    write_template(directory, state.data_stats.template, state.data_stats.format, ALPACA_PROMPT_NO_INPUT)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

@@ -64,6 +64,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("all-linear",)
+    kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
@@ -90,6 +91,8 @@ class TrainConfig:
             raise TrainConfigError("several workers need backend ddp or deepspeed")
         if self.backend == "deepspeed" and self.zero not in (1, 2, 3):
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
+        if self.kernels not in (None, "liger", "none"):
+            raise TrainConfigError(f"kernels must be liger or none, got {self.kernels!r}")
         if self.offload not in OFFLOADS:
             raise TrainConfigError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
         if self.offload != "none" and self.backend != "deepspeed":

@@ -1,4 +1,5 @@
-"""Planning never imports the heavy stack: `import llmplan.planner`, `llmplan estimate`, `llmplan fit`."""
+"""Planning never imports the heavy stack: `import llmplan.planner`, `llmplan estimate`, `llmplan fit`; `llmplan
+--help` and `estimate` not even the job store (sqlmodel, sqlalchemy: half a second)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed")
+HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed", "fastapi", "uvicorn")
+STORE = ("sqlmodel", "sqlalchemy")
 
 PROBE = """
 import sys
@@ -17,8 +19,8 @@ print("HEAVY:" + ",".join(heavy))
 """
 
 
-def heavy_modules_after(body: str) -> list[str]:
-    code = PROBE.format(body=body, heavy=HEAVY)
+def heavy_modules_after(body: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    code = PROBE.format(body=body, heavy=heavy)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("HEAVY:"))
@@ -36,8 +38,29 @@ def test_the_heavy_stack_is_installed_so_the_check_means_something() -> None:
 
 @pytest.mark.parametrize("args", [["estimate", "7B", "--json"], ["fit", "7B", "--gpus", "1", "--json"]])
 def test_planning_commands_import_nothing_heavy(args: list[str]) -> None:
-    body = (
-        "from llmplan.cli.main import cli\n"
-        f"try:\n    cli.main(args={args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-    )
-    assert heavy_modules_after(body) == []
+    assert heavy_modules_after(running(args)) == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["estimate", "7B"], ["estimate", "7B", "--json"]])
+def test_help_and_estimate_import_no_job_store(args: list[str]) -> None:
+    assert heavy_modules_after(running(args), STORE + HEAVY) == []
+
+
+def test_help_lists_each_command_with_its_own_short_help() -> None:
+    """`--help` reads the docstrings from source: the list is what click shows from the imported commands."""
+    from click.testing import CliRunner
+
+    from llmplan.cli.main import cli
+
+    listed = CliRunner().invoke(cli, ["--help"], terminal_width=200).output.split("Commands:\n")[1].splitlines()
+    context = cli.make_context("llmplan", [], resilient_parsing=True)
+    names = cli.list_commands(context)
+    limit = 200 - 6 - max(map(len, names))
+    expected = [f"  {name:<{max(map(len, names))}}  {cli.get_command(context, name).get_short_help_str(limit)}"
+                for name in names]
+    assert [line.rstrip() for line in listed if line.strip()] == [line.rstrip() for line in expected]
+
+
+def running(args: list[str]) -> str:
+    return ("from llmplan.cli.main import cli\n"
+            f"try:\n    cli.main(args={args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n")

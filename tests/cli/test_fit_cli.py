@@ -54,7 +54,7 @@ def test_json_recommendation_has_command_job_and_breakdown() -> None:
     assert best == {**data["candidates"][0], "command": best["command"], "job": best["job"]}
     assert best["memory_bytes"] <= data["budget_bytes"] == int(data["hardware"]["memory_bytes"] * 0.9)
     assert sum(term["bytes"] for term in best["breakdown"]) + best["cuda_context_bytes"] == best["memory_bytes"]
-    assert best["command"].startswith("llmplan submit finetune --model Llama-2-7B --method lora")
+    assert best["command"].startswith("llmplan submit finetune --model PATH/TO/Llama-2-7B --method lora")
     assert data["inference"]["quant"] == "none" and data["inference"]["command"].startswith("llmplan generate")
 
 

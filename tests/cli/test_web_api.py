@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import threading
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from urllib.error import HTTPError
 
@@ -74,17 +77,21 @@ def test_plan_for_a_catalog_model_lists_ranked_candidates_with_their_memory(api:
     assert 0 < first["memory_bytes"] <= plan["budget_bytes"] and first["breakdown"]
     assert plan["recommendation"]["command"].startswith("llmplan submit finetune")
     job = first["job"]  # the submit form's start: the candidate as a job spec, with no data path yet
-    assert job["task"] == "finetune" and job["model"] == "Llama-2-7B" and "data" not in job
+    assert job["task"] == "finetune" and job["model"] == "PATH/TO/Llama-2-7B" and "data" not in job  # no weights here
     assert (job["method"], job["micro-batch"], job["grad-accum"]) == (first["method"], first["micro_batch"],
                                                                       first["grad_accum"])
 
 
 def test_bad_plan_input_is_one_line_not_a_trace(api: str) -> None:
     assert call(api, "/api/plan", {"model": "Llama-9000"})[0] == 400
+    status, answer = call(api, "/api/plan", {"model": "x" * 300})  # longer than a file name may be
+    assert status == 400 and "unknown model" in answer["error"]
     status, answer = call(api, "/api/plan", {"model": "7B", "learning_rate": 1})
     assert (status, answer["error"]) == (400, "unknown field(s): learning_rate")
     status, answer = call(api, "/api/plan", {"model": "7B", "seq_len": "long"})
     assert status == 400 and "bad field value" in answer["error"]
+    status, answer = call(api, "/api/plan")  # a link or a typed address: says how to ask
+    assert (status, answer["error"]) == (405, "GET /api/plan is not a call: use POST with a JSON body")
 
 
 def test_jobs_list_detail_and_cancel(api: str, store: str) -> None:
@@ -138,8 +145,117 @@ def test_off_loopback_every_call_needs_the_token(store: str) -> None:
         status, answer = call(base, "/api/health")
         assert status == 401 and "token" in answer["error"]
         assert call(base, "/api/health", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(base, "/api/health", headers={"Authorization": "Bearer jetón-été"})[0] == 401  # not ASCII
         assert call(base, "/api/health", headers={"Authorization": f"Bearer {config.token}"}) == (200, {"ok": True})
     finally:
+        server.shutdown()
+
+
+# ---- DNS rebinding: only the names the server was started for ---------------------------------------------
+def test_a_forged_host_is_refused_even_with_a_matching_origin(api: str, store: str) -> None:
+    job_id = queued_job(store)
+    port = api.rsplit(":", 1)[1]
+    forged = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    status, answer = call(api, "/api/jobs", headers=forged)
+    assert status in (403, 421) and "Host" in answer["error"]
+    assert call(api, f"/api/jobs/{job_id}/cancel", {}, headers=forged)[0] in (403, 421)
+    assert call(api, f"/api/jobs/{job_id}/cancel", {}, headers={"Host": f"127.0.0.1:{int(port) + 1}"})[0] in (403, 421)
+    engine = open_store(store)
+    assert get_job(engine, job_id).status is JobStatus.QUEUED
+    engine.dispose()
+    for name in ("localhost", "127.0.0.1", "[::1]"):
+        assert call(api, "/api/jobs", headers={"Host": f"{name}:{port}"})[0] == 200
+    assert call(api, f"/api/jobs/{job_id}/cancel", {}, headers={"Host": f"localhost:{port}",
+                                                                "Origin": f"http://localhost:{port}"})[0] == 200
+
+
+# ---- paths the plan form names ----------------------------------------------------------------------------
+TINY_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "vocab_size": 1000}
+
+
+def test_a_plan_reads_models_inside_the_roots_only_and_never_tells_what_exists_outside(
+        api: str, root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    (outside / "config.json").write_text(json.dumps(TINY_CONFIG))
+    answers = [call(api, "/api/plan", {"model": model, "gpu": "A100-80GB"})
+               for model in (str(outside), str(outside / "config.json"), str(tmp_path / "missing"), "/root")]
+    for status, answer in answers:
+        assert (status, answer.get("field")) == (400, "model") and "outside the folders" in answer["error"], answer
+    assert len({answer["error"].split(" is outside")[1] for _, answer in answers}) == 1  # the same words for all
+    inside = root / "tiny"
+    inside.mkdir()
+    (inside / "config.json").write_text(json.dumps(TINY_CONFIG))
+    status, plan = call(api, "/api/plan", {"model": str(inside), "gpu": "A100-80GB"})
+    assert status == 200 and plan["model"]["name"] == "tiny", plan
+
+
+def test_an_inference_output_never_overwrites_a_file(api: str, root: Path) -> None:
+    existing = root / "answers.jsonl"
+    existing.write_text("keep me\n")
+    spec = {"task": "infer", "model": "smollm2-135m-instruct", "prompt": ["Hi"], "output": str(existing)}
+    field, error = refused(api, spec)
+    assert field == "output" and "already exists" in error
+    assert existing.read_text() == "keep me\n" and call(api, "/api/jobs")[1] == []
+
+
+# ---- robustness: bad requests are 4xx, connections cannot pin the server ------------------------------------
+def raw_request(base: str, request: bytes, timeout: float = 10) -> bytes:
+    """The server's whole answer to `request`, sent as is on a fresh connection."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def posted(base: str, path: str, body: bytes, content_length: str | None = None) -> bytes:
+    host = base.removeprefix("http://")
+    length = str(len(body)) if content_length is None else content_length
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_malformed_bodies_and_numbers_are_bad_requests(api: str, root: Path) -> None:
+    assert status_of(raw_request(api, posted(api, "/api/plan", b'{"model": "7B"}', content_length="-1"))) == 400
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert status_of(raw_request(api, posted(api, "/api/plan", deep))) == 400
+    huge = "9" * 5000
+    assert status_of(raw_request(api, posted(api, "/api/plan", b'{"model": "7B", "gpus": %s}' % huge.encode()))) == 400
+    spec = json.dumps(finetune(root, max_steps=0)).replace('"max-steps": 0', f'"max-steps": {huge}').encode()
+    assert status_of(raw_request(api, posted(api, "/api/jobs", spec))) == 400
+    status, answer = call(api, "/api/jobs", finetune(root, lr=float("nan")))
+    assert status == 400 and "NaN" in answer["error"]
+    assert call(api, f"/api/jobs/{huge}")[0] == 400
+    assert call(api, "/api/jobs/99999999999999999999999/log?offset=1")[0] == 400
+    assert call(api, "/api/jobs?limit=-1")[0] == 400
+    assert call(api, "/api/jobs")[1] == []
+
+
+def test_half_open_connections_hold_no_thread_and_are_closed(store: str, root: Path) -> None:
+    server = serve(replace(make_config(store, "127.0.0.1", 0, None, (root,)), idle_timeout_s=1))
+    base = "http://%s:%d" % server.server_address
+    threads_before = threading.active_count()
+    connections = []
+    try:
+        for _ in range(300):  # each starts a request and never finishes it
+            connection = socket.create_connection(server.server_address, timeout=10)
+            connection.sendall(b"GET /api/health HTTP/1.1\r\nHost: " + base[7:].encode() + b"\r\n")
+            connections.append(connection)
+        assert call(base, "/api/health") == (200, {"ok": True})
+        assert threading.active_count() <= threads_before + 4
+        closed = sum(1 for connection in connections if connection.recv(1024) == b"")  # the server hangs up
+        assert closed == len(connections)
+    finally:
+        for connection in connections:
+            connection.close()
         server.shutdown()
 
 
@@ -149,6 +265,12 @@ def test_the_page_is_served_at_the_root_and_calls_only_the_api(api: str) -> None
         page = response.read().decode()
     assert '<form id="plan-form">' in page and 'fetch(path' in page
     assert "http://" not in page.split("<script>")[1] and "https://" not in page  # no outside assets or calls
+
+
+def test_the_submit_forms_menus_are_the_submit_commands_choices(api: str) -> None:
+    status, menus = call(api, "/api/choices")
+    assert status == 200 and menus["finetune"]["method"] == ["auto", "full", "lora", "qlora"]
+    assert "fp32" in menus["finetune"]["precision"] and menus["infer"]["quant"] == ["none", "int8", "nf4"]
 
 
 # ---- submissions refused before anything is planned or queued (no Ray cluster is joined) ------------------

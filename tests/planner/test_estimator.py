@@ -50,7 +50,7 @@ def test_nf4_weights_quantize_only_the_linear_layers() -> None:
     # 6.476B linear params x 0.5159 bytes + 0.262B embedding/head/norm params x 2 bytes
     assert weight_bytes(infer(quant=Quant.NF4)).bytes == 3_865_591_808
     qlora = weight_bytes(finetune(method=Method.QLORA)).bytes
-    assert qlora == 3_865_591_808 + 262_410_240 * 2  # prepare_model_for_kbit_training upcasts the rest to fp32
+    assert qlora == 3_865_591_808  # the runtime keeps the rest in bf16 (no prepare_model_for_kbit_training upcast)
 
 
 def test_kv_cache_scales_with_kv_heads() -> None:
@@ -129,13 +129,14 @@ def test_offload_without_zero_is_refused() -> None:
 
 
 def test_fp32_grouped_query_attention_keeps_the_softmax() -> None:
-    # QLoRA activations are fp32; PyTorch's fused kernels refuse fp32 GQA, so the math kernel keeps
+    # PyTorch's fused kernels refuse fp32 GQA, so fp32 activations take the math kernel, which keeps
     # 4 bytes x heads x seq per token (benchmarks/results/sdpa-fp32-h200.json: 671 MB for Qwen2.5-3B, 2 x 2048).
+    # QLoRA keeps its activations bf16 now (issue 15) and stays on a fused kernel, like LoRA.
     from llmplan.planner.estimator import _attention_bytes_per_token
 
-    qlora = finetune("Qwen2.5-3B", method=Method.QLORA, seq_len=2048)
-    assert _attention_bytes_per_token(qlora) == 4 * 3 * 2048 + 4 * 16 * 2048
-    lora = finetune("Qwen2.5-3B", method=Method.LORA, seq_len=2048)
-    assert _attention_bytes_per_token(lora) == 2 * (2 * 2048 + 2 * 256)
-    mha = finetune("Llama-2-7B", method=Method.QLORA, seq_len=2048)  # fused kernels take fp32 without GQA
+    fp32 = finetune("Qwen2.5-3B", method=Method.LORA, precision=Precision.FP32, seq_len=2048)
+    assert _attention_bytes_per_token(fp32) == 4 * 3 * 2048 + 4 * 16 * 2048
+    for method in (Method.LORA, Method.QLORA):
+        assert _attention_bytes_per_token(finetune("Qwen2.5-3B", method=method, seq_len=2048)) == 2 * (2 * 2048 + 2 * 256)
+    mha = finetune("Llama-2-7B", method=Method.LORA, precision=Precision.FP32, seq_len=2048)  # fused kernels take fp32 without GQA
     assert _attention_bytes_per_token(mha) == 4 * (2 * 4096 + 2 * 4096)

@@ -22,7 +22,14 @@ HELD_OUT = RESULTS_DIR / "memory-h200-heldout.jsonl"
 
 
 RUNS = load_runs(RESULTS)
-RUNTIME_RUNS = [run for run in RUNS if run["case"]["allocator"] == "expandable"]
+# QLoRA's runs here were measured with the recipe before issue 15 (PEFT's fp32 upcast of the non-quantized
+# weights), which the runtime no longer runs; its QLoRA runs are in long-context-h200.jsonl
+# (tests/planner/test_estimator_long_context.py).
+def _current_recipe(run: dict) -> bool:
+    return run["case"]["method"] != "qlora"
+
+
+RUNTIME_RUNS = [run for run in RUNS if run["case"]["allocator"] == "expandable" and _current_recipe(run)]
 
 
 def test_measurements_cover_what_the_issue_asks() -> None:
@@ -32,8 +39,7 @@ def test_measurements_cover_what_the_issue_asks() -> None:
     assert {"llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3"} <= families
     assert {case["quant"] for case in cases if case["task"] == "infer"} == {"none", "int8", "nf4"}
     finetune = [case for case in cases if case["task"] == "finetune"]
-    for method in ("lora", "qlora"):
-        assert {c["gradient_checkpointing"] for c in finetune if c["method"] == method} == {True, False}
+    assert {c["gradient_checkpointing"] for c in finetune if c["method"] == "lora"} == {True, False}
     assert {c["precision"] for c in finetune if c["method"] == "full"} >= {"bf16-true", "bf16-mixed"}
     assert min(c["batch_size"] for c in cases) == 1 and max(c["batch_size"] for c in cases) >= 16
     assert min(c["seq_len"] for c in finetune) <= 256 and max(c["seq_len"] for c in finetune) >= 4096
@@ -45,7 +51,7 @@ def test_each_measurement_within_10_percent(run: dict) -> None:
     assert abs(relative_error(run)) <= 0.10
 
 
-HELD_OUT_RUNS = load_runs(HELD_OUT)
+HELD_OUT_RUNS = [run for run in load_runs(HELD_OUT) if _current_recipe(run)]
 
 
 @pytest.mark.parametrize("run", HELD_OUT_RUNS, ids=[run["case"]["id"] for run in HELD_OUT_RUNS])

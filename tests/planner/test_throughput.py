@@ -27,6 +27,12 @@ TARGET = 0.25
 
 # Runs the model does not claim to cover (same list as benchmarks/fit_throughput.py).
 UNCOVERED = {
+    # measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)
+    "qlora-llama2-7b-gc-b4-s1024",
+    "qlora-llama32-3b-b4-s512",
+    "qlora-qwen25-3b-gc-b8-s1024",
+    "qlora-gemma2-2b-gc-b2-s2048",
+    "qlora-qwen25-15b-b4-s1024-8bit",
     # Sliding window (2047) shorter than the 4096-token sequence: SDPA gets an explicit mask and leaves
     # the flash kernel; measured 8,023 tokens/s, modelled ~12,000. The model flags such plans instead.
     "lora-phi3-mini-gc-b4-s4096",
@@ -39,7 +45,9 @@ HELD_OUT_MISSES = {
 }
 
 FITTED = load_runs(RESULTS / "memory-h200.jsonl")
-HELD_OUT = load_runs(RESULTS / "memory-h200-heldout.jsonl")
+# val-qlora-qwen25-3b-b2-s2048 was measured with the recipe before issue 15 (fp32 upcast): not the runtime now.
+HELD_OUT = [run for run in load_runs(RESULTS / "memory-h200-heldout.jsonl")
+            if run["case"]["id"] != "val-qlora-qwen25-3b-b2-s2048"]
 COVERED = [run for run in FITTED if run["case"]["id"] not in UNCOVERED]
 
 
@@ -60,7 +68,8 @@ def test_covers_at_least_ten_fine_tuning_and_ten_inference_runs() -> None:
     assert tasks.count("finetune") >= 10 and tasks.count("infer") >= 10
     methods = {run["case"]["method"] for run in COVERED if run["case"]["task"] == "finetune"}
     quants = {run["case"]["quant"] for run in COVERED if run["case"]["task"] == "infer"}
-    assert methods == {"full", "lora", "qlora"} and quants == {"none", "int8", "nf4"}
+    # QLoRA's runs were measured with the recipe before issue 15 (UNCOVERED): its constants wait for new runs.
+    assert methods == {"full", "lora"} and quants == {"none", "int8", "nf4"}
 
 
 @pytest.mark.parametrize("run", COVERED, ids=[run["case"]["id"] for run in COVERED])
@@ -82,7 +91,7 @@ def test_recorded_held_out_misses_are_still_misses_but_within_35_percent(run_id:
 
 
 def test_the_uncovered_run_is_flagged_as_optimistic() -> None:
-    run = next(run for run in FITTED if run["case"]["id"] in UNCOVERED)
+    run = next(run for run in FITTED if run["case"]["id"] == "lora-phi3-mini-gc-b4-s4096")
     result = tp.finetune_throughput(request_from_case(run["case"]), H200)
     assert result.tokens_per_s > run["tokens_per_s"]
     assert any("sliding window" in note for note in result.notes)
@@ -130,11 +139,11 @@ def test_matmul_params_count_the_head_and_routed_experts_but_not_the_embedding()
     assert tp.touched_params_fraction(LLAMA7, 64) == 1.0
 
 
-def test_qlora_adds_dequantization_and_an_fp32_head() -> None:
+def test_qlora_adds_dequantization() -> None:
     qlora = tp.finetune_throughput(_finetune(Method.QLORA, batch_size=4), H200)
     lora = tp.finetune_throughput(_finetune(Method.LORA, batch_size=4), H200)
     names = {term.name for term in qlora.terms}
-    assert "logits, loss, dequantization" in names and "fp32 output head" in names
+    assert "logits, loss, dequantization" in names and "fp32 output head" not in names  # the head stays bf16
     assert qlora.tokens_per_s < lora.tokens_per_s
 
 

@@ -94,11 +94,37 @@ def tiny_alpaca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_llama: Path, tiny_alpaca: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A LoRA adapter and a full fine-tune of the tiny Llama on Alpaca data (2 steps each), by method: each
+    directory holds what training writes (the weights, the tokenizer, the prompt template)."""
+    import dataclasses
+
+    pytest.importorskip("peft")
+    from llmplan.runtime.train import cleanup, setup, train
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    out = tmp_path_factory.mktemp("trained")
+    base = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), val_fraction=0.1),
+                       output_dir=str(out / "lora"), method="lora", precision="fp32", micro_batch=2, grad_accum=1,
+                       seq_len=64, lr=1e-2, warmup_steps=0, max_steps=2, save_every=100, device="cpu")
+    found = {}
+    for config in (base, dataclasses.replace(base, method="full", output_dir=str(out / "full"))):
+        state = setup(config)
+        try:
+            result = train(state)
+        finally:
+            cleanup(state)
+        found[config.method] = Path(result.adapter_dir or result.model_dir)
+    return found
+
+
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2) -> dict[str, str]:
     """A job store, a jobs folder and the shared model cache for a test that runs jobs (SmolLM2 pulled)."""
     values = {"LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs"),
-              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}"}
+              "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}",
+              "LLMPLAN_WARM_SECONDS": "30"}  # a test's warm replica (generate, chat) frees its memory soon
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     return values
@@ -121,10 +147,7 @@ def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) 
     return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address}
 
 
-def run_llmplan(*args: str, input: str | None = None, timeout: float = 300,
-                private_ray: bool = False) -> subprocess.CompletedProcess:
-    """The `llmplan` command in its own process (as users run it), with this test's environment; with
-    `private_ray`, foreground commands (generate, chat) start their own Ray instead of joining the cluster."""
+def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `llmplan` command in its own process (as users run it), with this test's environment."""
     command = [str(Path(sys.executable).with_name("llmplan")), *args]
-    env = {key: value for key, value in os.environ.items() if not (private_ray and key == "LLMPLAN_RAY_ADDRESS")}
-    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=env)
+    return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=dict(os.environ))

@@ -27,6 +27,7 @@ from urllib.error import HTTPError
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray head, SmolLM2 jobs and the browser
 
 from ci_required import unavailable  # noqa: E402
 from llmplan.runtime.store.db import open_store  # noqa: E402
@@ -41,6 +42,7 @@ STARTED = re.compile(r"llmplan dashboard on (http://\S+?)/?\s")
 # A fine-tuning run small enough for a CPU: SmolLM2 LoRA, short sequences, two sequences a step.
 SMALL_RUN = {"model": "smollm2-135m-instruct", "method": "lora", "precision": "fp32", "micro-batch": "2",
              "grad-accum": "1", "seq-len": "64"}
+HUMAN_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # local time to the second
 ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
@@ -184,10 +186,19 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
     page = Page(browser)
     browser.get(dashboard.url + "/")
     try:
+        page.set_value(page.element('#plan-form [name="model"]'), "x" * 300)  # a long error wraps
+        page.element("#plan-form button[type=submit]").click()
+        page.wait(lambda: "unknown model" in page.text("#plan-error"))
+        assert page.fits_the_window()
+
         page.plan(model="7B", gpu="A100-80GB")
         rows = page.candidate_rows()
         assert rows and all(row.find_elements(page.by.CSS_SELECTOR, ".bar span") for row in rows)
         assert "Llama-2-7B" in page.text("#plan-result")
+        terms = {span.get_attribute("data-term") for span in page.elements("#candidates .bar span")}
+        legend = {entry.get_attribute("data-term") for entry in page.elements("#memory-legend [data-term]")}
+        assert terms and terms == legend  # every colour of the bars is named once
+        assert page.fits_the_window()
 
         page.plan(model="smollm2-135m-instruct", gpu="")
         first = page.candidate_rows()[0]
@@ -196,6 +207,8 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         page.wait(lambda: page.element("#submit").is_displayed())
         assert page.field("model").get_attribute("value") == "SmolLM2-135M-Instruct"
         assert page.field("micro-batch").get_attribute("value") == micro_batch
+        assert page.field("method").tag_name == "select" and page.field("precision").tag_name == "select"
+        assert page.field("method").get_attribute("value") == first.find_elements(page.by.TAG_NAME, "td")[1].text
 
         page.fill({"data": "/etc/hostname"})
         page.element("#submit-form button[type=submit]").click()
@@ -215,6 +228,12 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         summary = page.text("#loss-summary")  # the first and the last logged loss
         assert summary.startswith(f"step {losses[0].step}: ") and f"step {losses[-1].step}: " in summary, summary
         assert dashboard.record(job_id).output_dir == str(dashboard.root / "out" / "browser")
+        labels = [cell.text for cell in page.elements("#job-detail td.label")]
+        assert labels and not any("_" in text or "bytes" in text for text in labels), labels
+        assert "peak memory per GPU" in labels and "tokens per second" in labels, labels
+        times = [cell.text for cell in page.elements("#job-detail td.time") + page.elements("#job-rows td.time")]
+        assert times and all(HUMAN_TIME.fullmatch(text) for text in times), times
+        assert page.fits_the_window()
     finally:
         browser.save_screenshot(str(artifacts_dir() / "dashboard.png"))
 
@@ -259,7 +278,16 @@ class Page:
         for name, value in values.items():
             self.set_value(self.field(name), value)
 
+    def fits_the_window(self) -> bool:
+        """Whether the page fits the window's width (nothing makes it scroll sideways)."""
+        return self.driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
     def set_value(self, element: Any, value: str) -> None:
+        if element.tag_name == "select":
+            from selenium.webdriver.support.ui import Select
+
+            Select(element).select_by_value(value)
+            return
         element.clear()
         if value:
             element.send_keys(value)

@@ -27,6 +27,7 @@ def submit(*args: str):
     return run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args)
 
 
+@pytest.mark.slow
 def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env, tmp_path: Path) -> None:
     env = cluster_env
     result = submit("--max-steps", "12", "--save-every", "6", "--output", str(tmp_path / "out"), "--wait", "--json")
@@ -41,7 +42,7 @@ def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env
     adapter = Path(data["adapter_path"])
     assert (adapter / "adapter_config.json").exists() and (tmp_path / "out" / "loss.png").exists()
     generated = run_llmplan("generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
-                            "--max-new-tokens", "8", "--json", private_ray=True)
+                            "--max-new-tokens", "8", "--json")
     assert generated.returncode == 0, generated.stderr
 
 
@@ -64,6 +65,7 @@ def test_a_yaml_spec_with_an_unknown_key_is_refused(env, tmp_path: Path) -> None
     assert "unknown key(s) learning_rate" in result.output
 
 
+@pytest.mark.slow
 def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env, tmp_path: Path) -> None:
     env, out = cluster_env, tmp_path / "out"
     result = submit("--max-steps", "8", "--save-every", "2", "--output", str(out))
@@ -85,3 +87,40 @@ def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env
     steps = [metric.step for metric in second.metrics]
     assert min(steps) > 4 - 1 and max(steps) == 8
     assert get_job(engine, job_id).status is JobStatus.CANCELLED
+
+
+def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_llama, tiny_alpaca, tmp_path,
+                                                                          monkeypatch) -> None:
+    """One CPU worker needs no process group: the job trains here (no Ray Train, not even Ray) and records
+    every logged step, its checkpoints, the adapter and the results as a Ray Train run does."""
+    import ray
+
+    from llmplan.planner.plan import FinetuneAsk, plan_finetune
+    from llmplan.planner.resolve import resolve_model
+    from llmplan.runtime import distributed, finetune_job
+    from llmplan.runtime.train import saved_checkpoints
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    def ray_train(*args, **kwargs):
+        raise AssertionError("a one-worker CPU job started Ray Train")
+
+    monkeypatch.setattr(distributed, "run_ray_train", ray_train)
+    ray_before = ray.is_initialized()  # False, unless an earlier test of the session left one in this process
+    plan = plan_finetune(FinetuneAsk(model=str(tiny_llama), spec=resolve_model(str(tiny_llama)).spec, batch_size=2,
+                                     micro_batch=2, seq_len=64), None)
+    config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), template="alpaca"),
+                         output_dir=str(tmp_path / "out"), method="lora", precision="fp32", micro_batch=2, grad_accum=1,
+                         seq_len=64, lr=1e-3, warmup_steps=1, max_steps=4, save_every=2, device="cpu")
+    engine = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    job = finetune_job.submit(engine, plan, config, name="in process", submitter="test")
+
+    outcome = finetune_job.run(engine, job.id, config)
+
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    assert ray.is_initialized() == ray_before
+    details = get_job_details(engine, job.id)
+    assert [metric.step for metric in details.metrics] == [1, 2, 3, 4]
+    assert details.job.final_loss is not None
+    assert details.job.measured_tokens_per_s > 0
+    assert [path.name for path in saved_checkpoints(config.output_dir)] == ["step-2", "step-4"]
+    assert (Path(outcome.artifact) / "adapter_config.json").exists()

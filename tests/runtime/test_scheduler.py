@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # real Ray clusters (`ray start`) and their jobs
 
 from llmplan.planner.plan import FinetuneAsk, plan_finetune  # noqa: E402
 from llmplan.planner.resolve import resolve_model  # noqa: E402
@@ -68,9 +70,9 @@ class Site:
         return json.loads(done.stdout)
 
     def queue(self, *, gpu_gib: float | None, steps: int, priority: int = 0, micro_batch: int = 1,
-              save_every: int = 100_000, name: str = "job") -> int:
+              save_every: int = 100_000, name: str = "job", workers: int = 1) -> int:
         """A queued fine-tuning record, as `llmplan submit` writes one: its plan asks for one GPU with
-        `gpu_gib` (None: a CPU plan); it trains the tiny model on the CPU."""
+        `gpu_gib` (None: a CPU plan); it trains the tiny model on the CPU, in `workers` DDP processes."""
         spec = resolve_model(str(self.model)).spec
         plan = plan_finetune(FinetuneAsk(model=str(self.model), spec=spec, batch_size=2 * micro_batch,
                                          micro_batch=micro_batch, seq_len=64), None)
@@ -79,7 +81,8 @@ class Site:
         config = TrainConfig(model=str(self.model), data=DataConfig(path=str(self.data), template="alpaca"),
                              output_dir=str(self.tmp / "out" / f"{name}-{time.monotonic_ns()}"), method="lora",
                              precision="fp32", micro_batch=plan.micro_batch, grad_accum=plan.grad_accum, seq_len=64,
-                             lr=1e-3, warmup_steps=1, max_steps=steps, save_every=save_every, device="cpu")
+                             lr=1e-3, warmup_steps=1, max_steps=steps, save_every=save_every, device="cpu",
+                             workers=workers, backend="ddp" if workers > 1 else "single")
         engine = open_store(self.db)
         try:
             job = finetune_job.submit(engine, plan, config, name=name, submitter="test", priority=priority,
@@ -180,10 +183,17 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
 
 def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
     site = gpu_site  # one 24 GiB GPU
-    full = site.llmplan("submit", "finetune", "--model", "Llama-2-7B", "--data", str(site.data), "--method", "full")
+    llama_7b = site.tmp / "llama-2-7b"  # its config and a weights file: nothing is loaded before the refusal
+    llama_7b.mkdir(exist_ok=True)
+    (llama_7b / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "torch_dtype": "float16"}))
+    (llama_7b / "model.safetensors").write_bytes(b"")
+    full = site.llmplan("submit", "finetune", "--model", str(llama_7b), "--data", str(site.data), "--method", "full")
     assert full.returncode != 0
     assert "does not fit 1 x" in full.stderr and "24.0 GiB" in full.stderr, full.stderr
-    two = site.llmplan("submit", "finetune", "--model", "smollm2-135m", "--data", str(site.data), "--gpus", "2",
+    two = site.llmplan("submit", "finetune", "--model", str(site.model), "--data", str(site.data), "--gpus", "2",
                        "--method", "lora", "--zero", "0")
     assert two.returncode == 1
     assert "refused: the plan needs 2 GPUs" in two.stderr and "largest node has 1 GPU(s) of 24.0 GiB" in two.stderr
@@ -276,3 +286,76 @@ def test_a_job_on_a_worker_node_that_dies_fails_as_infrastructure(
     finally:
         worker.kill()
         head.kill()
+
+
+# ---- what a stopped job leaves on the cluster -----------------------------------------------------------
+RESERVING = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")  # placement group states that hold resources
+TRAIN_ACTORS = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+
+
+@pytest.fixture
+def ray_client(ray_head: RayNode) -> Iterator[Any]:
+    """This test process joined to the session's cluster, to read Ray's own tables."""
+    import ray
+
+    ray.init(address=ray_head.address, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def reserved_groups(ray: Any) -> set[str]:
+    return {pg_id for pg_id, group in ray.util.placement_group_table().items() if group["state"] in RESERVING}
+
+
+def live_train_actors(ray: Any) -> set[str]:
+    from ray._private.state import actors
+
+    return {actor_id for actor_id, actor in actors().items()
+            if actor["State"] == "ALIVE" and actor["ActorClassName"] in TRAIN_ACTORS}
+
+
+def new_group(ray: Any, known: set[str], timeout: float = 180) -> str:
+    """A placement group not in `known` (a job's Ray Train run reserved it), once there is one; added to `known`."""
+    deadline = time.monotonic() + timeout
+    while not (new := reserved_groups(ray) - known):
+        assert time.monotonic() < deadline, "no new placement group"
+        time.sleep(0.3)
+    known.update(new)
+    return new.pop()
+
+
+@pytest.mark.slow
+def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
+        tmp_path: Path, ray_head: RayNode, ray_client: Any, tiny_llama: Path, tiny_alpaca: Path) -> None:
+    """Ray Train's placement group (2 CPUs for 2 workers) and its detached cleaner outlived a killed driver: on
+    this 4-CPU head, two cancels left the next jobs running for ever with no step. Three cancels in a row and a
+    driver killed by SIGKILL, each once its workers have their group, then a fifth job runs, and nothing of
+    theirs is left reserved or alive."""
+    ray = ray_client
+    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca)
+    groups_before, actors_before = reserved_groups(ray), live_train_actors(ray)
+    seen = set(groups_before)
+
+    for turn in range(3):
+        job_id = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name=f"cancelled-{turn}")
+        if turn == 0:
+            site.cluster()  # starts the scheduler
+        new_group(ray, seen)
+        stopped = site.llmplan("cancel", str(job_id))
+        assert stopped.stdout.strip() == f"job {job_id}: cancelled", stopped.stderr
+
+    killed = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name="driver-killed")
+    new_group(ray, seen)
+    os.kill(ray._private.state.actors(site.job(killed).ray_actor_id)["Pid"], signal.SIGKILL)
+    failed = site.wait(killed, ended)
+    assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
+
+    last = site.wait(site.queue(gpu_gib=None, steps=2, workers=2, name="after"), ended)
+    assert last.status is JobStatus.SUCCEEDED, last.error_message
+    deadline = time.monotonic() + 30  # the last run's own teardown may still be under way
+    while (reserved_groups(ray), live_train_actors(ray)) != (groups_before, actors_before):
+        left = (reserved_groups(ray) - groups_before, live_train_actors(ray) - actors_before)
+        assert time.monotonic() < deadline, left
+        time.sleep(0.5)

@@ -5,14 +5,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from llmplan.runtime.admission import (
+    CpuDemand,
+    CpuNode,
     Demand,
     GpuSlot,
     QueuedJob,
     Reservation,
     admit,
     available_bytes,
+    cpu_capacity,
+    cpu_demand_of,
+    cpu_node,
     demand_of,
     never_fits,
+    never_fits_on_cpus,
 )
 
 GIB = 2**30
@@ -77,3 +83,24 @@ def test_demand_is_read_from_the_recorded_plan() -> None:
     assert demand_of("infer", inference) == Demand(4, 7 * GIB)
     assert demand_of("finetune", {"device": "cpu", "workers": 2, "estimated_device_bytes": GIB}) == Demand(0, 0)
     assert demand_of("infer", None) == Demand(0, 0)
+
+
+# ---- CPU plans ------------------------------------------------------------------------------------------
+def test_cpu_workers_are_held_by_the_nodes_cpus_and_memory() -> None:
+    nodes = [CpuNode("a", 2, 23 * GIB), CpuNode("b", 8, 10 * GIB)]
+    assert cpu_capacity(CpuDemand(1, 4 * GIB), nodes) == 2 + 2  # b: 8 CPUs, but memory for 2 workers
+    assert never_fits_on_cpus(CpuDemand(4, 4 * GIB), nodes) is None
+    assert never_fits_on_cpus(CpuDemand(1000, GIB // 2), nodes) == (
+        "the plan needs 1000 CPU workers with 512 MiB of host memory each; the cluster holds 10 (10 CPUs on 2 nodes)")
+    assert never_fits_on_cpus(CpuDemand(1, 49 * GIB), nodes) == (
+        "the plan needs 1 CPU worker with 49.0 GiB of host memory each; the cluster's largest node has 23.0 GiB "
+        "of host memory")
+    assert never_fits_on_cpus(None, []) is None  # a GPU plan: never_fits judges it
+
+
+def test_cpu_demand_and_nodes_are_read_from_the_plan_and_ray() -> None:
+    assert cpu_demand_of("finetune", {"device": "cpu", "workers": 3, "estimated_device_bytes": GIB}) == CpuDemand(3, GIB)
+    assert cpu_demand_of("infer", {"device": "cpu", "replicas": 1, "estimated_device_bytes": GIB}) == CpuDemand(1, GIB)
+    assert cpu_demand_of("finetune", {"device": "cuda", "workers": 1, "estimated_device_bytes": GIB}) is None
+    ray_node = {"NodeID": "n1", "Resources": {"CPU": 2.0, "memory": 16.0 * GIB, "object_store_memory": 7.0 * GIB}}
+    assert cpu_node(ray_node) == CpuNode("n1", 2, 23 * GIB)

@@ -1,0 +1,62 @@
+"""The dashboard's errors: what a call refused, as {"error": "...", "field": "..."} with a 4xx status (5xx when
+the system failed), never a stack trace."""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+# An error about one option names it first ("--max-steps must be positive") or quoted ("Invalid value for '--lr'").
+OPTION_AT_FAULT = re.compile(r"^--([a-z][a-z0-9-]*)|'--([a-z][a-z0-9-]*)'")
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+class FieldError(ApiError):
+    """A submitted value that is refused: 400, naming its field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(HTTPStatus.BAD_REQUEST, message, field)
+
+
+def error_document(message: str, field: str | None = None) -> dict[str, str]:
+    return {"error": message, "field": field} if field else {"error": message}
+
+
+def error_answer(error: BaseException) -> tuple[int, str, str | None]:
+    """(status, one-line message, field at fault) for any error a call raised."""
+    if isinstance(error, ApiError):
+        return error.status, str(error), error.field
+    status, message = user_facing(error)
+    return status, message, getattr(error, "field", None) or option_named(message)
+
+
+def option_named(message: str) -> str | None:
+    """The field an error is about, when its message names the option at fault."""
+    match = OPTION_AT_FAULT.search(message)
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def user_facing(error: BaseException) -> tuple[HTTPStatus, str]:
+    """Errors the planner and store raise for bad input, as one line; anything else as a server error."""
+    import click
+
+    from llmplan.runtime.store.errors import UnknownJobError
+
+    if isinstance(error, UnknownJobError):
+        return HTTPStatus.NOT_FOUND, str(error)
+    if isinstance(error, click.ClickException):
+        return HTTPStatus.BAD_REQUEST, first_line(error.format_message())
+    if isinstance(error, (ValueError, LookupError, TypeError, ArithmeticError, RecursionError)):
+        return HTTPStatus.BAD_REQUEST, first_line(str(error)) or type(error).__name__
+    return HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {first_line(str(error))}"
+
+
+def first_line(text: Any) -> str:
+    lines = str(text).splitlines()
+    return lines[0] if lines else ""

@@ -1,0 +1,181 @@
+"""Long-context training (issue 15): QLoRA keeps its non-quantized weights in the compute dtype, so attention
+stays 16-bit and SDPA takes a fused kernel; Liger's kernels on CUDA only.
+
+The CPU tests run in CI. The CUDA tests skip without a GPU; they ran on an H200 through the device machine
+(result recorded in benchmarks/results/long-context-tests-h200.txt)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llmplan.planner.model_catalog import MODELS  # noqa: E402
+from llmplan.runtime.modeling import (  # noqa: E402
+    LoraSettings,
+    build_random_model,
+    kernels_that_run,
+    load_pretrained,
+    prepare_for_training,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _seeded_adapters(model) -> None:
+    """PEFT starts lora_B at zero, which leaves lora_A's gradient zero: give both the same random start."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(_lora_tensors(model).items()):
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype) * 0.02)
+
+
+def _kbit_upcast_path(model, gradient_checkpointing: bool, lora: LoraSettings):
+    """The recipe before issue 15: PEFT's k-bit preparation upcasts every non-quantized weight to fp32."""
+    from peft import prepare_model_for_kbit_training
+
+    from llmplan.runtime.modeling import apply_lora
+
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, lora)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    _seeded_adapters(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {name: p.grad.float().flatten() for name, p in _lora_tensors(model).items()}
+
+
+def _assert_close(new: tuple[float, dict], old: tuple[float, dict], loss_rtol: float, min_cosine: float) -> None:
+    (new_loss, new_grads), (old_loss, old_grads) = new, old
+    assert new_loss == pytest.approx(old_loss, rel=loss_rtol)
+    assert new_grads.keys() == old_grads.keys()
+    for name in new_grads:
+        cosine = torch.nn.functional.cosine_similarity(new_grads[name], old_grads[name], dim=0)
+        assert cosine > min_cosine, (name, float(cosine))
+        assert float(new_grads[name].norm()) == pytest.approx(float(old_grads[name].norm()), rel=0.05), name
+
+
+# ---- CPU (CI) ---------------------------------------------------------------------------------------
+def test_qlora_keeps_the_non_quantized_weights_in_the_compute_dtype(tiny_llama, tiny_alpaca, tmp_path: Path) -> None:
+    from llmplan.runtime.train import PRECISIONS, build_model
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca)), output_dir=str(tmp_path),
+                         method="qlora", device="cpu", gradient_checkpointing=True)
+    model = build_model(config, PRECISIONS["bf16-true"], torch.device("cpu"))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    adapters = {dtype for name, dtype in dtypes.items() if "lora_" in name}
+    base = {dtype for name, dtype in dtypes.items() if "lora_" not in name and dtype.is_floating_point}
+    assert adapters == {torch.float32}  # PEFT's autocast_adapter_dtype: the adapters train in fp32
+    assert base == {torch.bfloat16}  # PEFT's k-bit preparation made the norms and embeddings fp32
+    hidden = model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states
+    assert {h.dtype for h in hidden} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_bf16_qlora_matches_the_fp32_norm_path_on_cpu(tiny_llama, gradient_checkpointing: bool) -> None:
+    lora = LoraSettings(r=8, alpha=16)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    new = prepare_for_training(load_pretrained(str(tiny_llama), "bf16", "nf4", "cpu"), "qlora",
+                               gradient_checkpointing, lora)
+    old = _kbit_upcast_path(load_pretrained(str(tiny_llama), "bf16", "nf4", "cpu"), gradient_checkpointing, lora)
+    assert old.base_model.model.model.norm.weight.dtype == torch.float32  # the two paths do differ
+    _assert_close(_loss_and_grads(new, ids), _loss_and_grads(old, ids), loss_rtol=1e-2, min_cosine=0.99)
+
+
+def test_liger_runs_only_on_cuda_and_supported_architectures() -> None:
+    assert kernels_that_run(None, "llama", "cpu") == "none"
+    assert kernels_that_run("liger", "llama", "cpu") == "none"
+    assert kernels_that_run(None, "llama", "cuda") == "liger"
+    assert kernels_that_run(None, "phi3", "cuda") == "none"
+    assert kernels_that_run("none", "qwen2", "cuda") == "none"
+    with pytest.raises(ValueError, match="liger or none"):
+        kernels_that_run("triton", "llama", "cuda")
+
+
+# ---- CUDA (device machine) --------------------------------------------------------------------------
+def _small_gqa_llama(root: Path) -> Path:
+    """A 4-layer grouped-query Llama (8 query heads, 2 KV heads), saved in bf16 for the NF4 loader."""
+    spec = dataclasses.replace(next(m for m in MODELS if m.name == "Llama-3-8B"), name="gqa-small", hidden_size=512,
+                               intermediate_size=1024, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+                               vocab_size=2048)
+    torch.manual_seed(0)
+    build_random_model(spec, "bf16", "cuda").save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return _small_gqa_llama(tmp_path_factory.mktemp("gqa-llama"))
+
+
+def _fused_sdpa_only():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+def _cuda_ids() -> torch.Tensor:
+    return torch.randint(0, 2048, (2, 1024), generator=torch.Generator().manual_seed(0)).cuda()
+
+
+@cuda
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_cuda_qlora_step_takes_a_fused_sdpa_kernel_and_matches_the_fp32_norm_path(
+        gqa_llama: Path, gradient_checkpointing: bool) -> None:
+    lora = LoraSettings(r=16, alpha=32)
+    ids = _cuda_ids()
+    new = prepare_for_training(load_pretrained(str(gqa_llama), "bf16", "nf4", "cuda"), "qlora",
+                               gradient_checkpointing, lora)
+    with _fused_sdpa_only():  # the math kernel is off: a fallback raises "No available kernel"
+        fused = _loss_and_grads(new, ids)
+    old = _kbit_upcast_path(load_pretrained(str(gqa_llama), "bf16", "nf4", "cuda"), gradient_checkpointing, lora)
+    with _fused_sdpa_only(), pytest.raises(RuntimeError):  # the old path's fp32 GQA needs the math kernel
+        old(input_ids=ids, labels=ids).loss.backward()
+    old.zero_grad(set_to_none=True)
+    _assert_close(fused, _loss_and_grads(old, ids), loss_rtol=1e-2, min_cosine=0.99)
+
+
+@cuda
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_cuda_lora_step_takes_a_fused_sdpa_kernel_and_matches_fp32(gqa_llama: Path,
+                                                                    gradient_checkpointing: bool) -> None:
+    lora = LoraSettings(r=16, alpha=32)
+    ids = _cuda_ids()
+    new = prepare_for_training(load_pretrained(str(gqa_llama), "bf16", "none", "cuda"), "lora",
+                               gradient_checkpointing, lora)
+    with _fused_sdpa_only():
+        fused = _loss_and_grads(new, ids)
+    reference = prepare_for_training(load_pretrained(str(gqa_llama), "fp32", "none", "cuda"), "lora",
+                                     gradient_checkpointing, lora)
+    _assert_close(fused, _loss_and_grads(reference, ids), loss_rtol=1e-2, min_cosine=0.99)
+
+
+@cuda
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cuda_liger_kernels_match_the_plain_modules(gqa_llama: Path, method: str) -> None:
+    pytest.importorskip("liger_kernel")
+    lora = LoraSettings(r=16, alpha=32)
+    ids = _cuda_ids()
+    quant = "nf4" if method == "qlora" else "none"
+    with _fused_sdpa_only():
+        liger = _loss_and_grads(prepare_for_training(load_pretrained(str(gqa_llama), "bf16", quant, "cuda"), method,
+                                                     True, lora, kernels="liger"), ids)
+        plain = _loss_and_grads(prepare_for_training(load_pretrained(str(gqa_llama), "bf16", quant, "cuda"), method,
+                                                     True, lora, kernels="none"), ids)
+    _assert_close(liger, plain, loss_rtol=1e-2, min_cosine=0.99)
