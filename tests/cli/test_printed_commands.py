@@ -137,10 +137,10 @@ def test_fit_names_the_model_as_submit_can_run_it(local_model_dir: Path) -> None
 
 
 def test_the_dashboards_job_specs_parse_once_the_form_adds_the_data() -> None:
-    from llmplan.cli.web_api import plan_json
+    from llmplan.cli.web_actions import plan_json
 
     for body in ({"model": "7B", "gpu": "A10", "gpus": 2}, {"model": "7B", "task": "infer", "gpu": "H100"}):
-        document = plan_json(body)
+        document = plan_json(body, (Path.cwd(),))
         assert document["candidates"]
         for candidate in document["candidates"]:
             job = candidate["job"]
