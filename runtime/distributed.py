@@ -236,6 +236,7 @@ class DeepSpeedEngine:
         barrier()
 
     def load(self, directory: Path) -> None:
+        refuse_unsafe_deepspeed_files(directory / DEEPSPEED_TAG)
         path, _ = self.module.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
@@ -268,6 +269,30 @@ def load_state(path: Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # or not a torch.save file
         raise UnsafeCheckpoint(path, _unpickler_reason(error)) from None
+
+
+# What DeepSpeed (0.19) pickles beside tensors and plain values in its checkpoint files (seen in ZeRO-2 and ZeRO-3
+# bf16 checkpoints; the dynamic scaler of fp16): its loss scaler, the ZeRO stage enum and its fragment addresses.
+DEEPSPEED_CHECKPOINT_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def refuse_unsafe_deepspeed_files(directory: Path) -> None:
+    """DeepSpeed's `load_checkpoint` unpickles its files unrestricted (torch.load weights_only=False): read each
+    file's pickle opcodes first, without running them, and refuse one that names a global beyond tensors, plain
+    values and `DEEPSPEED_CHECKPOINT_GLOBALS` (or is no torch.save zip), so that a planted file never runs."""
+    for path in sorted(directory.glob("*.pt")):
+        try:
+            named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as error:  # noqa: BLE001 - not a torch.save zip (a bare pickle torch.load would still run)
+            raise UnsafeCheckpoint(path, f"not a torch checkpoint: {type(error).__name__}") from None
+        unexpected = sorted(named - DEEPSPEED_CHECKPOINT_GLOBALS)
+        if unexpected:
+            raise UnsafeCheckpoint(path, f"it names {', '.join(unexpected[:3])}")
 
 
 def _unpickler_reason(error: Exception) -> str:

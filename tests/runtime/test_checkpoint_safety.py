@@ -60,3 +60,27 @@ def test_resume_from_a_folder_with_a_planted_pickle_fails_clearly_and_runs_nothi
         finally:
             cleanup(resumed)
     assert not marker.exists()
+
+
+def test_a_pickle_planted_in_a_deepspeed_checkpoint_is_refused_before_deepspeed_reads_it(tmp_path: Path) -> None:
+    """DeepSpeed's load_checkpoint unpickles unrestricted: its files are read opcode by opcode first. A real ZeRO-2
+    checkpoint (one gloo process) reads back; the same folder with a payload as its optimizer file (torch.save's zip
+    format, or a bare pickle, which torch.load also reads) is refused and the payload never runs."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("deepspeed_resume_probe.py")), str(tmp_path),
+                           str(port)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any(name.endswith("optim_states.pt") for name in outcome["files"])
+    zipped, legacy = outcome["refused"]
+    assert "optim_states.pt is not a checkpoint llmplan wrote (it names posix.system" in zipped
+    assert "optim_states.pt is not a checkpoint llmplan wrote (not a torch checkpoint" in legacy
+    assert outcome["ran"] is False
