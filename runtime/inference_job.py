@@ -116,15 +116,18 @@ def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcom
 # ---- setup ------------------------------------------------------------------------------------------
 def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, template: str = "auto") -> list[Any]:
     """Place the plan's replicas, wait for the model to load, and mark the job running."""
-    import ray
-
-    from .model_store import ensure_model
     from .cluster import connect
-    from .ray_inference import start_replicas
+    from .model_store import ensure_model
 
     mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
-    connect()  # the job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait
+    # The job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait. Before Ray is
+    # imported here: connect sets what Ray reads at import (its token authentication).
+    connect()
+    import ray
+
+    from .ray_inference import start_replicas
+
     replicas = start_replicas(plan, str(local.path), adapter, template)
     where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
     placed_by_scheduler = get_job(engine, job_id).placement_node is not None
