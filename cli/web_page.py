@@ -29,6 +29,8 @@ PAGE = r"""<!doctype html>
   tr.job { cursor: pointer; }
   #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
   td.wrap { white-space: normal; overflow-wrap: anywhere; }
+  #data-preview { flex-basis: 100%; max-width: 100%; font-size: 12px; }
+  #data-preview td.wrap { max-width: 40em; vertical-align: top; }
   .field-error { color: #b3261e; font-size: 12px; max-width: 28em; white-space: normal; }
 </style>
 </head>
@@ -168,6 +170,10 @@ function specField(key, value, menu) {
   } else {
     input = `<input name="${esc(key)}" value="${esc(value)}" placeholder="${esc(FIELD_HINTS[key] || "")}">`;
   }
+  if (key === "data") {  // the data set's preview sits next to its field
+    return `<label>${esc(key)} ${input}${error}<button type="button" id="data-preview-button">Preview</button></label>
+      <div id="data-preview"></div>`;
+  }
   return `<label>${esc(key)} ${input}${error}</label>`;
 }
 
@@ -183,6 +189,24 @@ function openSubmit(candidate) {
   const section = document.getElementById("submit");
   section.hidden = false;
   section.scrollIntoView();
+}
+
+// The data set as the job will read it: format, record count, token lengths and the first rows.
+async function previewData() {
+  const form = document.getElementById("submit-form"), box = document.getElementById("data-preview");
+  const path = form.elements["data"].value.trim(), model = (form.elements["model"]?.value || "").trim();
+  if (!path) { box.innerHTML = ""; return; }
+  box.innerHTML = `<span class="muted">reading ${esc(path)}&hellip;</span>`;
+  try {
+    const p = await api("/api/data/preview", {path, ...(/[\/.~]/.test(model[0] || "") && {model})});
+    const rows = p.rows.map((messages, i) => `<tr><td>${i + 1}</td>${messages.map((m) =>
+      `<td class="wrap"><b>${esc(m.role)}</b>: ${esc(m.content)}</td>`).join("")}</tr>`).join("");
+    box.innerHTML = `<p id="data-summary">${esc(p.format)} format, ${p.records} records; tokens per record
+      min ${p.tokens.min}, median ${p.tokens.median}, max ${p.tokens.max} <span class="muted">(${esc(p.tokens.counted_by)})</span></p>
+      <table id="data-rows">${rows}</table>`;
+  } catch (error) {
+    box.innerHTML = `<p class="error" id="data-preview-error">${esc(error.message)}</p>`;
+  }
 }
 
 function submittedSpec(form) {
@@ -301,6 +325,8 @@ document.getElementById("plan-result").addEventListener("click", (e) => {
   const button = e.target.closest("button.submit-candidate"); if (button) openSubmit(planned[Number(button.dataset.index)]);
 });
 document.getElementById("submit-form").addEventListener("submit", submitJob);
+document.getElementById("submit-form").addEventListener("click", (e) => { if (e.target.id === "data-preview-button") previewData(); });
+document.getElementById("submit-form").addEventListener("change", (e) => { if (e.target.name === "data") previewData(); });
 document.getElementById("submit-close").addEventListener("click", () => { document.getElementById("submit").hidden = true; });
 document.getElementById("job-rows").addEventListener("click", (e) => {
   const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));

@@ -319,3 +319,43 @@ def test_bad_values_are_refused_by_the_submit_commands_own_options(api: str, roo
     field, error = refused(api, finetune(root, data=str(broken)))
     assert field == "data" and f"{broken}:2: field output" in error
     assert call(api, "/api/jobs")[1] == []
+
+
+# ---- data-set preview --------------------------------------------------------------------------------------
+def test_data_preview_names_the_format_counts_the_records_and_shows_the_first_rows(api: str, root: Path) -> None:
+    status, preview = call(api, "/api/data/preview", {"path": str(root / "train.jsonl")})
+    assert status == 200, preview
+    first = json.loads(EXAMPLE_DATA.read_text().splitlines()[0])
+    assert preview["format"] == "alpaca" and preview["records"] == len(EXAMPLE_DATA.read_text().splitlines())
+    assert preview["rows"][0] == [{"role": "user", "content": first["instruction"]},
+                                  {"role": "assistant", "content": first["output"]}]
+    tokens = preview["tokens"]
+    assert 1 <= tokens["min"] <= tokens["median"] <= tokens["max"] and "approximated" in tokens["counted_by"]
+
+
+def test_data_preview_counts_tokens_with_a_local_models_tokenizer(api: str, root: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmplan.runtime.model_store import ensure_model
+    from tests.runtime.conftest import TEST_CACHE
+
+    model = root / "smollm2"
+    model.mkdir()
+    source = Path(ensure_model("smollm2-135m-instruct", cache=TEST_CACHE).path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, model / name)
+    (root / "one.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "Hi there!"}) + "\n")
+    status, preview = call(api, "/api/data/preview", {"path": str(root / "one.jsonl"), "model": str(model)})
+    assert status == 200, preview
+    expected = len(AutoTokenizer.from_pretrained(model)("Say hi.\nHi there!", add_special_tokens=False)["input_ids"])
+    assert preview["tokens"] == {"min": expected, "median": expected, "max": expected,
+                                 "counted_by": f"the tokenizer of {model}"}
+
+
+def test_data_preview_of_a_bad_file_names_its_line_and_paths_stay_in_the_root(api: str, root: Path) -> None:
+    good = json.dumps({"instruction": "a", "output": "b"})
+    (root / "bad.jsonl").write_text(f"{good}\n{good}\n{{\"instruction\": \"c\"}}\n")
+    status, answer = call(api, "/api/data/preview", {"path": str(root / "bad.jsonl")})
+    assert status == 400 and answer["error"].startswith(f"{root / 'bad.jsonl'}:3: ") and answer["field"] == "data"
+    status, answer = call(api, "/api/data/preview", {"path": "/etc/hostname"})
+    assert status == 400 and "outside the folders" in answer["error"], answer

@@ -216,6 +216,12 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
 
         page.fill({**SMALL_RUN, "data": "train.jsonl", "max-steps": "4",
                    "output": "out/browser"})
+        page.element("#data-preview-button").click()  # the data set as the job will read it
+        records = len(EXAMPLE_DATA.read_text().splitlines())
+        page.wait(lambda: f"alpaca format, {records} records" in page.text("#data-summary"))
+        first_row = json.loads(EXAMPLE_DATA.read_text().splitlines()[0])["instruction"]
+        assert first_row in page.text("#data-rows tr") and "median" in page.text("#data-summary")
+        assert page.fits_the_window()
         page.element("#submit-form button[type=submit]").click()
         page.wait(lambda: page.element("#job").is_displayed() and page.text("#job-status-text"))
         job_id = int(re.search(r"Job (\d+)", page.text("#job h2")).group(1))
