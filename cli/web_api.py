@@ -14,6 +14,8 @@ what each call does is in web_actions.py (the same planner, store and scheduler 
                                        with "prompt": [...] or "input"): planned for the cluster, checked and queued
                                        as `llmplan submit` does it: {"id", "plan", "log"}
     POST /api/jobs/ID/cancel           as `llmplan cancel --no-wait`: {"id", "status"}
+    POST /api/jobs/ID/merge            {"output": FOLDER}: a succeeded LoRA job's adapter merged into its base
+                                       model at a new folder, as `llmplan merge` (409 for any other job)
     POST /api/data/preview             a data file before submitting: {"path", "model"?}: {"format", "records",
                                        "rows", "tokens": {"min", "median", "max", "counted_by"}} (web_data.py)
 
@@ -61,7 +63,7 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .web_actions import (Scope, cancel_json, job_json, list_jobs_json, list_models, local_gpus, log_tail,
-                          option_choices, plan_json, submit_json)
+                          merge_json, option_choices, plan_json, submit_json)
 from .web_data import preview_json
 from .web_errors import ApiError, error_answer, error_document
 
@@ -334,6 +336,10 @@ def create_app(config: DashboardConfig) -> FastAPI:
     def submit(body: Body) -> Response:
         with ray_calls:
             return json_document(submit_json(config.scope, body))
+
+    @app.post("/api/jobs/{job_id}/merge", dependencies=posted)
+    def merge(job_id: JobId, body: Body) -> Response:
+        return json_document(merge_json(config.scope, engine, job_id, body))
 
     @app.post("/api/data/preview", dependencies=posted)
     def data_preview(body: Body) -> Response:

@@ -359,3 +359,41 @@ def test_data_preview_of_a_bad_file_names_its_line_and_paths_stay_in_the_root(ap
     assert status == 400 and answer["error"].startswith(f"{root / 'bad.jsonl'}:3: ") and answer["field"] == "data"
     status, answer = call(api, "/api/data/preview", {"path": "/etc/hostname"})
     assert status == 400 and "outside the folders" in answer["error"], answer
+
+
+# ---- merging a finished job's adapter ------------------------------------------------------------------------------
+def succeeded_lora_job(store: str, model: Path, adapter: Path) -> int:
+    from llmplan.runtime.store.repository import Artifacts, JobUpdate
+
+    engine = open_store(store)
+    try:
+        job_id = queued_job(store, model=str(model))
+        for status in (JobStatus.SCHEDULED, JobStatus.RUNNING):
+            transition(engine, job_id, status)
+        transition(engine, job_id, JobStatus.SUCCEEDED, update=JobUpdate(artifacts=Artifacts(adapter_path=str(adapter))))
+        return job_id
+    finally:
+        engine.dispose()
+
+
+def test_a_succeeded_lora_jobs_adapter_is_merged_into_a_new_folder_in_the_root(api: str, store: str, root: Path,
+                                                                               tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from tests.runtime.test_inference import save_lora_adapter, save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    adapter = save_lora_adapter(model, tmp_path / "adapter")
+    job_id = succeeded_lora_job(store, model, adapter)
+    assert call(api, f"/api/jobs/{queued_job(store)}/merge", {"output": str(root / "m")})[0] == 409
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(root / "merged")})
+    assert (status, answer) == (200, {"id": job_id, "output": str(root / "merged")}), answer
+    merged = transformers.AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[weight], base.state_dict()[weight])  # the adapter is folded in
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(root / "merged")})
+    assert status == 400 and "already exists" in answer["error"] and answer["field"] == "output"
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(tmp_path / "elsewhere")})
+    assert status == 400 and "outside the folders" in answer["error"]
