@@ -31,6 +31,9 @@ PAGE = r"""<!doctype html>
   td.wrap { white-space: normal; overflow-wrap: anywhere; }
   #data-preview { flex-basis: 100%; max-width: 100%; font-size: 12px; }
   #data-preview td.wrap { max-width: 40em; vertical-align: top; }
+  #chat-log { max-height: 220px; overflow-y: auto; margin: 6px 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+  #chat-log div { margin: 2px 0; }
+  .chat-assistant { color: #1d4f7a; }
   .field-error { color: #b3261e; font-size: 12px; max-width: 28em; white-space: normal; }
 </style>
 </head>
@@ -55,6 +58,17 @@ PAGE = r"""<!doctype html>
   <div id="plan-result"></div>
 </section>
 <section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
+<section id="chat">
+  <h2>Chat</h2>
+  <form id="chat-form">
+    <label>model <input name="model" list="models" value="smollm2-135m-instruct" style="width:14em"></label>
+    <label>or the adapter of job <input name="job" type="number" min="1" style="width:5em" placeholder="none"></label>
+    <button type="button" id="chat-reset">New conversation</button>
+    <div id="chat-log"></div>
+    <textarea name="message" rows="2" cols="48" placeholder="a message"></textarea> <button type="submit">Send</button>
+  </form>
+  <p id="chat-error" class="error"></p>
+</section>
 <section id="submit" hidden>
   <h2 id="submit-title">Submit</h2>
   <form id="submit-form"><div id="submit-fields"></div>
@@ -284,8 +298,13 @@ async function showJob(id) {
   const section = document.getElementById("job");
   section.hidden = false;
   section.innerHTML = `<h2>Job ${id}: <span id="job-name"></span> &mdash; <span id="job-status-text"></span>
-    <button id="cancel" hidden>Cancel</button></h2><div id="job-detail"></div><h3>log</h3><pre id="log"></pre>`;
+    <button id="cancel" hidden>Cancel</button></h2>
+    <div id="merge-box" hidden>merge the adapter into its base model at <input id="merge-output" placeholder="new folder on the server">
+      <button type="button" id="merge">Merge</button> <span id="merge-result"></span>
+      <button type="button" id="chat-with-job">Chat with this adapter</button></div><div id="job-detail"></div><h3>log</h3><pre id="log"></pre>`;
   document.getElementById("cancel").onclick = async () => { await api(`/api/jobs/${id}/cancel`, {}); refreshJob(id); loadJobs(); };
+  document.getElementById("merge").onclick = () => mergeAdapter(id);
+  document.getElementById("chat-with-job").onclick = () => chatWithJob(id);
   section.scrollIntoView();
   await refreshJob(id);
   followLog(id, 0);
@@ -302,6 +321,7 @@ async function refreshJob(id) {
   document.getElementById("job-name").textContent = job.name;
   document.getElementById("job-status-text").textContent = job.status;
   document.getElementById("cancel").hidden = !CANCELLABLE.has(job.status);
+  document.getElementById("merge-box").hidden = !(job.kind === "finetune" && job.status === "succeeded" && job.adapter_path);
   document.getElementById("job-detail").innerHTML = `
     ${job.error_message ? `<p class="error">${esc(job.error_class)}: ${esc(job.error_message)}</p>` : ""}
     ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
@@ -310,6 +330,72 @@ async function refreshJob(id) {
       <td>${esc(e.to_status)}</td><td class="wrap">${esc(e.message)}</td></tr>`).join("")}</table>`;
   if (ENDED.has(job.status)) loadJobs();
   else setTimeout(() => refreshJob(id), 2000);
+}
+
+// A finished LoRA job's adapter folded into its base model (`llmplan merge`), at a new folder on the server.
+async function mergeAdapter(id) {
+  const result = document.getElementById("merge-result"), button = document.getElementById("merge");
+  result.className = "muted";
+  result.textContent = "merging…";
+  button.disabled = true;
+  try {
+    const merged = await api(`/api/jobs/${id}/merge`, {output: document.getElementById("merge-output").value.trim()});
+    result.textContent = `merged into ${merged.output}`;
+  } catch (error) {
+    result.className = "error";
+    result.textContent = error.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The chat panel: the conversation so far goes with each message (POST /api/chat runs one turn, as `llmplan chat`).
+let chatHistory = [];
+function chatLine(role, text) {
+  const line = document.createElement("div");
+  line.className = `chat-${role}`;
+  line.innerHTML = `<b>${role === "user" ? "you" : "model"}:</b> <span class="text"></span>`;
+  line.querySelector(".text").textContent = text;
+  document.getElementById("chat-log").append(line);
+  return line;
+}
+
+function resetChat() {
+  chatHistory = [];
+  document.getElementById("chat-log").innerHTML = "";
+  document.getElementById("chat-error").textContent = "";
+}
+
+function chatWithJob(id) {
+  const form = document.getElementById("chat-form");
+  form.elements["job"].value = id;
+  resetChat();
+  document.getElementById("chat").scrollIntoView();
+  form.elements["message"].focus();
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const form = event.target, text = form.elements["message"].value.trim();
+  if (!text) return;
+  const job = form.elements["job"].value.trim(), model = form.elements["model"].value.trim();
+  const messages = [...chatHistory, {role: "user", content: text}];
+  document.getElementById("chat-error").textContent = "";
+  chatLine("user", text);
+  const waiting = chatLine("assistant", "…");
+  form.elements["message"].value = "";
+  try {
+    const turn = await api("/api/chat", job ? {job: Number(job), messages} : {model, messages});
+    waiting.querySelector(".text").textContent = turn.reply || "(an empty answer: the model stopped at once)";
+    waiting.dataset.job = turn.job;
+    chatHistory = [...messages, {role: "assistant", content: turn.reply}];
+    loadJobs();
+  } catch (error) {
+    waiting.remove();
+    document.getElementById("chat-log").lastElementChild?.remove();
+    form.elements["message"].value = text;
+    document.getElementById("chat-error").textContent = error.message;
+  }
 }
 
 async function followLog(id, offset) {
@@ -325,8 +411,10 @@ document.getElementById("plan-result").addEventListener("click", (e) => {
   const button = e.target.closest("button.submit-candidate"); if (button) openSubmit(planned[Number(button.dataset.index)]);
 });
 document.getElementById("submit-form").addEventListener("submit", submitJob);
+document.getElementById("chat-form").addEventListener("submit", sendChat);
+document.getElementById("chat-reset").addEventListener("click", resetChat);
+for (const name of ["model", "job"]) document.getElementById("chat-form").elements[name].addEventListener("change", resetChat);
 document.getElementById("submit-form").addEventListener("click", (e) => { if (e.target.id === "data-preview-button") previewData(); });
-document.getElementById("submit-form").addEventListener("change", (e) => { if (e.target.name === "data") previewData(); });
 document.getElementById("submit-close").addEventListener("click", () => { document.getElementById("submit").hidden = true; });
 document.getElementById("job-rows").addEventListener("click", (e) => {
   const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));

@@ -397,3 +397,26 @@ def test_a_succeeded_lora_jobs_adapter_is_merged_into_a_new_folder_in_the_root(a
     assert status == 400 and "already exists" in answer["error"] and answer["field"] == "output"
     status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(tmp_path / "elsewhere")})
     assert status == 400 and "outside the folders" in answer["error"]
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------------
+def test_chat_checks_its_turn_and_answers_503_while_the_ray_cluster_is_down(store: str, root: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the cluster is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{probe.getsockname()[1]}"
+    server = serve(make_config(store, "127.0.0.1", 0, None, (root,), address=down))
+    api = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        turn = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+        status, answer = call(api, "/api/chat", turn)
+        assert status == 503 and f"the Ray cluster at {down} is unreachable" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {**turn, "messages": [{"role": "assistant", "content": "Hi"}]})
+        assert status == 400 and answer["field"] == "messages", answer
+        status, answer = call(api, "/api/chat", {**turn, "messages": []})
+        assert status == 400 and "empty" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {**turn, "adapter": "/etc"})
+        assert status == 400 and "outside the folders" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {"job": queued_job(store), "messages": turn["messages"]})
+        assert status == 409 and "only a succeeded LoRA" in answer["error"], answer
+    finally:
+        server.shutdown()
