@@ -23,6 +23,12 @@ from .chat import PromptItem
 from .inference import GenerationReport, GenerationSettings, cleanup, respond, setup, stream_report
 from .prompt_templates import apply_template, resolve_template
 
+WARM_SECONDS_ENV = "LLMPLAN_WARM_SECONDS"
+WARM_SECONDS = 600.0
+WARM_PREFIX = "llmplan-warm-"
+IDLE_POLL_S = 5.0
+RELEASE_TIMEOUT_S = 5.0
+
 
 class InferenceReplica:
     """One copy of the model (sharded over its GPUs when the plan says so), loaded once, serving prompts
