@@ -63,6 +63,7 @@ PAGE = r"""<!doctype html>
   <form id="chat-form">
     <label>model <input name="model" list="models" value="smollm2-135m-instruct" style="width:14em"></label>
     <label>or the adapter of job <input name="job" type="number" min="1" style="width:5em" placeholder="none"></label>
+    <label>reply tokens <input name="max_new_tokens" type="number" min="1" max="2048" value="128" style="width:5em"></label>
     <button type="button" id="chat-reset">New conversation</button>
     <div id="chat-log"></div>
     <textarea name="message" rows="2" cols="48" placeholder="a message"></textarea> <button type="submit">Send</button>
@@ -385,7 +386,8 @@ async function sendChat(event) {
   const waiting = chatLine("assistant", "…");
   form.elements["message"].value = "";
   try {
-    const turn = await api("/api/chat", job ? {job: Number(job), messages} : {model, messages});
+    const max_new_tokens = Number(form.elements["max_new_tokens"].value) || 128;
+    const turn = await api("/api/chat", {...(job ? {job: Number(job)} : {model}), messages, max_new_tokens});
     waiting.querySelector(".text").textContent = turn.reply || "(an empty answer: the model stopped at once)";
     waiting.dataset.job = turn.job;
     chatHistory = [...messages, {role: "assistant", content: turn.reply}];

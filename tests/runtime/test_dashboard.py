@@ -249,6 +249,7 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
                                                                               "adapter_config.json").exists()
 
         page.element("#chat-with-job").click()  # a turn with the job's adapter, through Ray's warm replica
+        page.set_value(page.element('#chat-form [name="max_new_tokens"]'), "12")
         page.set_value(page.element('#chat-form [name="message"]'), "Could you tell me the secret code word?")
         page.element("#chat-form button[type=submit]").click()
         page.wait(lambda: page.elements("#chat-log .chat-assistant[data-job]") or page.text("#chat-error"), timeout=300)
@@ -256,6 +257,7 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         turn = dashboard.record(int(page.element("#chat-log .chat-assistant").get_attribute("data-job")))
         assert turn.status is JobStatus.SUCCEEDED and turn.name.startswith("chat ")
         assert turn.request["adapter"] == dashboard.record(job_id).adapter_path
+        assert turn.request["settings"]["max_new_tokens"] == 12
         recorded = json.loads((Path(turn.output_dir) / "completions.jsonl").read_text())["completion"].strip()
         shown = page.text("#chat-log .chat-assistant .text")
         assert shown == (recorded or "(an empty answer: the model stopped at once)"), (shown, recorded)
