@@ -24,6 +24,12 @@ def merge(base: str, adapter: Path, out: Path) -> None:
     keeps the prompt template the adapter was trained with. What the libraries print goes to a log file
     (~/.llmplan/logs/merge.log), not the terminal.
     """
+    click.echo(merge_keeping_template(base, adapter, out))
+
+
+def merge_keeping_template(base: str, adapter: Path, out: Path) -> Path:
+    """Merge `adapter` into `base` at `out` (the libraries' output in the merge log), with the adapter's prompt
+    template: what `llmplan merge` and the dashboard's Merge run."""
     from llmplan.runtime.library_output import command_log, library_output_to
     from llmplan.runtime.model_store import merge_adapter
     from llmplan.runtime.prompt_templates import carry_template
@@ -33,4 +39,4 @@ def merge(base: str, adapter: Path, out: Path) -> None:
     with library_output_to(command_log("merge")):
         path = merge_adapter(base, adapter, out)
     carry_template(adapter.expanduser(), path)
-    click.echo(path)
+    return path

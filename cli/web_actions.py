@@ -276,3 +276,29 @@ def readable(path: Path) -> bool:
     except OSError:
         return False
     return False  # a device, socket or pipe: nothing to train on, and opening a pipe would block
+
+
+# ---- merging a fine-tuned adapter ---------------------------------------------------------------------------------
+MERGE_TIMEOUT_S = 1800.0  # loading the base model and saving it merged
+
+
+def merge_json(scope: Scope, engine: Any, job_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    """As `llmplan merge JOB'S-MODEL JOB'S-ADAPTER --out OUTPUT`, for a succeeded LoRA job (409 otherwise),
+    into a new folder inside the roots; the merge runs in a process of its own: {"id", "output"}."""
+    from llmplan.runtime.store.repository import JobKind, JobStatus, get_job
+
+    from .merge import merge_keeping_template
+    from .web_ray import call_in_child
+
+    job = get_job(engine, job_id)
+    if job.kind != JobKind.FINETUNE or job.status != JobStatus.SUCCEEDED or not job.adapter_path:
+        raise ApiError(HTTPStatus.CONFLICT, f"job {job_id} is a {job.kind.value} job that {job.status.value}: only a "
+                                            "succeeded LoRA fine-tuning job has an adapter to merge")
+    output = inside_roots("output", str(body.get("output") or ""), scope.roots, must_exist=False)
+    if exists(output):
+        raise FieldError("output", f"output: {body['output']} already exists; name a new folder (the dashboard "
+                                   "never overwrites one)")
+    failed = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"the merge of job {job_id}'s adapter did not finish")
+    merged = call_in_child(merge_keeping_template, job.model, Path(job.adapter_path), output, timeout=MERGE_TIMEOUT_S,
+                           late=failed, ended=lambda code: failed)
+    return {"id": job_id, "output": str(merged)}

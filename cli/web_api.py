@@ -14,6 +14,13 @@ what each call does is in web_actions.py (the same planner, store and scheduler 
                                        with "prompt": [...] or "input"): planned for the cluster, checked and queued
                                        as `llmplan submit` does it: {"id", "plan", "log"}
     POST /api/jobs/ID/cancel           as `llmplan cancel --no-wait`: {"id", "status"}
+    POST /api/jobs/ID/merge            {"output": FOLDER}: a succeeded LoRA job's adapter merged into its base
+                                       model at a new folder, as `llmplan merge` (409 for any other job)
+    POST /api/chat                     {"model" | "job", "adapter"?, "messages": [{"role", "content"}],
+                                       "max_new_tokens"?}: the assistant's reply, run and recorded as `llmplan chat`
+                                       runs a turn: {"job", "reply", "finish_reason", "tokens_per_s"} (web_chat.py)
+    POST /api/data/preview             a data file before submitting: {"path", "model"?}: {"format", "records",
+                                       "rows", "tokens": {"min", "median", "max", "counted_by"}} (web_data.py)
 
 History, logs and plans come from the job store and the planner: they are served while the Ray cluster is
 down. Submitting (and waking the scheduler on cancel) talks to Ray from a short-lived process (web_ray.py):
@@ -59,7 +66,9 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .web_actions import (Scope, cancel_json, job_json, list_jobs_json, list_models, local_gpus, log_tail,
-                          option_choices, plan_json, submit_json)
+                          merge_json, option_choices, plan_json, submit_json)
+from .web_chat import chat_json
+from .web_data import preview_json
 from .web_errors import ApiError, error_answer, error_document
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -331,6 +340,19 @@ def create_app(config: DashboardConfig) -> FastAPI:
     def submit(body: Body) -> Response:
         with ray_calls:
             return json_document(submit_json(config.scope, body))
+
+    @app.post("/api/jobs/{job_id}/merge", dependencies=posted)
+    def merge(job_id: JobId, body: Body) -> Response:
+        return json_document(merge_json(config.scope, engine, job_id, body))
+
+    @app.post("/api/chat", dependencies=posted)
+    def chat(body: Body) -> Response:
+        with ray_calls:
+            return json_document(chat_json(config.scope, engine, body))
+
+    @app.post("/api/data/preview", dependencies=posted)
+    def data_preview(body: Body) -> Response:
+        return json_document(preview_json(body, config.roots))
 
     @app.post("/api/jobs/{job_id}/cancel", dependencies=posted)
     def cancel(job_id: JobId, body: Body) -> Response:

@@ -29,6 +29,11 @@ PAGE = r"""<!doctype html>
   tr.job { cursor: pointer; }
   #submit-form label { display: inline-flex; flex-direction: column; vertical-align: top; }
   td.wrap { white-space: normal; overflow-wrap: anywhere; }
+  #data-preview { flex-basis: 100%; max-width: 100%; font-size: 12px; }
+  #data-preview td.wrap { max-width: 40em; vertical-align: top; }
+  #chat-log { max-height: 220px; overflow-y: auto; margin: 6px 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+  #chat-log div { margin: 2px 0; }
+  .chat-assistant { color: #1d4f7a; }
   .field-error { color: #b3261e; font-size: 12px; max-width: 28em; white-space: normal; }
 </style>
 </head>
@@ -53,6 +58,18 @@ PAGE = r"""<!doctype html>
   <div id="plan-result"></div>
 </section>
 <section id="gpus"><h2>GPUs</h2><div id="gpu-list" class="muted">reading NVML&hellip;</div></section>
+<section id="chat">
+  <h2>Chat</h2>
+  <form id="chat-form">
+    <label>model <input name="model" list="models" value="smollm2-135m-instruct" style="width:14em"></label>
+    <label>or the adapter of job <input name="job" type="number" min="1" style="width:5em" placeholder="none"></label>
+    <label>reply tokens <input name="max_new_tokens" type="number" min="1" max="2048" value="128" style="width:5em"></label>
+    <button type="button" id="chat-reset">New conversation</button>
+    <div id="chat-log"></div>
+    <textarea name="message" rows="2" cols="48" placeholder="a message"></textarea> <button type="submit">Send</button>
+  </form>
+  <p id="chat-error" class="error"></p>
+</section>
 <section id="submit" hidden>
   <h2 id="submit-title">Submit</h2>
   <form id="submit-form"><div id="submit-fields"></div>
@@ -168,6 +185,10 @@ function specField(key, value, menu) {
   } else {
     input = `<input name="${esc(key)}" value="${esc(value)}" placeholder="${esc(FIELD_HINTS[key] || "")}">`;
   }
+  if (key === "data") {  // the data set's preview sits next to its field
+    return `<label>${esc(key)} ${input}${error}<button type="button" id="data-preview-button">Preview</button></label>
+      <div id="data-preview"></div>`;
+  }
   return `<label>${esc(key)} ${input}${error}</label>`;
 }
 
@@ -183,6 +204,24 @@ function openSubmit(candidate) {
   const section = document.getElementById("submit");
   section.hidden = false;
   section.scrollIntoView();
+}
+
+// The data set as the job will read it: format, record count, token lengths and the first rows.
+async function previewData() {
+  const form = document.getElementById("submit-form"), box = document.getElementById("data-preview");
+  const path = form.elements["data"].value.trim(), model = (form.elements["model"]?.value || "").trim();
+  if (!path) { box.innerHTML = ""; return; }
+  box.innerHTML = `<span class="muted">reading ${esc(path)}&hellip;</span>`;
+  try {
+    const p = await api("/api/data/preview", {path, ...(/[\/.~]/.test(model[0] || "") && {model})});
+    const rows = p.rows.map((messages, i) => `<tr><td>${i + 1}</td>${messages.map((m) =>
+      `<td class="wrap"><b>${esc(m.role)}</b>: ${esc(m.content)}</td>`).join("")}</tr>`).join("");
+    box.innerHTML = `<p id="data-summary">${esc(p.format)} format, ${p.records} records; tokens per record
+      min ${p.tokens.min}, median ${p.tokens.median}, max ${p.tokens.max} <span class="muted">(${esc(p.tokens.counted_by)})</span></p>
+      <table id="data-rows">${rows}</table>`;
+  } catch (error) {
+    box.innerHTML = `<p class="error" id="data-preview-error">${esc(error.message)}</p>`;
+  }
 }
 
 function submittedSpec(form) {
@@ -260,8 +299,13 @@ async function showJob(id) {
   const section = document.getElementById("job");
   section.hidden = false;
   section.innerHTML = `<h2>Job ${id}: <span id="job-name"></span> &mdash; <span id="job-status-text"></span>
-    <button id="cancel" hidden>Cancel</button></h2><div id="job-detail"></div><h3>log</h3><pre id="log"></pre>`;
+    <button id="cancel" hidden>Cancel</button></h2>
+    <div id="merge-box" hidden>merge the adapter into its base model at <input id="merge-output" placeholder="new folder on the server">
+      <button type="button" id="merge">Merge</button> <span id="merge-result"></span>
+      <button type="button" id="chat-with-job">Chat with this adapter</button></div><div id="job-detail"></div><h3>log</h3><pre id="log"></pre>`;
   document.getElementById("cancel").onclick = async () => { await api(`/api/jobs/${id}/cancel`, {}); refreshJob(id); loadJobs(); };
+  document.getElementById("merge").onclick = () => mergeAdapter(id);
+  document.getElementById("chat-with-job").onclick = () => chatWithJob(id);
   section.scrollIntoView();
   await refreshJob(id);
   followLog(id, 0);
@@ -278,6 +322,7 @@ async function refreshJob(id) {
   document.getElementById("job-name").textContent = job.name;
   document.getElementById("job-status-text").textContent = job.status;
   document.getElementById("cancel").hidden = !CANCELLABLE.has(job.status);
+  document.getElementById("merge-box").hidden = !(job.kind === "finetune" && job.status === "succeeded" && job.adapter_path);
   document.getElementById("job-detail").innerHTML = `
     ${job.error_message ? `<p class="error">${esc(job.error_class)}: ${esc(job.error_message)}</p>` : ""}
     ${rows ? `<table><tr><th></th><th>planned</th><th>measured</th></tr>${rows}</table>` : ""}
@@ -286,6 +331,73 @@ async function refreshJob(id) {
       <td>${esc(e.to_status)}</td><td class="wrap">${esc(e.message)}</td></tr>`).join("")}</table>`;
   if (ENDED.has(job.status)) loadJobs();
   else setTimeout(() => refreshJob(id), 2000);
+}
+
+// A finished LoRA job's adapter folded into its base model (`llmplan merge`), at a new folder on the server.
+async function mergeAdapter(id) {
+  const result = document.getElementById("merge-result"), button = document.getElementById("merge");
+  result.className = "muted";
+  result.textContent = "merging…";
+  button.disabled = true;
+  try {
+    const merged = await api(`/api/jobs/${id}/merge`, {output: document.getElementById("merge-output").value.trim()});
+    result.textContent = `merged into ${merged.output}`;
+  } catch (error) {
+    result.className = "error";
+    result.textContent = error.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The chat panel: the conversation so far goes with each message (POST /api/chat runs one turn, as `llmplan chat`).
+let chatHistory = [];
+function chatLine(role, text) {
+  const line = document.createElement("div");
+  line.className = `chat-${role}`;
+  line.innerHTML = `<b>${role === "user" ? "you" : "model"}:</b> <span class="text"></span>`;
+  line.querySelector(".text").textContent = text;
+  document.getElementById("chat-log").append(line);
+  return line;
+}
+
+function resetChat() {
+  chatHistory = [];
+  document.getElementById("chat-log").innerHTML = "";
+  document.getElementById("chat-error").textContent = "";
+}
+
+function chatWithJob(id) {
+  const form = document.getElementById("chat-form");
+  form.elements["job"].value = id;
+  resetChat();
+  document.getElementById("chat").scrollIntoView();
+  form.elements["message"].focus();
+}
+
+async function sendChat(event) {
+  event.preventDefault();
+  const form = event.target, text = form.elements["message"].value.trim();
+  if (!text) return;
+  const job = form.elements["job"].value.trim(), model = form.elements["model"].value.trim();
+  const messages = [...chatHistory, {role: "user", content: text}];
+  document.getElementById("chat-error").textContent = "";
+  chatLine("user", text);
+  const waiting = chatLine("assistant", "…");
+  form.elements["message"].value = "";
+  try {
+    const max_new_tokens = Number(form.elements["max_new_tokens"].value) || 128;
+    const turn = await api("/api/chat", {...(job ? {job: Number(job)} : {model}), messages, max_new_tokens});
+    waiting.querySelector(".text").textContent = turn.reply || "(an empty answer: the model stopped at once)";
+    waiting.dataset.job = turn.job;
+    chatHistory = [...messages, {role: "assistant", content: turn.reply}];
+    loadJobs();
+  } catch (error) {
+    waiting.remove();
+    document.getElementById("chat-log").lastElementChild?.remove();
+    form.elements["message"].value = text;
+    document.getElementById("chat-error").textContent = error.message;
+  }
 }
 
 async function followLog(id, offset) {
@@ -301,6 +413,10 @@ document.getElementById("plan-result").addEventListener("click", (e) => {
   const button = e.target.closest("button.submit-candidate"); if (button) openSubmit(planned[Number(button.dataset.index)]);
 });
 document.getElementById("submit-form").addEventListener("submit", submitJob);
+document.getElementById("chat-form").addEventListener("submit", sendChat);
+document.getElementById("chat-reset").addEventListener("click", resetChat);
+for (const name of ["model", "job"]) document.getElementById("chat-form").elements[name].addEventListener("change", resetChat);
+document.getElementById("submit-form").addEventListener("click", (e) => { if (e.target.id === "data-preview-button") previewData(); });
 document.getElementById("submit-close").addEventListener("click", () => { document.getElementById("submit").hidden = true; });
 document.getElementById("job-rows").addEventListener("click", (e) => {
   const row = e.target.closest("tr.job"); if (row) showJob(Number(row.dataset.id));

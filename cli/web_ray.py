@@ -58,20 +58,30 @@ def call_with_ray(address: str | None, function: Callable[..., Any], *args: Any,
     ApiError it raised, or RayUnavailableError when the cluster is down or the call outlives `timeout`."""
     address = cluster_address(address)
     check_reachable(address)
+    where = f"the Ray cluster at {address or 'the local head'}"
+    return call_in_child(function, *args, timeout=timeout,
+                         late=RayUnavailableError(f"{where} did not answer within {timeout:.0f} s"),
+                         ended=lambda code: RayUnavailableError(f"the process talking to {where} ended without "
+                                                                f"an answer (exit code {code})"))
+
+
+def call_in_child(function: Callable[..., Any], *args: Any, timeout: float, late: ApiError,
+                  ended: Callable[[int | None], ApiError]) -> Any:
+    """`function(*args)` in a spawned child process (its file descriptors its own, so a library's output can
+    be sent to a log without touching the server's): its answer, or the ApiError it raised; `late` when it
+    outlives `timeout`, `ended(exit code)` when it dies without an answer."""
     context = multiprocessing.get_context("spawn")  # never a fork of a threaded server
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_answer, args=(sender, function, args), name="llmplan-ui-ray", daemon=True)
+    child = context.Process(target=_answer, args=(sender, function, args), name="llmplan-ui-call", daemon=True)
     child.start()
     sender.close()
     try:
         if not receiver.poll(timeout):
-            raise RayUnavailableError(f"the Ray cluster at {address or 'the local head'} did not answer "
-                                      f"within {timeout:.0f} s")
+            raise late
         succeeded, value = receiver.recv()
     except EOFError:
         child.join(5)
-        raise RayUnavailableError(f"the process talking to the Ray cluster at {address or 'the local head'} "
-                                  f"ended without an answer (exit code {child.exitcode})") from None
+        raise ended(child.exitcode) from None
     finally:
         receiver.close()
         if child.is_alive():

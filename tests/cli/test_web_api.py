@@ -319,3 +319,104 @@ def test_bad_values_are_refused_by_the_submit_commands_own_options(api: str, roo
     field, error = refused(api, finetune(root, data=str(broken)))
     assert field == "data" and f"{broken}:2: field output" in error
     assert call(api, "/api/jobs")[1] == []
+
+
+# ---- data-set preview --------------------------------------------------------------------------------------
+def test_data_preview_names_the_format_counts_the_records_and_shows_the_first_rows(api: str, root: Path) -> None:
+    status, preview = call(api, "/api/data/preview", {"path": str(root / "train.jsonl")})
+    assert status == 200, preview
+    first = json.loads(EXAMPLE_DATA.read_text().splitlines()[0])
+    assert preview["format"] == "alpaca" and preview["records"] == len(EXAMPLE_DATA.read_text().splitlines())
+    assert preview["rows"][0] == [{"role": "user", "content": first["instruction"]},
+                                  {"role": "assistant", "content": first["output"]}]
+    tokens = preview["tokens"]
+    assert 1 <= tokens["min"] <= tokens["median"] <= tokens["max"] and "approximated" in tokens["counted_by"]
+
+
+def test_data_preview_counts_tokens_with_a_local_models_tokenizer(api: str, root: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmplan.runtime.model_store import ensure_model
+    from tests.runtime.conftest import TEST_CACHE
+
+    model = root / "smollm2"
+    model.mkdir()
+    source = Path(ensure_model("smollm2-135m-instruct", cache=TEST_CACHE).path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, model / name)
+    (root / "one.jsonl").write_text(json.dumps({"instruction": "Say hi.", "output": "Hi there!"}) + "\n")
+    status, preview = call(api, "/api/data/preview", {"path": str(root / "one.jsonl"), "model": str(model)})
+    assert status == 200, preview
+    expected = len(AutoTokenizer.from_pretrained(model)("Say hi.\nHi there!", add_special_tokens=False)["input_ids"])
+    assert preview["tokens"] == {"min": expected, "median": expected, "max": expected,
+                                 "counted_by": f"the tokenizer of {model}"}
+
+
+def test_data_preview_of_a_bad_file_names_its_line_and_paths_stay_in_the_root(api: str, root: Path) -> None:
+    good = json.dumps({"instruction": "a", "output": "b"})
+    (root / "bad.jsonl").write_text(f"{good}\n{good}\n{{\"instruction\": \"c\"}}\n")
+    status, answer = call(api, "/api/data/preview", {"path": str(root / "bad.jsonl")})
+    assert status == 400 and answer["error"].startswith(f"{root / 'bad.jsonl'}:3: ") and answer["field"] == "data"
+    status, answer = call(api, "/api/data/preview", {"path": "/etc/hostname"})
+    assert status == 400 and "outside the folders" in answer["error"], answer
+
+
+# ---- merging a finished job's adapter ------------------------------------------------------------------------------
+def succeeded_lora_job(store: str, model: Path, adapter: Path) -> int:
+    from llmplan.runtime.store.repository import Artifacts, JobUpdate
+
+    engine = open_store(store)
+    try:
+        job_id = queued_job(store, model=str(model))
+        for status in (JobStatus.SCHEDULED, JobStatus.RUNNING):
+            transition(engine, job_id, status)
+        transition(engine, job_id, JobStatus.SUCCEEDED, update=JobUpdate(artifacts=Artifacts(adapter_path=str(adapter))))
+        return job_id
+    finally:
+        engine.dispose()
+
+
+def test_a_succeeded_lora_jobs_adapter_is_merged_into_a_new_folder_in_the_root(api: str, store: str, root: Path,
+                                                                               tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from tests.runtime.test_inference import save_lora_adapter, save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    adapter = save_lora_adapter(model, tmp_path / "adapter")
+    job_id = succeeded_lora_job(store, model, adapter)
+    assert call(api, f"/api/jobs/{queued_job(store)}/merge", {"output": str(root / "m")})[0] == 409
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(root / "merged")})
+    assert (status, answer) == (200, {"id": job_id, "output": str(root / "merged")}), answer
+    merged = transformers.AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[weight], base.state_dict()[weight])  # the adapter is folded in
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(root / "merged")})
+    assert status == 400 and "already exists" in answer["error"] and answer["field"] == "output"
+    status, answer = call(api, f"/api/jobs/{job_id}/merge", {"output": str(tmp_path / "elsewhere")})
+    assert status == 400 and "outside the folders" in answer["error"]
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------------
+def test_chat_checks_its_turn_and_answers_503_while_the_ray_cluster_is_down(store: str, root: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the cluster is down
+        probe.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{probe.getsockname()[1]}"
+    server = serve(make_config(store, "127.0.0.1", 0, None, (root,), address=down))
+    api = "http://{}:{}".format(*server.server_address[:2])
+    try:
+        turn = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}
+        status, answer = call(api, "/api/chat", turn)
+        assert status == 503 and f"the Ray cluster at {down} is unreachable" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {**turn, "messages": [{"role": "assistant", "content": "Hi"}]})
+        assert status == 400 and answer["field"] == "messages", answer
+        status, answer = call(api, "/api/chat", {**turn, "messages": []})
+        assert status == 400 and "empty" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {**turn, "adapter": "/etc"})
+        assert status == 400 and "outside the folders" in answer["error"], answer
+        status, answer = call(api, "/api/chat", {"job": queued_job(store), "messages": turn["messages"]})
+        assert status == 409 and "only a succeeded LoRA" in answer["error"], answer
+    finally:
+        server.shutdown()

@@ -94,7 +94,8 @@ def dashboard(ray_head, smollm2, tmp_path_factory: pytest.TempPathFactory) -> It
     shutil.copyfile(EXAMPLE_DATA, root / "train.jsonl")
     site = Dashboard(url="", root=root, db=f"sqlite:///{base / 'jobs.db'}")
     env = {**os.environ, "LLMPLAN_DB": site.db, "LLMPLAN_JOBS_DIR": str(base / "jobs"),
-           "LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_RAY_ADDRESS": ray_head.address}
+           "LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_RAY_ADDRESS": ray_head.address,
+           "LLMPLAN_WARM_SECONDS": "30"}  # the chat's warm replica frees its memory soon
     log = base / "ui.log"
     with log.open("w") as sink:
         process = subprocess.Popen([*without_root_reads(), LLMPLAN, "ui", "--port", "0", "--root", str(root)],
@@ -216,6 +217,12 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
 
         page.fill({**SMALL_RUN, "data": "train.jsonl", "max-steps": "4",
                    "output": "out/browser"})
+        page.element("#data-preview-button").click()  # the data set as the job will read it
+        records = len(EXAMPLE_DATA.read_text().splitlines())
+        page.wait(lambda: f"alpaca format, {records} records" in page.text("#data-summary"))
+        first_row = json.loads(EXAMPLE_DATA.read_text().splitlines()[0])["instruction"]
+        assert first_row in page.text("#data-rows tr") and "median" in page.text("#data-summary")
+        assert page.fits_the_window()
         page.element("#submit-form button[type=submit]").click()
         page.wait(lambda: page.element("#job").is_displayed() and page.text("#job-status-text"))
         job_id = int(re.search(r"Job (\d+)", page.text("#job h2")).group(1))
@@ -233,6 +240,27 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         assert "peak memory per GPU" in labels and "tokens per second" in labels, labels
         times = [cell.text for cell in page.elements("#job-detail td.time") + page.elements("#job-rows td.time")]
         assert times and all(HUMAN_TIME.fullmatch(text) for text in times), times
+        assert page.fits_the_window()
+
+        page.set_value(page.element("#merge-output"), "merged")  # the finished job's adapter, merged
+        page.element("#merge").click()
+        page.wait(lambda: "merged into" in page.text("#merge-result"), timeout=300)
+        assert (dashboard.root / "merged" / "config.json").is_file() and not (dashboard.root / "merged" /
+                                                                              "adapter_config.json").exists()
+
+        page.element("#chat-with-job").click()  # a turn with the job's adapter, through Ray's warm replica
+        page.set_value(page.element('#chat-form [name="max_new_tokens"]'), "12")
+        page.set_value(page.element('#chat-form [name="message"]'), "Could you tell me the secret code word?")
+        page.element("#chat-form button[type=submit]").click()
+        page.wait(lambda: page.elements("#chat-log .chat-assistant[data-job]") or page.text("#chat-error"), timeout=300)
+        assert not page.text("#chat-error"), page.text("#chat-error")
+        turn = dashboard.record(int(page.element("#chat-log .chat-assistant").get_attribute("data-job")))
+        assert turn.status is JobStatus.SUCCEEDED and turn.name.startswith("chat ")
+        assert turn.request["adapter"] == dashboard.record(job_id).adapter_path
+        assert turn.request["settings"]["max_new_tokens"] == 12
+        recorded = json.loads((Path(turn.output_dir) / "completions.jsonl").read_text())["completion"].strip()
+        shown = page.text("#chat-log .chat-assistant .text")
+        assert shown == (recorded or "(an empty answer: the model stopped at once)"), (shown, recorded)
         assert page.fits_the_window()
     finally:
         browser.save_screenshot(str(artifacts_dir() / "dashboard.png"))
