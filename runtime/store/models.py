@@ -132,6 +132,8 @@ class Job(StoreModel, table=True):
     ray_placement_group_id: str | None = Field(default=None, sa_type=sa.String(128))
     placement_node: str | None = Field(default=None, sa_type=sa.String(255))
     placement_gpus: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)
+    # The node's IP, as users know it (placement_node is Ray's node id); None in rows older than 0002.
+    placement_node_ip: str | None = Field(default=None, sa_type=sa.String(64))
 
     # What it measured.
     peak_memory_per_gpu_bytes: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)
