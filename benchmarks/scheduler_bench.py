@@ -94,7 +94,7 @@ def admission_throughput(work: Path, jobs: int, seed: int = 0) -> dict:
         waiting = queued_jobs(engine)
         decided = admissions(waiting, slots, [r for r, _ in placed.values()])
         for job, admission in decided:
-            if record_admission(engine, job, admission, node=admission.node_id or "", ray_job_id=None, actor_id=None):
+            if record_admission(engine, job, admission, node=admission.node_id or "", node_ip=None, ray_job_id=None, actor_id=None):
                 placed[job.id] = (admission.reservation(), cycles + rng.randint(1, 5))
                 admitted += 1
         scheduler_seconds += time.perf_counter() - started

@@ -416,15 +416,15 @@ def run_time(job: Job, now: datetime) -> timedelta | None:
 def placement_text(job: Job, events: Sequence[JobEvent] = ()) -> str:
     if job.placement_node is None:
         return ""
-    node = node_text(job.placement_node, events)
+    node = node_text(job.placement_node_ip or job.placement_node, events)
     gpus = ",".join(str(gpu) for gpu in job.placement_gpus or [])
     return f"{node} GPU {gpus}" if gpus else node
 
 
 def node_text(node: str, events: Sequence[JobEvent] = ()) -> str:
-    """The node as users know it: its IP (recorded by `generate`, or reported by the job's driver when it
-    started: "on IP: ..."); a scheduler records Ray's 56-character node id, shown by its first 12 characters
-    when no event names the IP."""
+    """The node as users know it: its IP (recorded at placement, or reported by the job's driver when it
+    started: "on IP: ..."); rows from before the store kept the IP have only Ray's 56-character node id,
+    shown by its first 12 characters when no event names the IP."""
     if not RAY_NODE_ID.fullmatch(node):
         return node
     reported = (RUNNING_ON.match(event.message or "") for event in events if event.to_status is JobStatus.RUNNING)

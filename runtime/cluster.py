@@ -287,6 +287,11 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [node for node in ray.nodes() if node.get("Alive")]
 
 
+def node_address(node_id: str) -> str | None:
+    """The node's IP (Ray's NodeManagerAddress); None when the node is no longer alive."""
+    return next((node.get("NodeManagerAddress") or None for node in alive_nodes() if node["NodeID"] == node_id), None)
+
+
 def head_node_id() -> str:
     return next(node["NodeID"] for node in alive_nodes() if HEAD_RESOURCE in node.get("Resources", {}))
 

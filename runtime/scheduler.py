@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
-from .cluster import NAMESPACE, head_node_id
+from .cluster import NAMESPACE, head_node_id, node_address
 from .model_store import CACHE_ENV as MODEL_CACHE_ENV
 from .paths import LOG_NAME, job_folder, store_key
 
@@ -384,8 +384,8 @@ class Scheduler:
             name=driver_name(self.db_url, job.id), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_concurrency=2, max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(self.db_url, job.id)
-        if not record_admission(self.engine, job, admission, node=node, ray_job_id=ray.get_runtime_context().get_job_id(),
-                                actor_id=driver._actor_id.hex()):
+        if not record_admission(self.engine, job, admission, node=node, node_ip=node_address(node),
+                                ray_job_id=ray.get_runtime_context().get_job_id(), actor_id=driver._actor_id.hex()):
             ray.kill(driver, no_restart=True)  # cancelled while we decided
             return
         self.watched[job.id] = Watch(driver, driver.run.remote(), admission.reservation())
@@ -405,14 +405,15 @@ def admissions(queued: list[Any], slots: list[GpuSlot], reserved: list[Reservati
     return [(by_id[admission.job_id], admission) for admission in admit(waiting, slots, reserved)]
 
 
-def record_admission(engine: Any, job: Any, admission: Admission, *, node: str, ray_job_id: str | None,
-                     actor_id: str | None) -> bool:
+def record_admission(engine: Any, job: Any, admission: Admission, *, node: str, node_ip: str | None,
+                     ray_job_id: str | None, actor_id: str | None) -> bool:
     """queued -> scheduled with its placement; False when the job left the queue meanwhile (cancelled)."""
     from llmplan.runtime.store.errors import TransitionRefusedError
     from llmplan.runtime.store.repository import JobStatus, JobUpdate, Placement, RayIds, transition
 
-    where = f"GPU {', '.join(map(str, admission.gpu_indices))} of node {node[:12]}" if admission.node_id else "the CPU"
-    update = JobUpdate(placement=Placement(node=node, gpus=admission.gpu_indices),
+    named = node_ip or f"node {node[:12]}"
+    where = f"GPU {', '.join(map(str, admission.gpu_indices))} of {named}" if admission.node_id else "the CPU"
+    update = JobUpdate(placement=Placement(node=node, gpus=admission.gpu_indices, node_ip=node_ip),
                        ray=RayIds(job_id=ray_job_id, actor_id=actor_id))
     try:
         transition(engine, job.id, JobStatus.SCHEDULED, expected_from=JobStatus.QUEUED, update=update,

@@ -31,7 +31,7 @@ DB_ENV_VAR = "LLMPLAN_DB"
 DEFAULT_DB_PATH = Path("~/.llmplan/llmplan.db")
 VERSION_TABLE = "llmplan_schema_version"
 # The newest migration this llmplan ships; tests check it equals alembic's head.
-SCHEMA_HEAD = "0001_initial"
+SCHEMA_HEAD = "0002_placement_node_ip"
 
 SQLITE_BUSY_TIMEOUT_S = 60.0
 POSTGRES_CONNECT_TIMEOUT_S = 10

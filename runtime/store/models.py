@@ -12,7 +12,6 @@ from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
@@ -75,7 +74,22 @@ def enum_column_type(enum_class: type[Enum], name: str) -> sa.Enum:
     )
 
 
-JSON_DOCUMENT = sa.JSON().with_variant(JSONB(), "postgresql")
+class JSONDocument(sa.types.TypeDecorator[Any]):
+    """JSON; JSONB on PostgreSQL. Picked per dialect so that importing the store does not import
+    SQLAlchemy's PostgreSQL dialects (and asyncio with them): a tenth of `llmplan jobs`'s start-up."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(sa.JSON())
+
+
+JSON_DOCUMENT = JSONDocument()
 BYTES = sa.BigInteger()
 
 
@@ -118,6 +132,8 @@ class Job(StoreModel, table=True):
     ray_placement_group_id: str | None = Field(default=None, sa_type=sa.String(128))
     placement_node: str | None = Field(default=None, sa_type=sa.String(255))
     placement_gpus: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)
+    # The node's IP, as users know it (placement_node is Ray's node id); None in rows older than 0002.
+    placement_node_ip: str | None = Field(default=None, sa_type=sa.String(64))
 
     # What it measured.
     peak_memory_per_gpu_bytes: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)

@@ -76,6 +76,7 @@ class JobSpec:
 class Placement:
     node: str
     gpus: tuple[int, ...]
+    node_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,7 @@ def _apply_update(job: Job, update: JobUpdate) -> None:
     if update.placement is not None:
         job.placement_node = update.placement.node
         job.placement_gpus = [int(gpu) for gpu in update.placement.gpus]
+        job.placement_node_ip = update.placement.node_ip
     if update.ray is not None:
         _set_given(job, ray_job_id=update.ray.job_id, ray_actor_id=update.ray.actor_id,
                    ray_placement_group_id=update.ray.placement_group_id)

@@ -174,7 +174,9 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
     assert finished[0].started_at >= site.job(blocker).finished_at  # only once the cancel freed the GPU
     assert site.job(withdrawn).started_at is None
     messages = [event.message for event in site.details(high).events]
-    assert any(m.startswith("admitted on GPU 0 of node") for m in messages), messages
+    head_ip = view["nodes"][0]["address"]
+    assert f"admitted on GPU 0 of {head_ip}" in messages, messages
+    assert site.job(high).placement_node_ip == head_ip  # `llmplan jobs` shows the node by its IP
     assert site.job(blocker).error_class is ErrorClass.CANCELLED
     log = site.llmplan("logs", str(high))
     assert log.returncode == 0 and f"job {high}: succeeded" in log.stdout, log.stderr

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -14,7 +15,7 @@ from sqlalchemy.engine import Engine
 from llmplan.runtime.store import migrate
 from llmplan.runtime.store.db import SCHEMA_HEAD, VERSION_TABLE, create_store_engine, open_store, read_schema_revision
 from llmplan.runtime.store.models import STORE_METADATA
-from llmplan.runtime.store.repository import JobFilter, create_job, get_job_details, list_jobs, transition
+from llmplan.runtime.store.repository import JobFilter, JobUpdate, Placement, create_job, get_job_details, list_jobs, transition
 from llmplan.runtime.store.status import JobStatus
 
 from .factory import job_spec
@@ -83,3 +84,20 @@ def test_processes_opening_a_new_database_together_migrate_it_once(database_url:
     assert versions == [SCHEMA_HEAD]
     assert len(list_jobs(engine, JobFilter())) == 4
     engine.dispose()
+
+
+def test_a_row_placed_before_the_store_kept_node_ips_stays_readable(database_url: str) -> None:
+    """0001 -> 0002 adds placement_node_ip: an old placed job keeps its node id and reads with no IP."""
+    engine = open_store(database_url)
+    job_id = create_job(engine, job_spec()).id
+    transition(engine, job_id, JobStatus.SCHEDULED, update=JobUpdate(placement=Placement("a" * 56, (0,), "10.0.0.7")))
+    with engine.begin() as connection:
+        config = migrate.alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001_initial")
+    engine.dispose()
+
+    upgraded = open_store(database_url)
+    job = get_job_details(upgraded, job_id).job
+    assert (job.placement_node, job.placement_gpus, job.placement_node_ip) == ("a" * 56, [0], None)
+    upgraded.dispose()

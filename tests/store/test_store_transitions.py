@@ -128,13 +128,13 @@ def test_results_land_with_the_final_status(shared_engine: Engine) -> None:
     job_id = create_job(shared_engine, job_spec()).id
     bring_to(shared_engine, job_id, JobStatus.SCHEDULED)
     transition(shared_engine, job_id, JobStatus.RUNNING,
-               update=JobUpdate(placement=Placement("gpu-3", (0, 1)), ray=RayIds(job_id="raysubmit_9", actor_id="a1")))
+               update=JobUpdate(placement=Placement("gpu-3", (0, 1), "10.0.0.3"), ray=RayIds(job_id="raysubmit_9", actor_id="a1")))
     transition(shared_engine, job_id, JobStatus.SUCCEEDED, update=JobUpdate(
         results=MeasuredResults(peak_memory_per_gpu_bytes=(19 * GiB, 18 * GiB), tokens_per_s=2870.5, final_loss=0.81),
         artifacts=Artifacts(output_dir="/out/9", adapter_path="/out/9/adapter", log_path="/out/9/log.txt"),
     ))
     job = get_job(shared_engine, job_id)
-    assert (job.placement_node, job.placement_gpus) == ("gpu-3", [0, 1])
+    assert (job.placement_node, job.placement_gpus, job.placement_node_ip) == ("gpu-3", [0, 1], "10.0.0.3")
     assert (job.ray_job_id, job.ray_actor_id, job.ray_placement_group_id) == ("raysubmit_9", "a1", None)
     assert job.peak_memory_per_gpu_bytes == [19 * GiB, 18 * GiB]
     assert (job.measured_tokens_per_s, job.final_loss) == (2870.5, 0.81)
