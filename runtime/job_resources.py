@@ -38,13 +38,15 @@ class Leftovers:
 
     actors: tuple[ActorProcess, ...] = ()
     placement_groups: tuple[str, ...] = ()
+    starting: tuple[str, ...] = ()  # class names of descendants not yet started: killed once they have a process
 
     def __bool__(self) -> bool:
-        return bool(self.actors or self.placement_groups)
+        return bool(self.actors or self.placement_groups or self.starting)
 
     def describe(self) -> str:
         names = sorted({actor.class_name for actor in self.actors})
-        return f"{len(self.placement_groups)} placement group(s), {len(self.actors)} actor(s) {names}"
+        waiting = f", {len(self.starting)} still starting {sorted(set(self.starting))}" if self.starting else ""
+        return f"{len(self.placement_groups)} placement group(s), {len(self.actors)} actor(s) {names}{waiting}"
 
 
 def leftovers_of(driver_actor_id: str) -> Leftovers:
@@ -61,11 +63,16 @@ def leftovers_of(driver_actor_id: str) -> Leftovers:
     creators = {driver.actor_id, *(actor.actor_id for actor in started)}
     groups = (PlacementGroupTableData.FromString(raw) for raw in accessor.get_placement_group_table())
     removed = PlacementGroupTableData.REMOVED
+    running = [actor for actor in started if actor.state == ActorTableData.ALIVE and actor.pid]
     return Leftovers(
         actors=tuple(ActorProcess(actor.actor_id.hex(), actor.class_name, actor.address.node_id.hex(), actor.pid)
-                     for actor in started if actor.state == ActorTableData.ALIVE and actor.pid),
+                     for actor in running),
         placement_groups=tuple(group.placement_group_id.hex() for group in groups
                                if group.creator_actor_id in creators and group.state != removed),
+        # A detached actor whose creation was under way when its owner died (Ray Train's PlacementGroupCleaner on
+        # a busy node) starts afterwards and lives on: keep sweeping until it has a process to kill.
+        starting=tuple(actor.class_name for actor in started
+                       if actor.state != ActorTableData.DEAD and actor not in running),
     )
 
 
