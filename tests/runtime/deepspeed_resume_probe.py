@@ -22,9 +22,9 @@ class Payload:
 
 
 def engine(directory_port: int):
-    import deepspeed
+    from llmplan.runtime.distributed import DeepSpeedEngine, import_deepspeed
 
-    from llmplan.runtime.distributed import DeepSpeedEngine
+    deepspeed = import_deepspeed("cpu")  # as the recipe does on the CPU: no C++ build of DeepSpeed's shm all-reduce
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
