@@ -58,8 +58,8 @@ def _m(id, model, method, seq, gc=True, kernels="none", layers=0, **extra):
     return Case(id, model, method, seq, gc, kernels, layers=layers, **extra)
 
 
-def _speed(id, method, recipe, kernels="none", seq=2048, batch=2, gc=False, **extra):
-    return Case(id, "Llama-3-8B", method, seq, gc, kernels, recipe, batch_size=batch, steps=6, group="speed", **extra)
+def _speed(id, method, recipe, kernels="none", seq=2048, batch=2, gc=False, steps=6, **extra):
+    return Case(id, "Llama-3-8B", method, seq, gc, kernels, recipe, batch_size=batch, steps=steps, group="speed", **extra)
 
 
 CASES: tuple[Case, ...] = (
