@@ -51,6 +51,7 @@ from .estimator import (
     EAGER_ATTENTION_BYTES,
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
+    checkpoint_bytes_per_layer,
     layer_bytes_per_token,
     trainable_params,
     weight_bytes,
@@ -376,10 +377,20 @@ def _communication_terms(req: EstimateRequest, rates: Rates, accum: int) -> list
     return terms
 
 
+def _activation_offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
+    """Activation offload copies every checkpointed layer input to CPU memory and back once per micro-batch
+    (torch's save_on_cpu: the copies are not overlapped with compute). First principles, not fitted."""
+    if not req.activation_offload:
+        return []
+    copied = 2 * req.model.num_layers * checkpoint_bytes_per_layer(req)
+    return [TimeTerm("activation offload", accum * copied / rates.host_link,
+                     f"{copied / 2**30:.2f} GiB of checkpointed layer inputs to CPU memory and back per micro-batch")]
+
+
 def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
     offload = req.parallel.offload
     if offload is Offload.NONE:
-        return []
+        return _activation_offload_terms(req, rates, accum)
     gpus = req.parallel.gpus
     trainable = trainable_params(req)
     grad = req.precision.param_bytes if req.method is Method.FULL else 4
@@ -392,7 +403,7 @@ def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeT
         fetched = accum * _weight_passes(req) * weights / gpus
         terms.append(TimeTerm("CPU offload: parameters", fetched / rates.host_link,
                               "each GPU fetches its partition of the weights from CPU memory every pass"))
-    return terms
+    return terms + _activation_offload_terms(req, rates, accum)
 
 
 def finetune_throughput(req: EstimateRequest, gpu: GpuSpec, grad_accum: int = 1) -> Throughput:
