@@ -448,6 +448,8 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
               help="Plan with Liger's fused training kernels (what the runtime uses on GPUs) or none.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--activation-offload/--no-activation-offload", default=None,
+              help="Keep the checkpointed layer inputs in CPU memory [default: only where nothing fits without].")
 @json_option
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)
