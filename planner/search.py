@@ -430,6 +430,8 @@ def _finetune_families(fit: FitRequest, activation_offload: bool = False) -> Ite
         for quant in finetune_quants(fit.gpu, method):
             for precision in precisions_for(fit.gpu, method):
                 for strategy in finetune_strategies(fit.hardware.count, fit.deepspeed):
+                    if method is Method.QLORA and strategy.zero == 3:
+                        continue  # ZeRO-3 would partition the 4-bit weights, which bitsandbytes cannot compute
                     for checkpointing in ((True,) if activation_offload else (False, True)):
                         yield _Family(method, quant, precision, strategy, checkpointing, activation_offload)
 

@@ -225,3 +225,13 @@ def test_cuda_activation_offload_moves_the_checkpointed_inputs_off_the_gpu(gqa_l
     checkpointed_inputs = 4 * 8192 * 512 * 2  # layers x tokens x hidden x bf16
     assert kept_after_forward[False] - kept_after_forward[True] >= 0.9 * checkpointed_inputs
     _assert_close(results[True], results[False], loss_rtol=1e-3, min_cosine=0.999)
+
+
+def test_train_config_activation_offload_needs_gradient_checkpointing(tmp_path: Path) -> None:
+    from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError
+
+    data = DataConfig(path=str(tmp_path / "data.jsonl"))
+    assert TrainConfig(model="m", data=data, output_dir=str(tmp_path), gradient_checkpointing=True,
+                       activation_offload=True).activation_offload
+    with pytest.raises(TrainConfigError, match="needs gradient_checkpointing"):
+        TrainConfig(model="m", data=data, output_dir=str(tmp_path), activation_offload=True)
