@@ -235,3 +235,15 @@ def test_train_config_activation_offload_needs_gradient_checkpointing(tmp_path: 
                        activation_offload=True).activation_offload
     with pytest.raises(TrainConfigError, match="needs gradient_checkpointing"):
         TrainConfig(model="m", data=data, output_dir=str(tmp_path), activation_offload=True)
+
+
+def test_the_recipe_offloads_activations_when_its_config_says_so(tiny_llama, tiny_alpaca, tmp_path: Path) -> None:
+    from llmplan.runtime.modeling import checkpoint_offloading_inputs
+    from llmplan.runtime.train import PRECISIONS, build_model
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca)), output_dir=str(tmp_path),
+                         method="lora", device="cpu", gradient_checkpointing=True, activation_offload=True)
+    model = build_model(config, PRECISIONS["fp32"], torch.device("cpu"))
+    layers = model.base_model.model.model.layers
+    assert all(layer._gradient_checkpointing_func is checkpoint_offloading_inputs for layer in layers)
