@@ -15,7 +15,8 @@ How it works (nanoGPT style: every term named, every constant with its source):
 
 Constants that were not derived from the code they model were fitted to
 `benchmarks/results/memory-h200.jsonl` (41 runs on an NVIDIA H200, torch 2.11, transformers 5.17,
-peft 0.21, bitsandbytes 0.50.2, 2026-11-30); `tests/planner/test_estimator_accuracy.py` holds the
+peft 0.21, bitsandbytes 0.50.2, 2026-11-30; its 6 QLoRA runs re-measured on 2026-12-03 with the recipe of
+issue 15); `tests/planner/test_estimator_accuracy.py` holds the
 estimator to every one of those measurements.
 """
 

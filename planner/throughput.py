@@ -23,7 +23,8 @@ Fine-tuning, per micro-batch on one GPU:
   every model size): Python, autograd and kernel launches. bitsandbytes' 4-bit layers add a cost per
   layer call instead.
 Per optimizer step: the AdamW update (memory bound), gradient synchronisation between GPUs, ZeRO-3
-parameter gathering, and CPU offload (PCIe transfers plus DeepSpeed's CPU Adam).
+parameter gathering, and CPU offload (PCIe transfers plus DeepSpeed's CPU Adam). Per micro-batch under
+activation offload: the checkpointed layer inputs' copies to CPU memory and back.
 
 Generation (HF `generate`), per new token:
   step = max(bytes read / bandwidth, FLOPs / (peak x efficiency)) + host overhead
