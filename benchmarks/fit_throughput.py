@@ -28,11 +28,6 @@ H200 = lookup_gpu("H200")
 
 # Runs the model does not claim to cover, and why (also in tests/planner/test_throughput.py).
 UNCOVERED = {
-    "qlora-llama2-7b-gc-b4-s1024": "measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)",
-    "qlora-llama32-3b-b4-s512": "measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)",
-    "qlora-qwen25-3b-gc-b8-s1024": "measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)",
-    "qlora-gemma2-2b-gc-b2-s2048": "measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)",
-    "qlora-qwen25-15b-b4-s1024-8bit": "measured with the recipe before issue 15 (PEFT's fp32 upcast of QLoRA's non-quantized weights)",
     "lora-phi3-mini-gc-b4-s4096": "sliding window (2047) shorter than the sequence: SDPA gets an explicit "
                                   "mask and leaves the flash kernel, which the model does not capture",
 }
@@ -76,19 +71,17 @@ def fit_training(runs: list[dict]) -> dict[str, float]:
         work = tp.training_work(req)
         matmul_s = work.flops / rates.flops + work.fp32_flops / rates.fp32_flops
         rows.append([
-            0.0 if work.quantized else matmul_s,
-            matmul_s if work.quantized else 0.0,
+            matmul_s,
             work.adapter_elements / rates.bandwidth,
             work.activation_bytes / rates.bandwidth,
             work.layer_passes,
+            work.quantized_linear_calls,
         ])
         targets.append(run["step_s"])
         fixed.append(work.fixed_bytes / rates.bandwidth + tp._optimizer_term(req, rates).seconds)
-    inv_e, inv_q, lora_bytes, traffic, host = solve(rows, targets, fixed)
-    # Without QLoRA runs of the current recipe (issue 15 left only runs of the old one) its efficiency stays.
-    qlora = 1 / inv_q if inv_q else tp.QLORA_MATMUL_EFFICIENCY
-    return {"MATMUL_EFFICIENCY": 1 / inv_e, "QLORA_MATMUL_EFFICIENCY": qlora, "LORA_BYTES_PER_ELEMENT": lora_bytes,
-            "ACTIVATION_TRAFFIC": traffic, "HOST_LAYER_PASS_S": host}
+    inv_e, lora_bytes, traffic, host, qlora_call = solve(rows, targets, fixed)
+    return {"MATMUL_EFFICIENCY": 1 / inv_e, "LORA_BYTES_PER_ELEMENT": lora_bytes,
+            "ACTIVATION_TRAFFIC": traffic, "HOST_LAYER_PASS_S": host, "QLORA_LINEAR_CALL_S": qlora_call}
 
 
 def fit_generation(runs: list[dict]) -> dict[str, float]:

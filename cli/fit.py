@@ -164,6 +164,8 @@ def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) 
             spec["lora-targets"] = ",".join(req.lora.targets)
     if req.gradient_checkpointing:
         spec["gradient-checkpointing"] = True
+    if req.activation_offload:
+        spec["activation-offload"] = True
     if strategy.backend is Backend.DEEPSPEED:
         spec["zero"] = strategy.zero
         if strategy.offload is not Offload.NONE:
@@ -236,7 +238,8 @@ def format_rate(throughput: Throughput) -> str:
 def _row(index: int, candidate: Candidate, total_tokens: float | None) -> list[str]:
     if candidate.request.task is Task.FINETUNE:
         cells = [candidate.method.value, candidate.quant.value, candidate.precision.value, candidate.strategy.label,
-                 f"{candidate.micro_batch} x {candidate.grad_accum}", "yes" if candidate.checkpointing else "no"]
+                 f"{candidate.micro_batch} x {candidate.grad_accum}",
+                 "offload" if candidate.activation_offload else "yes" if candidate.checkpointing else "no"]
     else:
         weights = candidate.quant.value if candidate.quant is not Quant.NONE else f"{candidate.precision.compute_bytes * 8}-bit"
         cells = [weights, candidate.precision.value, candidate.strategy.label, str(candidate.micro_batch)]
@@ -448,6 +451,8 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
               help="Plan with Liger's fused training kernels (what the runtime uses on GPUs) or none.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--activation-offload/--no-activation-offload", default=None,
+              help="Keep the checkpointed layer inputs in CPU memory [default: only where nothing fits without].")
 @json_option
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)

@@ -99,7 +99,7 @@ class Cluster:
         from llmplan.runtime.admission import cpu_capacity, cpu_demand_of, demand_of, never_fits, never_fits_on_cpus
 
         recorded = plan.to_dict()
-        reason = never_fits(demand_of(kind, recorded), self.slots)
+        reason = never_fits(demand_of(kind, recorded), self.slots, self.cpu_nodes)
         if reason is not None:
             raise click.ClickException(f"refused: {reason}; plan for this cluster with `llmplan fit` "
                                        "(--gpus, --method qlora) or add GPUs")

@@ -170,6 +170,8 @@ FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: 
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--kernels", type=click.Choice(("liger", "none")), default="liger", show_default=True,
               help="Liger's fused training kernels (on GPUs, for the architectures Liger supports) or none.")
+@click.option("--activation-offload/--no-activation-offload", default=None,
+              help="Keep the checkpointed layer inputs in CPU memory [default: only where nothing fits without].")
 @click.option("--epochs", type=EPOCHS, default=None, help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=STEPS, default=None, help="Optimizer steps (instead of --epochs).")
 @click.option("--lr", type=LEARNING_RATE, default=2e-4, show_default=True)
@@ -250,6 +252,7 @@ def plan_training(model: str, data: str, options: dict, hardware_for, margin_for
         gradient_checkpointing=options["gradient_checkpointing"], zero=options["zero"],
         offload=Offload(options["offload"]) if options["offload"] else None, workers=options["workers"],
         kernels=Kernels(options["kernels"]), lora_dropout=options["lora_dropout"],
+        activation_offload=options.get("activation_offload"),
     )
     ask.lora.target_shapes(spec)  # unknown --lora-targets are refused before the cluster is joined
     hardware = hardware_for(options["gpus"])
@@ -291,7 +294,7 @@ def train_config(plan, data: str, options: dict, jobs_root: Path):
         gradient_checkpointing=plan.gradient_checkpointing, optimizer=plan.optimizer, lr=options["lr"],
         warmup_steps=options["warmup_steps"], max_steps=options["max_steps"], epochs=options["epochs"] or 1.0,
         lora_r=plan.lora_r, lora_alpha=2 * plan.lora_r, lora_targets=plan.lora_targets, seed=options["seed"],
-        kernels=plan.kernels, lora_dropout=plan.lora_dropout,
+        kernels=plan.kernels, lora_dropout=plan.lora_dropout, activation_offload=plan.activation_offload,
         save_every=options["save_every"], device=plan.device, workers=plan.workers,
         backend="single" if plan.backend == "single" else plan.backend, zero=plan.zero, offload=plan.offload,
     )

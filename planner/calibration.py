@@ -42,6 +42,7 @@ def request_from_case(case: dict) -> EstimateRequest:
         optimizer=Optimizer(case.get("optimizer", "adamw")),
         kernels=Kernels(case.get("kernels", "none")),
         lora_dropout=case.get("lora_dropout", 0.0),
+        activation_offload=case.get("activation_offload", False),
     )
 
 

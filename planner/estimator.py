@@ -15,7 +15,8 @@ How it works (nanoGPT style: every term named, every constant with its source):
 
 Constants that were not derived from the code they model were fitted to
 `benchmarks/results/memory-h200.jsonl` (41 runs on an NVIDIA H200, torch 2.11, transformers 5.17,
-peft 0.21, bitsandbytes 0.50.2, 2026-11-30); `tests/planner/test_estimator_accuracy.py` holds the
+peft 0.21, bitsandbytes 0.50.2, 2026-11-30; its 6 QLoRA runs re-measured on 2026-12-03 with the recipe of
+issue 15); `tests/planner/test_estimator_accuracy.py` holds the
 estimator to every one of those measurements.
 """
 
@@ -76,6 +77,12 @@ class MemoryEstimate:
     terms: tuple[Term, ...]  # what is alive at the peak, plus allocator slack
     peak_phase: str
     cuda_context_bytes: int = CUDA_CONTEXT_BYTES
+    host_terms: tuple[Term, ...] = ()  # what this GPU's rank keeps in CPU memory instead (offload)
+
+    @property
+    def host_bytes(self) -> int:
+        """CPU memory one rank needs for what is offloaded (0 without offload)."""
+        return sum(term.bytes for term in self.host_terms)
 
     @property
     def peak_bytes(self) -> int:
@@ -331,6 +338,30 @@ def backward_transient_term(req: EstimateRequest) -> Term:
                 + ("" if req.fused_kernels else ", plus the gate and up gradients"))
 
 
+# With activation offload (runtime.modeling.checkpoint_offloading_inputs) each checkpointed layer input is
+# copied to pinned CPU memory as the forward saves it and copied back when backward recomputes its layer.
+# What stays on the GPU is a few layer inputs' worth: the input being recomputed, its output gradient and the
+# residual gradient beside it. Fitted to issue 15's two H200 runs with offload (Llama-3-8B shape, 8 layers,
+# LoRA at 16k and QLoRA at 32k tokens, Liger's kernels): 3 layer inputs.
+OFFLOADED_INPUTS_ON_GPU = 3
+
+
+def checkpoint_bytes_per_layer(req: EstimateRequest) -> int:
+    """One checkpointed layer input: tokens x hidden in the residual stream's dtype (fp32 under autocast)."""
+    residual = FP32 if req.precision.is_mixed else activation_bytes(req)
+    return req.tokens * req.model.hidden_size * residual
+
+
+def _checkpoints_term(req: EstimateRequest) -> Term:
+    m, per_layer = req.model, checkpoint_bytes_per_layer(req)
+    if req.activation_offload:
+        kept = min(OFFLOADED_INPUTS_ON_GPU, m.num_layers)
+        return Term("checkpointed layer inputs", kept * per_layer,
+                    f"offloaded to CPU memory; {kept} layer inputs' worth on the GPU while backward brings them back")
+    return Term("checkpointed layer inputs", m.num_layers * per_layer,
+                f"{m.num_layers} layers x {req.tokens} tokens x hidden x {per_layer // (req.tokens * m.hidden_size)} bytes")
+
+
 def activation_terms(req: EstimateRequest) -> tuple[Term, ...]:
     m, tokens = req.model, req.tokens
     per_layer = layer_bytes_per_token(req) * tokens + _eager_attention_bytes_per_layer(req)
@@ -338,13 +369,37 @@ def activation_terms(req: EstimateRequest) -> tuple[Term, ...]:
         return (Term("activations", int(per_layer * m.num_layers),
                      f"{m.num_layers} layers x {tokens} tokens x {layer_bytes_per_token(req) / 1024:.0f} KiB"),
                 backward_transient_term(req))
-    residual = FP32 if req.precision.is_mixed else activation_bytes(req)
-    checkpoints = m.num_layers * tokens * m.hidden_size * residual
     return (
-        Term("checkpointed layer inputs", int(checkpoints), f"{m.num_layers} layers x {tokens} tokens x hidden x {residual} bytes"),
+        _checkpoints_term(req),
         Term("recomputed layer", int(per_layer), "one layer's activations, rebuilt during backward"),
         backward_transient_term(req),
     )
+
+
+# ---- host memory (offload) -------------------------------------------------------------------------
+# DeepSpeed's CPU offload keeps, per trainable parameter, the fp32 master, Adam's m and v and an fp32 gradient
+# buffer in CPU memory (ZeRO-Offload, Ren et al. 2021: 16 bytes), each rank its 1/gpus partition.
+OFFLOADED_OPTIMIZER_BYTES_PER_PARAM = 16
+
+
+def host_terms(req: EstimateRequest) -> tuple[Term, ...]:
+    """What one rank keeps in CPU memory: DeepSpeed's offloaded optimizer (and parameters), and the
+    checkpointed layer inputs under activation offload."""
+    terms = []
+    gpus = req.parallel.gpus
+    if req.parallel.offload is not Offload.NONE:
+        trainable = trainable_params(req)
+        terms.append(Term("offloaded optimizer", trainable * OFFLOADED_OPTIMIZER_BYTES_PER_PARAM // gpus,
+                          f"{trainable / 1e6:.1f}M trainable x {OFFLOADED_OPTIMIZER_BYTES_PER_PARAM} bytes (fp32 master, "
+                          f"Adam m, v, gradient)" + (f" / {gpus} ranks" if gpus > 1 else "")))
+    if req.parallel.offload is Offload.PARAMS:
+        weights = req.model.params * req.precision.compute_bytes
+        terms.append(Term("offloaded parameters", weights // gpus, "16-bit weights, partitioned (ZeRO-3)"))
+    if req.activation_offload:
+        layers = req.model.num_layers
+        terms.append(Term("offloaded layer inputs", layers * checkpoint_bytes_per_layer(req),
+                          f"{layers} checkpointed layer inputs in pinned CPU memory"))
+    return tuple(terms)
 
 
 def liger_loss_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
@@ -512,4 +567,6 @@ def estimate(req: EstimateRequest) -> MemoryEstimate:
     phase, terms = max(phases.items(), key=lambda item: sum(term.bytes for term in item[1]))
     kept = tuple(term for term in terms if term.bytes > 0)
     allocated = sum(term.bytes for term in kept)
-    return MemoryEstimate(request=req, terms=(*kept, allocator_slack(req, phase, allocated)), peak_phase=phase)
+    host = host_terms(req) if req.task is Task.FINETUNE else ()
+    return MemoryEstimate(request=req, terms=(*kept, allocator_slack(req, phase, allocated)), peak_phase=phase,
+                          host_terms=host)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .gpus import GpuProbe, GpuSpec, default_gpu, default_planning_notice, find_gpu, gpu_with_memory, lookup_gpu
 from .units import format_gib, parse_size
@@ -34,6 +35,7 @@ class Hardware:
     source: str  # nvml | catalog | user | default
     notice: str = ""  # the first line to print when planning for hardware nobody named or found
     notes: tuple[str, ...] = ()
+    host_memory_bytes: int | None = None  # the node's CPU memory for offload; None: not known, not checked
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -61,6 +63,7 @@ class Hardware:
             "bf16": self.gpu.bf16,
             "notice": self.notice or None,
             "notes": list(self.notes),
+            "host_memory_bytes": self.host_memory_bytes,
         }
 
 
@@ -68,17 +71,40 @@ def hardware_from_dict(data: dict) -> Hardware:
     """`Hardware.to_dict` read back (a recorded job re-planned later): catalog cards by name, others by memory."""
     spec = find_gpu(data["gpu"]) or gpu_with_memory(int(data["memory_bytes"]))
     return Hardware(spec, int(data["count"]), int(data["memory_bytes"]), data.get("source", "catalog"),
-                    notes=tuple(data.get("notes") or ()))
+                    notes=tuple(data.get("notes") or ()), host_memory_bytes=data.get("host_memory_bytes"))
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def host_memory_from_meminfo(text: str) -> int | None:
+    """The CPU memory a plan may use here: MemAvailable of /proc/meminfo (kB), None when it is not there."""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "MemAvailable":
+            return int(value.split()[0]) * 1024
+    return None
+
+
+def local_host_memory_bytes(meminfo: Path = MEMINFO) -> int | None:
+    """This machine's available CPU memory (Linux), or None where /proc/meminfo cannot be read."""
+    try:
+        return host_memory_from_meminfo(meminfo.read_text())
+    except OSError:
+        return None
 
 
 def plan_hardware(gpus: int | None, gpu_name: str | None, gpu_mem: str | int | None,
-                  probe: Callable[[], GpuProbe]) -> Hardware:
-    """The GPUs to plan for. `probe` is called only when neither `gpu_name` nor `gpu_mem` is given."""
+                  probe: Callable[[], GpuProbe],
+                  host_memory: Callable[[], int | None] = local_host_memory_bytes) -> Hardware:
+    """The GPUs to plan for. `probe` is called only when neither `gpu_name` nor `gpu_mem` is given; `host_memory`
+    (this machine's CPU memory, which offloading plans need) only when the probe finds GPUs here."""
     if gpus is not None and gpus < 1:
         raise HardwareError(f"--gpus must be at least 1, got {gpus}")
     if gpu_name or gpu_mem:
         return _named(gpus or 1, gpu_name, gpu_mem)
-    return _probed(gpus, probe())
+    hardware = _probed(gpus, probe())
+    return replace(hardware, host_memory_bytes=host_memory()) if hardware.source == "nvml" else hardware
 
 
 def _named(count: int, gpu_name: str | None, gpu_mem: str | int | None) -> Hardware:

@@ -168,6 +168,8 @@ class FinetunePlan:
     notes: tuple[str, ...] = ()
     kernels: str = "none"  # liger | none: the fused training kernels the run uses
     lora_dropout: float = 0.0
+    activation_offload: bool = False  # checkpointed layer inputs in CPU memory
+    host_bytes: int = 0  # CPU memory the plan's offload needs on its node (all workers)
 
     def to_dict(self) -> dict[str, Any]:
         return plan_to_dict(self)
@@ -179,9 +181,11 @@ class FinetunePlan:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         rate = f", ~{self.estimated_tokens_per_s:,.0f} tokens/s" if self.estimated_tokens_per_s else ""
         kernels = ", Liger kernels" if self.kernels == "liger" else ""
+        offload = ", activation offload" if self.activation_offload else ""
+        host = f" + {self.host_bytes / 2**30:.1f} GiB of host memory" if self.host_bytes else ""
         return (f"plan: {self.model_name}, {self.method}, {self.precision}, micro-batch {self.micro_batch} x "
-                f"{self.grad_accum}{parallel}{checkpointing}{kernels}, {self.estimated_device_bytes / 2**30:.1f} GiB per "
-                f"device{rate}")
+                f"{self.grad_accum}{parallel}{checkpointing}{offload}{kernels}, {self.estimated_device_bytes / 2**30:.1f} GiB "
+                f"per device{host}{rate}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetunePlan":
@@ -208,6 +212,7 @@ class FinetuneAsk:
     deepspeed: bool = False
     kernels: Kernels = Kernels.LIGER  # used where the GPU run supports them (EstimateRequest.fused_kernels)
     lora_dropout: float = 0.0
+    activation_offload: bool | None = None  # None: the planner adds it where nothing fits without it
 
 
 def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
@@ -216,7 +221,8 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
         return _cpu_finetune(ask)
     fit = FitRequest(model=ask.spec, hardware=hardware, task=Task.FINETUNE, methods=ask.methods, seq_len=ask.seq_len,
                      batch_size=ask.batch_size, lora=ask.lora, margin=ask.margin, deepspeed=ask.deepspeed,
-                     micro_batch=ask.micro_batch, kernels=ask.kernels, lora_dropout=ask.lora_dropout)
+                     micro_batch=ask.micro_batch, kernels=ask.kernels, lora_dropout=ask.lora_dropout,
+                     activation_offload=ask.activation_offload)
     per_gpu = ask.batch_size // hardware.count
     if ask.micro_batch and (ask.batch_size % hardware.count or per_gpu % ask.micro_batch):
         raise PlanError(f"--batch-size {ask.batch_size} over {hardware.count} GPU(s) is not a multiple of "
@@ -226,6 +232,9 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
     if not wanted:
         asked = _asked(ask)
         hint = "; ".join(s.text for s in result.suggestions[:2]) or "; ".join(result.reasons[:1])
+        host = [reason for reason in result.reasons if "of host memory" in reason]
+        if host:
+            hint = f"{host[0]}; what would fit: {hint}"
         raise PlanError(f"{ask.spec.name} fine-tuning ({ask.batch_size} x {ask.seq_len} tokens{asked}) does not fit "
                         f"{hardware.count} x {hardware.gpu.name}: {hint or 'use more or larger GPUs'}")
     best = wanted[0]
@@ -239,6 +248,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
         estimated_tokens_per_s=best.tokens_per_s if best.throughput.known else None,
         breakdown=best.memory.breakdown(), notes=(*hardware.notes, best.describe()),
         kernels=Kernels.LIGER.value if req.fused_kernels else Kernels.NONE.value, lora_dropout=ask.lora_dropout,
+        activation_offload=req.activation_offload, host_bytes=best.host_bytes,
     )
 
 
@@ -247,7 +257,7 @@ def _honours(candidate: Any, ask: FinetuneAsk) -> bool:
     checks = (
         (ask.precision, req.precision), (ask.micro_batch, req.batch_size),
         (ask.gradient_checkpointing, req.gradient_checkpointing), (ask.zero, strategy.zero),
-        (ask.offload, strategy.offload),
+        (ask.offload, strategy.offload), (ask.activation_offload, req.activation_offload),
     )
     return all(wanted is None or wanted == actual for wanted, actual in checks)
 
@@ -255,7 +265,7 @@ def _honours(candidate: Any, ask: FinetuneAsk) -> bool:
 def _asked(ask: FinetuneAsk) -> str:
     choices = {"precision": ask.precision and ask.precision.value, "micro-batch": ask.micro_batch,
                "gradient checkpointing": ask.gradient_checkpointing, "zero": ask.zero,
-               "offload": ask.offload and ask.offload.value}
+               "offload": ask.offload and ask.offload.value, "activation offload": ask.activation_offload}
     given = [f"{name} {value}" for name, value in choices.items() if value is not None]
     return f", {', '.join(given)}" if given else ""
 

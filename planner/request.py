@@ -159,10 +159,14 @@ class EstimateRequest:
     parallel: Parallelism = field(default_factory=Parallelism)
     kernels: Kernels = Kernels.NONE
     lora_dropout: float = 0.0
+    activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient checkpointing)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
+        if self.activation_offload and not (self.task is Task.FINETUNE and self.gradient_checkpointing):
+            raise RequestError("--activation-offload moves the checkpointed layer inputs to CPU memory: it needs "
+                               "fine-tuning with --gradient-checkpointing")
         sizes = {"--batch-size": self.batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
                  "--max-new-tokens": self.max_new_tokens}
         for option, value in sizes.items():

@@ -142,6 +142,9 @@ class FitRequest:
     micro_batch: int | None = None  # fine-tuning: only this micro-batch (the user's, or a re-plan's)
     kernels: Kernels = Kernels.NONE  # the CLI passes liger, what the runtime uses on CUDA
     lora_dropout: float = 0.0
+    # Checkpointed layer inputs in CPU memory: None lets the search add it only where nothing fits without it,
+    # True plans only with it, False never.
+    activation_offload: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -181,6 +184,21 @@ class FitRequest:
     def total_tokens(self) -> float | None:
         return None if self.tokens is None else self.tokens * self.epochs
 
+    @property
+    def host_memory_bytes(self) -> int | None:
+        """The node's CPU memory offloading plans may fill; None: not known, not checked."""
+        return self.hardware.host_memory_bytes
+
+    def holds(self, memory: MemoryEstimate) -> bool:
+        """The configuration fits each GPU, and what it offloads fits the node's CPU memory."""
+        host = self.host_memory_bytes
+        return memory.device_bytes <= self.budget_bytes and (host is None or node_host_bytes(memory) <= host)
+
+
+def node_host_bytes(memory: MemoryEstimate) -> int:
+    """CPU memory a plan's ranks need together on their node (every rank of a plan runs on one node)."""
+    return memory.host_bytes * memory.request.parallel.gpus
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -192,6 +210,7 @@ class Candidate:
     memory: MemoryEstimate
     throughput: Throughput
     budget_bytes: int
+    host_budget_bytes: int | None = None  # the node's CPU memory; None: not checked
 
     @property
     def memory_bytes(self) -> int:
@@ -203,7 +222,11 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return self.memory_bytes <= self.budget_bytes
+        return self.memory_bytes <= self.budget_bytes and self.fits_host
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_budget_bytes is None or self.host_bytes <= self.host_budget_bytes
 
     @property
     def method(self) -> Method | None:
@@ -231,15 +254,23 @@ class Candidate:
 
     @property
     def host_bytes(self) -> int:
-        """CPU memory CPU offload needs: what the estimator moved off the GPUs (fp32 optimizer states,
-        and the weights when parameters are offloaded), all ranks together."""
-        if self.strategy.offload is Offload.NONE:
-            return 0
-        req = self.request
-        trainable = req.model.params if req.method is Method.FULL else req.lora.params(req.model)
-        states = trainable * 16  # fp32 master, Adam m and v, fp32 gradient
-        weights = req.model.params * req.precision.compute_bytes if self.strategy.offload is Offload.PARAMS else 0
-        return int(states + weights)
+        """CPU memory the plan's offload needs, all ranks together (the estimator's host terms: DeepSpeed's
+        optimizer states and parameters, checkpointed layer inputs)."""
+        return node_host_bytes(self.memory)
+
+    @property
+    def activation_offload(self) -> bool:
+        return self.request.activation_offload
+
+    @property
+    def offload_label(self) -> str:
+        """What the plan offloads, for sentences: "ZeRO-3 offload (params)", "activation offload" or both."""
+        parts = []
+        if self.strategy.offload is not Offload.NONE:
+            parts.append(f"ZeRO-{self.strategy.zero} offload ({self.strategy.offload.value})")
+        if self.activation_offload:
+            parts.append("activation offload")
+        return " and ".join(parts)
 
     def seconds_for(self, tokens: float | None) -> float | None:
         return None if tokens is None or not self.throughput.known else self.throughput.seconds_for(tokens)
@@ -255,6 +286,8 @@ class Candidate:
             parts.append(f"micro-batch {self.micro_batch} x {self.grad_accum}")
             if self.checkpointing:
                 parts.append("gradient checkpointing")
+            if self.activation_offload:
+                parts.append("activation offload")
         return ", ".join(parts)
 
     def to_dict(self, total_tokens: float | None = None) -> dict:
@@ -267,6 +300,7 @@ class Candidate:
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "gradient_checkpointing": self.checkpointing,
+            "activation_offload": self.activation_offload,
             "seq_len": req.seq_len if req.task is Task.FINETUNE else None,
             "prompt_len": req.prompt_len if req.task is Task.INFER else None,
             "max_new_tokens": req.max_new_tokens if req.task is Task.INFER else None,
@@ -387,15 +421,19 @@ class _Family:
     precision: Precision
     strategy: Strategy
     checkpointing: bool
+    activation_offload: bool = False
 
 
-def _finetune_families(fit: FitRequest) -> Iterator[_Family]:
+def _finetune_families(fit: FitRequest, activation_offload: bool = False) -> Iterator[_Family]:
+    """Every fine-tuning family; with `activation_offload`, those with checkpointing, their inputs offloaded."""
     for method in fit.methods:
         for quant in finetune_quants(fit.gpu, method):
             for precision in precisions_for(fit.gpu, method):
                 for strategy in finetune_strategies(fit.hardware.count, fit.deepspeed):
-                    for checkpointing in (False, True):
-                        yield _Family(method, quant, precision, strategy, checkpointing)
+                    if method is Method.QLORA and strategy.zero == 3:
+                        continue  # ZeRO-3 would partition the 4-bit weights, which bitsandbytes cannot compute
+                    for checkpointing in ((True,) if activation_offload else (False, True)):
+                        yield _Family(method, quant, precision, strategy, checkpointing, activation_offload)
 
 
 def _inference_families(fit: FitRequest) -> Iterator[_Family]:
@@ -421,6 +459,7 @@ def _request(fit: FitRequest, family: _Family, batch: int) -> EstimateRequest:
         parallel=family.strategy.parallel,
         kernels=fit.kernels,
         lora_dropout=fit.lora_dropout,
+        activation_offload=family.activation_offload,
     )
 
 
@@ -450,14 +489,14 @@ def _largest_fitting(fit: FitRequest, family: _Family, counter: _Counter) -> tup
     sizes = _batch_sizes(fit, family)
     smallest = _request(fit, family, sizes[0])
     best = (smallest, counter.estimate(smallest))
-    if best[1].device_bytes > fit.budget_bytes:
+    if not fit.holds(best[1]):
         return best[0], best[1], False
     low, high = 1, len(sizes) - 1
     while low <= high:
         middle = (low + high) // 2
         req = _request(fit, family, sizes[middle])
         found = counter.estimate(req)
-        if found.device_bytes <= fit.budget_bytes:
+        if fit.holds(found):
             best, low = (req, found), middle + 1
         else:
             high = middle - 1
@@ -471,12 +510,12 @@ def _candidate(fit: FitRequest, family: _Family, req: EstimateRequest, memory: M
     else:
         accum = 1
         throughput = generation_throughput(req, fit.gpu, family.strategy.replicas)
-    return Candidate(req, family.strategy, accum, memory, throughput, fit.budget_bytes)
+    return Candidate(req, family.strategy, accum, memory, throughput, fit.budget_bytes, fit.host_memory_bytes)
 
 
-def _evaluate(fit: FitRequest, counter: _Counter) -> tuple[list[Candidate], list[Candidate]]:
+def _evaluate(fit: FitRequest, counter: _Counter, activation_offload: bool = False) -> tuple[list[Candidate], list[Candidate]]:
     """(fitting candidates, smallest configuration of each family that does not fit)."""
-    families = _finetune_families(fit) if fit.task is Task.FINETUNE else _inference_families(fit)
+    families = _finetune_families(fit, activation_offload) if fit.task is Task.FINETUNE else _inference_families(fit)
     fitting, misses = [], []
     for family in families:
         req, memory, fits = _largest_fitting(fit, family, counter)
@@ -550,7 +589,7 @@ def candidate_warnings(candidate: Candidate, gpu: GpuSpec) -> tuple[str, ...]:
     if candidate.quant is not Quant.NONE and gpu.bitsandbytes_note:
         found.append(f"bitsandbytes on the {gpu.name}: {gpu.bitsandbytes_note}")
     if candidate.host_bytes:
-        found.append(f"CPU offload needs about {format_gib(candidate.host_bytes)} of CPU memory")
+        found.append(f"{candidate.offload_label} needs about {format_gib(candidate.host_bytes)} of host memory")
     return tuple(found)
 
 
@@ -558,16 +597,29 @@ def candidate_warnings(candidate: Candidate, gpu: GpuSpec) -> tuple[str, ...]:
 def search(fit: FitRequest, *, advise: bool = True) -> FitResult:
     """The configurations that fit, best first; when none does, the nearest one and what would fit."""
     counter = _Counter()
-    fitting, misses = _evaluate(fit, counter)
+    fitting, misses = _evaluate(fit, counter, activation_offload=fit.activation_offload is True)
+    if not fitting and fit.activation_offload is None and fit.task is Task.FINETUNE:
+        fitting, offloaded_misses = _evaluate(fit, counter, activation_offload=True)
+        misses += offloaded_misses
     ranked = rank(fitting, fit.gpu)
     warnings = hardware_warnings(fit)
     if ranked:
         return FitResult(fit, ranked, warnings=warnings + candidate_warnings(ranked[0], fit.gpu), considered=counter.count)
     nearest = min(misses, key=lambda c: c.memory_bytes, default=None)
-    reasons = _reasons(fit, nearest)
+    short_of_host = min((c for c in misses if c.memory_bytes <= c.budget_bytes and not c.fits_host),
+                        key=lambda c: c.host_bytes, default=None)
+    reasons = (*_host_reasons(fit, short_of_host), *_reasons(fit, nearest))
     suggestions = tuple(suggest(fit, nearest)) if advise else ()
     return FitResult(fit, (), nearest=nearest, reasons=reasons, suggestions=suggestions, warnings=warnings,
                      considered=counter.count)
+
+
+def _host_reasons(fit: FitRequest, candidate: Candidate | None) -> tuple[str, ...]:
+    """The configuration that fits the GPUs but not the node's CPU memory, and by how much."""
+    if candidate is None:
+        return ()
+    return (f"{candidate.describe()} fits the GPUs but needs {format_gib(candidate.host_bytes)} of host memory for "
+            f"{candidate.offload_label}, this node has {format_gib(fit.host_memory_bytes or 0)}",)
 
 
 def _reasons(fit: FitRequest, nearest: Candidate | None) -> tuple[str, ...]:
@@ -615,9 +667,19 @@ def suggest(fit: FitRequest, nearest: Candidate | None) -> Iterator[Suggestion]:
         if best is not None:
             yield Suggestion("deepspeed", f"DeepSpeed ({best.strategy.label}; it needs nvcc from a CUDA toolkit): "
                                           f"{best.describe()}, {format_gib(best.memory_bytes)} per GPU", best)
-    if nearest is not None:
+    if nearest is not None and nearest.memory_bytes > nearest.budget_bytes:
         needed = math.ceil(nearest.memory_bytes / (1 - fit.margin) / GiB * 10) / 10
         yield Suggestion("memory", f"a GPU with at least {needed:.1f} GiB free runs {nearest.describe()}")
+    if fit.host_memory_bytes is not None:
+        yield from _more_host_memory(fit)
+
+
+def _more_host_memory(fit: FitRequest) -> Iterator[Suggestion]:
+    """The best plan a node with enough CPU memory would run, when the GPUs are not what is short."""
+    best = _best_after(fit, hardware=replace(fit.hardware, host_memory_bytes=None))
+    if best is not None and best.host_bytes:
+        yield Suggestion("host_memory", f"a node with at least {format_gib(best.host_bytes)} of host memory: "
+                                        f"{best.describe()}, {format_gib(best.memory_bytes)} per GPU", best)
 
 
 def _shorter(fit: FitRequest) -> Iterator[Suggestion]:

@@ -23,7 +23,8 @@ Fine-tuning, per micro-batch on one GPU:
   every model size): Python, autograd and kernel launches. bitsandbytes' 4-bit layers add a cost per
   layer call instead.
 Per optimizer step: the AdamW update (memory bound), gradient synchronisation between GPUs, ZeRO-3
-parameter gathering, and CPU offload (PCIe transfers plus DeepSpeed's CPU Adam).
+parameter gathering, and CPU offload (PCIe transfers plus DeepSpeed's CPU Adam). Per micro-batch under
+activation offload: the checkpointed layer inputs' copies to CPU memory and back.
 
 Generation (HF `generate`), per new token:
   step = max(bytes read / bandwidth, FLOPs / (peak x efficiency)) + host overhead
@@ -51,6 +52,7 @@ from .estimator import (
     EAGER_ATTENTION_BYTES,
     INT8_BYTES_PER_PARAM,
     NF4_BYTES_PER_PARAM,
+    checkpoint_bytes_per_layer,
     layer_bytes_per_token,
     trainable_params,
     weight_bytes,
@@ -61,20 +63,24 @@ from .request import EstimateRequest, Method, Offload, Optimizer, Parallelism, P
 
 # ---- fitted on the H200 runs (benchmarks/fit_throughput.py) -----------------------------------------
 # Share of the dense peak the matmuls reach: full fine-tuning and LoRA (one constant fits both).
-MATMUL_EFFICIENCY = 0.74
-# QLoRA: bitsandbytes dequantizes each 4-bit weight before its matmul and the activations around it are
-# fp32 (prepare_model_for_kbit_training), so the same FLOPs take longer.
-QLORA_MATMUL_EFFICIENCY = 0.45
+MATMUL_EFFICIENCY = 0.80
+# QLoRA, per 4-bit linear layer call (forward, backward, recompute): bitsandbytes' Python path and its
+# dequantize kernel. Once dequantized, the matmul runs in bf16 at MATMUL_EFFICIENCY (the runtime keeps
+# QLoRA's activations 16-bit since issue 15), and the dequantization traffic is counted from first
+# principles (NF4_DEQUANT_READ_BYTES): what is left is a cost per call, which is why small QLoRA models at
+# short sequences run slower than their FLOPs say. Fitted on the QLoRA runs re-measured with the current
+# recipe (2026-12-03); it replaces QLORA_MATMUL_EFFICIENCY (0.45), the fit of the fp32-upcast recipe.
+QLORA_LINEAR_CALL_S = 0.00029
 # Bytes moved per adapter input or output element and pass by PEFT's fp32 LoRA path (cast, lora_A,
 # lora_B, scaling, add). Why q,v-only LoRA on Mistral-7B ran 1.3x faster than FLOPs alone predict.
-LORA_BYTES_PER_ELEMENT = 18.0
+LORA_BYTES_PER_ELEMENT = 16.0
 # Elementwise traffic (norms, activations, residual adds, casts): bytes moved per byte of activations the
 # layer saves for backward (the estimator's `layer_bytes_per_token`), per pass.
-ACTIVATION_TRAFFIC = 4.6
+ACTIVATION_TRAFFIC = 4.9
 # Host overhead (Python, autograd, kernel launches) per decoder layer and pass (forward, backward x2,
 # recompute), measured on the H200 machine; a layer with eager attention (Gemma-2: scores, soft-capping,
 # mask, softmax as separate kernels, and four norms) counts twice.
-HOST_LAYER_PASS_S = 0.00054
+HOST_LAYER_PASS_S = 0.00058
 EAGER_LAYER_PASS_WEIGHT = 2
 # HF generate, per new token: host/launch bound on the H200 machine. A fixed part (logits processing,
 # stopping criteria, cache bookkeeping) and a part per decoder layer (kernel launches): 37 + 0.66 x 32 =
@@ -251,6 +257,7 @@ class TrainingWork:
     activation_bytes: float  # activations saved for backward, times the passes that touch them
     fixed_bytes: float  # logits and loss, dequantization: first-principles traffic
     layer_passes: float  # decoder layers x passes, eager-attention layers weighted
+    quantized_linear_calls: float = 0.0  # QLoRA: 4-bit linear layer calls per micro-batch
 
 
 def _passes(req: EstimateRequest) -> int:
@@ -295,12 +302,13 @@ def training_work(req: EstimateRequest) -> TrainingWork:
         activation_bytes=saved * m.num_layers * _passes(req),
         fixed_bytes=logits + dequant,
         layer_passes=float(m.num_layers * _passes(req) * (EAGER_LAYER_PASS_WEIGHT if eager else 1)),
+        quantized_linear_calls=float(m.num_layers * len(m.block_linears()) * _weight_passes(req)) if quantized else 0.0,
     )
 
 
 def _micro_batch_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
     work = training_work(req)
-    efficiency = QLORA_MATMUL_EFFICIENCY if work.quantized else MATMUL_EFFICIENCY
+    efficiency = MATMUL_EFFICIENCY
     per = f" x {accum} micro-batches" if accum > 1 else ""
     terms = [TimeTerm("matmuls", accum * work.flops / (rates.flops * efficiency),
                       f"{work.flops / work.tokens / 1e9:.1f} GFLOP/token at {efficiency:.0%} of "
@@ -316,6 +324,9 @@ def _micro_batch_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[T
                           f"norms, activations, casts: {ACTIVATION_TRAFFIC:g} x the saved activations per pass"))
     terms.append(TimeTerm("logits, loss" + (", dequantization" if work.quantized else ""),
                           accum * work.fixed_bytes / rates.bandwidth, "memory bound"))
+    if work.quantized_linear_calls:
+        terms.append(TimeTerm("4-bit layer calls", accum * work.quantized_linear_calls * QLORA_LINEAR_CALL_S,
+                              f"{QLORA_LINEAR_CALL_S * 1e6:.0f} us per 4-bit linear call, measured (bitsandbytes)"))
     terms.append(TimeTerm("host overhead", accum * work.layer_passes * HOST_LAYER_PASS_S,
                           f"{HOST_LAYER_PASS_S * 1e3:.2f} ms per layer and pass, measured (Python, launches)"))
     return terms
@@ -367,10 +378,20 @@ def _communication_terms(req: EstimateRequest, rates: Rates, accum: int) -> list
     return terms
 
 
+def _activation_offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
+    """Activation offload copies every checkpointed layer input to CPU memory and back once per micro-batch
+    (torch's save_on_cpu: the copies are not overlapped with compute). First principles, not fitted."""
+    if not req.activation_offload:
+        return []
+    copied = 2 * req.model.num_layers * checkpoint_bytes_per_layer(req)
+    return [TimeTerm("activation offload", accum * copied / rates.host_link,
+                     f"{copied / 2**30:.2f} GiB of checkpointed layer inputs to CPU memory and back per micro-batch")]
+
+
 def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeTerm]:
     offload = req.parallel.offload
     if offload is Offload.NONE:
-        return []
+        return _activation_offload_terms(req, rates, accum)
     gpus = req.parallel.gpus
     trainable = trainable_params(req)
     grad = req.precision.param_bytes if req.method is Method.FULL else 4
@@ -383,7 +404,7 @@ def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeT
         fetched = accum * _weight_passes(req) * weights / gpus
         terms.append(TimeTerm("CPU offload: parameters", fetched / rates.host_link,
                               "each GPU fetches its partition of the weights from CPU memory every pass"))
-    return terms
+    return terms + _activation_offload_terms(req, rates, accum)
 
 
 def finetune_throughput(req: EstimateRequest, gpu: GpuSpec, grad_accum: int = 1) -> Throughput:

@@ -7,7 +7,7 @@ The scheduler feeds it three things and carries out its answer:
 - the queue (`QueuedJob`: each job's `Demand`, read from its plan).
 
 At submission, `never_fits` and `never_fits_on_cpus` refuse what the cluster could not run even idle: a GPU
-plan no node's GPUs hold, and a CPU plan whose workers (one CPU and its host memory each) the nodes'
+plan no node's GPUs hold (or whose offload no such node's host memory holds), and a CPU plan whose workers (one CPU and its host memory each) the nodes'
 CPUs and memory (`CpuNode`) cannot all hold.
 
 A GPU's available memory is the smaller of what NVML says is free and its total minus the plans placed
@@ -43,10 +43,12 @@ class GpuSlot:
 
 @dataclass(frozen=True)
 class Demand:
-    """What a plan needs: `gpus` GPUs on one node, each with `bytes_per_gpu` available; 0 GPUs: the CPU."""
+    """What a plan needs: `gpus` GPUs on one node, each with `bytes_per_gpu` available, and `host_bytes` of that
+    node's CPU memory for what it offloads; 0 GPUs: the CPU."""
 
     gpus: int
     bytes_per_gpu: int
+    host_bytes: int = 0
 
     @property
     def on_gpus(self) -> bool:
@@ -110,7 +112,7 @@ def demand_of(kind: str, plan: Mapping[str, Any] | None) -> Demand:
     if not plan or plan.get("device") != "cuda":
         return Demand(0, 0)
     gpus = plan["workers"] if kind == "finetune" else plan["replicas"] * plan["gpus_per_replica"]
-    return Demand(int(gpus), int(plan["estimated_device_bytes"]))
+    return Demand(int(gpus), int(plan["estimated_device_bytes"]), int(plan.get("host_bytes") or 0))
 
 
 def memory_text(size: int) -> str:
@@ -196,21 +198,38 @@ def admit(queue: Iterable[QueuedJob], slots: Sequence[GpuSlot], reservations: It
     return admitted
 
 
-def never_fits(demand: Demand, slots: Sequence[GpuSlot]) -> str | None:
-    """Why `demand` cannot run on this cluster even when it is idle; None when it can."""
+def never_fits(demand: Demand, slots: Sequence[GpuSlot], nodes: Sequence[CpuNode] = ()) -> str | None:
+    """Why `demand` cannot run on this cluster even when it is idle; None when it can. With `nodes`, a plan that
+    offloads also needs a node whose GPUs hold it to have its host memory."""
     if not demand.on_gpus:
         return None
     if not slots:
         return f"the plan needs {demand.describe()} but the cluster has no GPUs"
     idle = {slot.key: slot.total_bytes for slot in slots}
-    if place(demand, idle) is not None:
-        return None
+    placement = place(demand, idle)
+    if placement is not None:
+        return _short_of_host_memory(demand, slots, idle, nodes)
     per_node: dict[str, list[int]] = {}
     for slot in slots:
         per_node.setdefault(slot.node_id, []).append(slot.total_bytes)
     largest = max(per_node.values(), key=lambda sizes: (len(sizes), max(sizes)))
     return (f"the plan needs {demand.describe()} on one node; the cluster's largest node has {len(largest)} GPU(s) "
             f"of {max(largest) / 2**30:.1f} GiB")
+
+
+def _short_of_host_memory(demand: Demand, slots: Sequence[GpuSlot], idle: Mapping[GpuKey, int],
+                          nodes: Sequence[CpuNode]) -> str | None:
+    """Why no node whose GPUs hold `demand` has the host memory its offload needs; None when one has."""
+    if not demand.host_bytes or not nodes:
+        return None
+    memory = {node.node_id: node.memory_bytes for node in nodes}
+    holding = [node_id for node_id in {slot.node_id for slot in slots}
+               if place(demand, {key: size for key, size in idle.items() if key[0] == node_id}) is not None]
+    largest = max((memory.get(node_id, 0) for node_id in holding), default=0)
+    if largest >= demand.host_bytes:
+        return None
+    return (f"the plan needs {memory_text(demand.host_bytes)} of host memory for its offload; the largest node whose "
+            f"GPUs hold it has {memory_text(largest)}")
 
 
 def never_fits_on_cpus(demand: CpuDemand | None, nodes: Sequence[CpuNode]) -> str | None:

@@ -118,9 +118,27 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
     return get_peft_model(model, config)
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def enable_gradient_checkpointing(model: Any, activation_offload: bool = False) -> None:
+    """Recompute each decoder layer in backward; with `activation_offload` the inputs each layer keeps for that
+    recomputation wait in CPU memory instead of on the GPU (`checkpoint_offloading_inputs`)."""
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_offload:
+        for module in model.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = checkpoint_offloading_inputs
+
+
+def checkpoint_offloading_inputs(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """`torch.utils.checkpoint` (non-reentrant) of one layer whose saved inputs move to CPU memory (pinned on
+    CUDA hosts) as the forward saves them and come back when backward recomputes the layer: what Unsloth's
+    "unsloth" checkpointing mode and torch's `save_on_cpu` do. Only the checkpoint's own inputs are offloaded
+    (the checkpoint's hooks handle what the layer computes inside); everything else stays on the GPU."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
 KERNELS = tuple(kind.value for kind in Kernels)
@@ -151,17 +169,20 @@ def freeze_weights(model: Any) -> None:
 
 
 def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool, lora: LoraSettings | None,
-                         kernels: str = "none") -> Any:
+                         kernels: str = "none", activation_offload: bool = False) -> Any:
     """The model the recipe trains: kernels, frozen quantized base, checkpointing, adapters, train mode.
 
-    `method` is full, lora or qlora; `lora` the adapters for lora and qlora."""
+    `method` is full, lora or qlora; `lora` the adapters for lora and qlora; `activation_offload` (with
+    checkpointing only) keeps the checkpointed layer inputs in CPU memory."""
+    if activation_offload and not gradient_checkpointing:
+        raise ValueError("activation offload moves the checkpointed layer inputs: it needs gradient checkpointing")
     model.config.use_cache = False  # no KV cache in training
     if kernels == "liger":
         apply_liger_kernels(model)
     if method == "qlora":
         freeze_weights(model)
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, activation_offload)
     if method in ("lora", "qlora"):
         if lora is None:
             raise ValueError(f"method {method} needs LoRA settings")

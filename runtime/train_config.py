@@ -65,6 +65,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("all-linear",)
     kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
+    activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient_checkpointing)
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
@@ -93,6 +94,9 @@ class TrainConfig:
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
         if self.kernels not in (None, "liger", "none"):
             raise TrainConfigError(f"kernels must be liger or none, got {self.kernels!r}")
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise TrainConfigError("activation_offload moves the checkpointed layer inputs to CPU memory: it needs "
+                                   "gradient_checkpointing")
         if self.offload not in OFFLOADS:
             raise TrainConfigError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
         if self.offload != "none" and self.backend != "deepspeed":

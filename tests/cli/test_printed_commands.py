@@ -99,7 +99,15 @@ FIT_ASKS = {
     "inference, replicas": ("7B", "--gpu", "H100", "--gpus", "2", "--task", "infer"),
     "inference, one sharded copy": ("70B", "--gpu", "H100", "--gpus", "2", "--task", "infer"),
     "quantized inference": ("70B", "--gpu", "A100 80GB", "--task", "infer"),
+    "long context, activation offload": ("Llama-3-8B", "--gpu", "RTX 4090", "--method", "qlora", "--seq-len", "32768",
+                                         "--batch-size", "1"),
 }
+
+
+def test_an_activation_offload_plan_is_submitted_with_it() -> None:
+    document = json.loads(fit(*FIT_ASKS["long context, activation offload"], "--json"))
+    assert parse_printed(document["recommendation"]["command"]).params["activation_offload"] is True
+    assert document["recommendation"]["job"]["activation-offload"] is True
 
 
 @pytest.mark.parametrize("args", FIT_ASKS.values(), ids=FIT_ASKS.keys())

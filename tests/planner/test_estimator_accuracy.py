@@ -22,14 +22,8 @@ HELD_OUT = RESULTS_DIR / "memory-h200-heldout.jsonl"
 
 
 RUNS = load_runs(RESULTS)
-# QLoRA's runs here were measured with the recipe before issue 15 (PEFT's fp32 upcast of the non-quantized
-# weights), which the runtime no longer runs; its QLoRA runs are in long-context-h200.jsonl
-# (tests/planner/test_estimator_long_context.py).
-def _current_recipe(run: dict) -> bool:
-    return run["case"]["method"] != "qlora"
-
-
-RUNTIME_RUNS = [run for run in RUNS if run["case"]["allocator"] == "expandable" and _current_recipe(run)]
+# Its six QLoRA runs were re-measured with the runtime's recipe since issue 15 (bf16 base, 2026-12-03).
+RUNTIME_RUNS = [run for run in RUNS if run["case"]["allocator"] == "expandable"]
 
 
 def test_measurements_cover_what_the_issue_asks() -> None:
@@ -51,7 +45,7 @@ def test_each_measurement_within_10_percent(run: dict) -> None:
     assert abs(relative_error(run)) <= 0.10
 
 
-HELD_OUT_RUNS = [run for run in load_runs(HELD_OUT) if _current_recipe(run)]
+HELD_OUT_RUNS = load_runs(HELD_OUT)
 
 
 @pytest.mark.parametrize("run", HELD_OUT_RUNS, ids=[run["case"]["id"] for run in HELD_OUT_RUNS])

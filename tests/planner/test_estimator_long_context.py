@@ -55,3 +55,28 @@ def test_bf16_qlora_at_long_context_needs_far_less_than_the_fp32_upcast() -> Non
     assert new < 0.5 * old
     # 16,384 tokens fit a 24 GB card with Liger's kernels (the CUDA context on top: 0.16 GiB at most).
     assert by_id["lc-qlora-llama3-8b-gc-s16k-liger"]["peak_reserved_bytes"] < 23.5 * GIB
+
+
+def test_activation_offload_moves_the_checkpointed_inputs_to_host_memory() -> None:
+    from llmplan.planner.estimator import estimate
+    from llmplan.planner.model_catalog import MODELS
+    from llmplan.planner.request import EstimateRequest, Kernels, LoraSpec, Method, RequestError
+
+    llama3 = next(m for m in MODELS if m.name == "Llama-3-8B")
+    ask = dict(model=llama3, method=Method.QLORA, seq_len=16384, lora=LoraSpec(r=16, alpha=32),
+               gradient_checkpointing=True, kernels=Kernels.LIGER)
+    kept, offloaded = estimate(EstimateRequest(**ask)), estimate(EstimateRequest(**ask, activation_offload=True))
+    per_layer = 16384 * 4096 * 2  # tokens x hidden x bf16: 128 MiB
+    assert kept.breakdown()["checkpointed layer inputs"] == 32 * per_layer and kept.host_bytes == 0
+    assert offloaded.breakdown()["checkpointed layer inputs"] == 3 * per_layer  # OFFLOADED_INPUTS_ON_GPU
+    assert offloaded.host_bytes == 32 * per_layer == 4 * GIB
+    assert kept.peak_bytes - offloaded.peak_bytes == 29 * per_layer
+    with pytest.raises(RequestError, match="needs fine-tuning with --gradient-checkpointing"):
+        EstimateRequest(**{**ask, "gradient_checkpointing": False}, activation_offload=True)
+
+
+def test_activation_offload_runs_keep_less_on_the_gpu_than_their_twins() -> None:
+    by_id = {run["case"]["id"]: run for run in RUNS}
+    for twin in ("lc-qlora-llama3-8l-gc-s32k-liger", "lc-lora-llama3-8l-gc-s16k-liger"):
+        saved = by_id[twin]["peak_reserved_bytes"] - by_id[f"{twin}-offload"]["peak_reserved_bytes"]
+        assert saved > 0.7 * GIB * (2 if "s32k" in twin else 1)  # of 2.0 and 1.0 GiB of checkpointed inputs

@@ -179,3 +179,71 @@ def test_cuda_liger_kernels_match_the_plain_modules(gqa_llama: Path, method: str
         plain = _loss_and_grads(prepare_for_training(load_pretrained(str(gqa_llama), "bf16", quant, "cuda"), method,
                                                      True, lora, kernels="none"), ids)
     _assert_close(liger, plain, loss_rtol=1e-2, min_cosine=0.99)
+
+
+# ---- activation offload (CPU: CI) -------------------------------------------------------------------
+def test_activation_offload_keeps_loss_and_gradients_and_checkpoints_every_layer_through_it(tiny_llama) -> None:
+    from llmplan.runtime.modeling import checkpoint_offloading_inputs
+
+    lora = LoraSettings(r=8, alpha=16)
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for offload in (False, True):
+        model = prepare_for_training(load_pretrained(str(tiny_llama), "fp32", "none", "cpu"), "lora", True, lora,
+                                     activation_offload=offload)
+        layers = model.base_model.model.model.layers
+        assert all((layer._gradient_checkpointing_func is checkpoint_offloading_inputs) == offload for layer in layers)
+        results[offload] = _loss_and_grads(model, ids)
+    (loss, grads), (offloaded_loss, offloaded_grads) = results[False], results[True]
+    assert offloaded_loss == loss
+    assert offloaded_grads.keys() == grads.keys()
+    assert all(torch.equal(offloaded_grads[name], grads[name]) for name in grads)
+
+
+def test_activation_offload_needs_gradient_checkpointing(tiny_llama) -> None:
+    with pytest.raises(ValueError, match="needs gradient checkpointing"):
+        prepare_for_training(load_pretrained(str(tiny_llama), "fp32", "none", "cpu"), "lora", False,
+                             LoraSettings(r=8, alpha=16), activation_offload=True)
+
+
+@cuda
+def test_cuda_activation_offload_moves_the_checkpointed_inputs_off_the_gpu(gqa_llama: Path) -> None:
+    lora = LoraSettings(r=16, alpha=32)
+    ids = torch.randint(0, 2048, (1, 8192), generator=torch.Generator().manual_seed(0)).cuda()
+    kept_after_forward, results = {}, {}
+    for offload in (False, True):
+        model = prepare_for_training(load_pretrained(str(gqa_llama), "bf16", "none", "cuda"), "lora", True, lora,
+                                     activation_offload=offload)
+        _seeded_adapters(model)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        kept_after_forward[offload] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        results[offload] = loss.item(), {name: p.grad.float().flatten() for name, p in _lora_tensors(model).items()}
+        del model, loss
+    checkpointed_inputs = 4 * 8192 * 512 * 2  # layers x tokens x hidden x bf16
+    assert kept_after_forward[False] - kept_after_forward[True] >= 0.9 * checkpointed_inputs
+    _assert_close(results[True], results[False], loss_rtol=1e-3, min_cosine=0.999)
+
+
+def test_train_config_activation_offload_needs_gradient_checkpointing(tmp_path: Path) -> None:
+    from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError
+
+    data = DataConfig(path=str(tmp_path / "data.jsonl"))
+    assert TrainConfig(model="m", data=data, output_dir=str(tmp_path), gradient_checkpointing=True,
+                       activation_offload=True).activation_offload
+    with pytest.raises(TrainConfigError, match="needs gradient_checkpointing"):
+        TrainConfig(model="m", data=data, output_dir=str(tmp_path), activation_offload=True)
+
+
+def test_the_recipe_offloads_activations_when_its_config_says_so(tiny_llama, tiny_alpaca, tmp_path: Path) -> None:
+    from llmplan.runtime.modeling import checkpoint_offloading_inputs
+    from llmplan.runtime.train import PRECISIONS, build_model
+    from llmplan.runtime.train_config import DataConfig, TrainConfig
+
+    config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca)), output_dir=str(tmp_path),
+                         method="lora", device="cpu", gradient_checkpointing=True, activation_offload=True)
+    model = build_model(config, PRECISIONS["fp32"], torch.device("cpu"))
+    layers = model.base_model.model.model.layers
+    assert all(layer._gradient_checkpointing_func is checkpoint_offloading_inputs for layer in layers)

@@ -85,6 +85,19 @@ def test_demand_is_read_from_the_recorded_plan() -> None:
     assert demand_of("infer", None) == Demand(0, 0)
 
 
+def test_an_offloading_plan_needs_the_host_memory_of_a_node_whose_gpus_hold_it() -> None:
+    slots = [GpuSlot("a", 0, 24 * GIB), GpuSlot("b", 0, 80 * GIB)]
+    nodes = [CpuNode("a", 16, 256 * GIB), CpuNode("b", 16, 23 * GIB)]
+    # 30 GiB per GPU: only node b's card holds it, and b has 23 GiB of host memory
+    assert never_fits(Demand(1, 30 * GIB, 180 * GIB), slots, nodes) == (
+        "the plan needs 180.0 GiB of host memory for its offload; the largest node whose GPUs hold it has 23.0 GiB")
+    assert never_fits(Demand(1, 20 * GIB, 180 * GIB), slots, nodes) is None  # node a holds both
+    assert never_fits(Demand(1, 30 * GIB, 20 * GIB), slots, nodes) is None
+    assert never_fits(Demand(1, 30 * GIB, 180 * GIB), slots) is None  # no node memory known: not checked
+    plan = {"device": "cuda", "workers": 1, "estimated_device_bytes": GIB, "host_bytes": 8 * GIB}
+    assert demand_of("finetune", plan) == Demand(1, GIB, 8 * GIB)
+
+
 # ---- CPU plans ------------------------------------------------------------------------------------------
 def test_cpu_workers_are_held_by_the_nodes_cpus_and_memory() -> None:
     nodes = [CpuNode("a", 2, 23 * GIB), CpuNode("b", 8, 10 * GIB)]
