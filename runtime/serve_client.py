@@ -155,6 +155,20 @@ def _call(server: RunningServer, method: str, path: str, body: dict | None, time
         raise ServerError(f"{server.describe()} refused the request: {message}") from None
 
 
+@dataclass(frozen=True)
+class ServedReport:
+    """One call's answers, shaped as the runtime's `GenerationReport` where `llmplan chat` reads it."""
+    completions: tuple[ServedCompletion, ...]
+    peak_reserved_bytes: int | None = None  # the server's memory is its own job's
+
+
+def served_report(server: RunningServer, template: Any, item: Any, settings: Any) -> ServedReport:
+    """A prompt (or dialog) answered by the server in `template`, as `llmplan chat` asks a replica."""
+    from .prompt_templates import apply_template
+
+    return ServedReport((complete(server, apply_template(template, item), settings),))
+
+
 # ---- a generate job through it -------------------------------------------------------------------------------
 def run_job(engine: Any, job_id: int, server: RunningServer, items: Sequence[Any], template: Any, settings: Any,
             output: Path, on_text: Callable[[str], None] | None = None) -> Any:

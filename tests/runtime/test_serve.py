@@ -13,12 +13,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
 from .conftest import TEST_CACHE, run_llmplan  # noqa: E402
 from .ray_nodes import free_port  # noqa: E402
+
+from llmplan.cli.main import cli  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 TOKENS = 4  # every answer is short: the module stays cheap on 2 cores
@@ -130,15 +133,15 @@ def test_bad_requests_are_answered_4xx_in_openais_error_shape(server) -> None:
     for _, body in answers:
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
     assert answers[1][1]["error"]["param"] == "messages" and "required" in answers[1][1]["error"]["message"]
-    assert "last message is from the assistant" in answers[2][1]["error"]["message"]
+    assert "message 1 is from the assistant, expected the user" in answers[2][1]["error"]["message"]
 
 
 @pytest.mark.slow
 def test_jobs_lists_the_server_with_its_address_requests_and_tokens_per_second(server) -> None:
     deadline = time.monotonic() + STATS_WAIT_S
     while True:
-        listed = run_llmplan("jobs", "--kind", "serve", "--json")
-        assert listed.returncode == 0, listed.stderr
+        listed = CliRunner().invoke(cli, ["jobs", "--kind", "serve", "--json"])
+        assert listed.exit_code == 0, listed.output
         job = json.loads(listed.stdout)[0]
         answered = stats(server)["requests"]
         if f"{answered} requests" in job.get("serving", "") or time.monotonic() > deadline:
@@ -146,12 +149,12 @@ def test_jobs_lists_the_server_with_its_address_requests_and_tokens_per_second(s
         time.sleep(1)
     assert job["kind"] == "serve" and job["status"] == "running"
     assert job["serving"].startswith(f"{server['url']}, {answered} requests, ") and job["serving"].endswith("tokens/s")
-    table = run_llmplan("jobs")
+    table = CliRunner().invoke(cli, ["jobs"], terminal_width=300)
     assert "SERVING" in table.stdout and server["url"] in table.stdout
 
 
 @pytest.mark.slow
-def test_generate_answers_through_the_running_server(server) -> None:
+def test_generate_and_chat_answer_through_the_running_server(server) -> None:
     prompt = "The largest planet is"
     direct = server["client"].completions.create(model=MODEL, prompt=prompt, max_tokens=TOKENS, temperature=0)
     before = stats(server)["requests"]
@@ -160,6 +163,10 @@ def test_generate_answers_through_the_running_server(server) -> None:
     assert f"answered by server job {server['id']} at {server['url']}" in generated.stderr
     assert stats(server)["requests"] == before + 1
     assert json.loads(generated.stdout)["completions"][0]["text"] == direct.choices[0].text
+    chatted = run_llmplan("chat", MODEL, "--max-new-tokens", str(TOKENS), input="What is 2+2?\n/exit\n")
+    assert chatted.returncode == 0, chatted.stderr
+    assert f"answered by server job {server['id']}" in chatted.stderr and chatted.stdout.strip()
+    assert stats(server)["requests"] == before + 2
 
 
 def test_off_loopback_every_call_needs_the_token() -> None:
@@ -173,19 +180,22 @@ def test_off_loopback_every_call_needs_the_token() -> None:
     port = listener.getsockname()[1]
     config = ServeConfig(model_id=MODEL, host="0.0.0.0", port=port, token_sha256=token_digest("s3cret"))
     app = create_app(config, batcher=None, template=None)  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off",
+                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.02)
         url = f"http://127.0.0.1:{port}/v1"
-        for key in ("wrong", None):
-            client = openai.OpenAI(base_url=url, api_key=key or "", max_retries=0)
-            with pytest.raises(openai.AuthenticationError) as refused:
-                client.models.list()
-            assert refused.value.body["code"] == "invalid_api_key"
-        assert [m.id for m in openai.OpenAI(base_url=url, api_key="s3cret").models.list().data] == [MODEL]
+        for header in ({"Authorization": "Bearer wrong"}, {}):
+            request = urllib.request.Request(url + "/models", headers=header)
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 401
+            assert json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
+        with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0) as client:
+            assert [model.id for model in client.models.list().data] == [MODEL]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
