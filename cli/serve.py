@@ -40,7 +40,7 @@ POLL_SECONDS = 0.3
               help="Requests generated together (capped by what the plan says fits).")
 @click.option("--precision", type=click.Choice(INFERENCE_PRECISIONS), help="Default: the planner's choice.")
 @click.option("--quant", type=choice_of(Quant), help="Default: the planner's choice (16-bit when it fits).")
-@click.option("--gpus", type=GPUS, default=1, show_default=True, help="GPUs of the server's one replica.")
+@click.option("--gpus", type=GPUS, default=None, help="GPUs of the server's one replica [default: 1].")
 @click.option("--priority", type=PRIORITY, default=0, show_default=True, help=PRIORITY_HELP)
 @click.option("--address", metavar="HOST:PORT", callback=reachable_address, help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else llmplan's "
               "local Ray head].")
@@ -50,7 +50,7 @@ POLL_SECONDS = 0.3
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
 def serve(model: str, adapter: str | None, template: str, host: str, port: int, token: str | None,
           max_new_tokens: int, prompt_len: int, batch_size: int, precision: str | None, quant: str | None,
-          gpus: int, priority: int, address: str | None, no_wait: bool, db_url: str | None, as_json: bool) -> None:
+          gpus: int | None, priority: int, address: str | None, no_wait: bool, db_url: str | None, as_json: bool) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), as a
     job on the cluster that runs until `llmplan cancel JOB`."""
     from llmplan.runtime import serve as server
@@ -61,16 +61,16 @@ def serve(model: str, adapter: str | None, template: str, host: str, port: int, 
         cluster = Cluster(engine, address)
         prepare_model(model)
         plan = make_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                         precision=precision, quant=quant, hardware=cluster.hardware(gpus))
+                         precision=precision, quant=quant, hardware=cluster.hardware(gpus or 1))
         if plan.replicas > 1:
-            raise UserError(f"--gpus {gpus}: a server runs one replica; pass --gpus {plan.gpus_per_replica}")
+            raise UserError(f"--gpus {gpus or 1}: a server runs one replica; pass --gpus {plan.gpus_per_replica}")
         say_if_device_changed(gpus, plan)
         prompt_template(announce_model(plan.model), adapter, template)  # a template that cannot be used: exit 2
         cluster.refuse_if_never_fits("serve", plan)
         options = server.ServeOptions(host=host, port=port, adapter=adapter, template=template,
                                       token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None)
         job = server.submit(engine, plan, options, name=f"serve {plan.model_name}", submitter=getpass.getuser(),
-                            priority=priority, scheduling=cluster.request_fields(plan, 0, gpus))
+                            priority=priority, scheduling=cluster.request_fields(plan, 0, gpus or 1))
         cluster.wake()
         click.echo(f"job {job.id} queued: {plan.summary()}", err=True)
         if token:

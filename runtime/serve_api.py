@@ -137,6 +137,11 @@ class Sampling(BaseModel):
     n: int = 1
     stop: str | list[str] | None = None
     logprobs: Any = None
+    stream_options: dict[str, Any] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class CompletionBody(Sampling):
@@ -247,16 +252,27 @@ def chat_chunk(reply: Reply, delta: dict[str, str], finish: str | None) -> dict[
                                                                 "finish_reason": finish}]}
 
 
+def usage_chunk(reply: Reply, kind: str) -> Any:
+    """The last chunk of a stream asked with stream_options.include_usage: no choices, the usage."""
+    return lambda completion: {**reply.head(kind), "choices": [], "usage": usage([completion])}
+
+
 def event(document: Any) -> str:
     return f"data: {json.dumps(document)}\n\n"
 
 
-def events(pieces: Iterator[str | StreamEnd], chunk: Any) -> Iterator[str]:
-    """Server-sent events: a chunk per piece, one with the finish reason, then [DONE]; an error mid-stream is
-    sent as an error event (the status line has gone already)."""
+def events(pieces: Iterator[str | StreamEnd], chunk: Any, usage_of: Any = None) -> Iterator[str]:
+    """Server-sent events: a chunk per piece, one with the finish reason (then the usage, when asked for with
+    stream_options.include_usage), then [DONE]; an error mid-stream is sent as an error event (the status line
+    has gone already)."""
     try:
         for piece in pieces:
-            yield event(chunk(None, piece.finish_reason.value) if isinstance(piece, StreamEnd) else chunk(piece, None))
+            if not isinstance(piece, StreamEnd):
+                yield event(chunk(piece, None))
+                continue
+            yield event(chunk(None, piece.finish_reason.value))
+            if usage_of is not None:
+                yield event(usage_of(piece.completion))
     except Exception as error:  # noqa: BLE001 - the client reads it as OpenAI's error shape
         yield event({"error": {"message": f"{type(error).__name__}: {error}", "type": "server_error", "param": None,
                                "code": None}})
@@ -323,7 +339,8 @@ def create_app(config: ServeConfig, batcher: Batcher, template: PromptTemplate) 
         if request.stream:
             if len(prompts) > 1:
                 raise OpenAIError(HTTPStatus.BAD_REQUEST, "stream one prompt at a time", "prompt")
-            return streamed(prompts[0], settings, lambda text, finish: completion_chunk(reply, text or "", finish))
+            return streamed(prompts[0], settings, lambda text, finish: completion_chunk(reply, text or "", finish),
+                            usage_chunk(reply, "text_completion") if request.include_usage else None)
         futures = [batcher.submit(prompt, settings) for prompt in prompts]
         answers = recipe_errors(lambda: [future.result() for future in futures])
         return json_response(completion_document(reply, answers))
@@ -344,13 +361,15 @@ def create_app(config: ServeConfig, batcher: Batcher, template: PromptTemplate) 
                 return chat_chunk(reply, {} if text is None else {"content": text}, finish)
 
             opening = event(chat_chunk(reply, {"role": "assistant", "content": ""}, None))
-            return streamed(prompt, settings, chunk, opening)
+            return streamed(prompt, settings, chunk,
+                            usage_chunk(reply, "chat.completion.chunk") if request.include_usage else None, opening)
         return json_response(chat_document(reply, recipe_errors(lambda: batcher.answer(prompt, settings))))
 
-    def streamed(prompt: PromptItem, settings: GenerationSettings, chunk: Any, opening: str = "") -> Response:
+    def streamed(prompt: PromptItem, settings: GenerationSettings, chunk: Any, usage_of: Any,
+                 opening: str = "") -> Response:
         pieces = batcher.stream(prompt, settings)
         first = recipe_errors(lambda: next(pieces))  # a refused prompt is a 400, not a broken stream
-        body = chain([opening] if opening else [], events(chain([first], pieces), chunk))
+        body = chain([opening] if opening else [], events(chain([first], pieces), chunk, usage_of))
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     return app

@@ -6,7 +6,8 @@
 
 One worker thread owns the model. It takes the first request waiting, then every other request that arrived
 meanwhile (those that came while the previous batch ran), and runs them through the recipe's public calls
-(`inference.complete` for text, `inference.chat` for dialogs, `inference.stream` for a stream): requests with
+(`inference.complete` for text, `inference.chat` for dialogs, `inference.stream_report` for a stream: `stream`
+and the call's report, as the Ray replicas use it): requests with
 the same kind and settings go together, at most `max_batch` at a time (what the plan says fits). A batch that
 fails is run again one request at a time, so that a bad prompt fails only its own request.
 """
@@ -22,17 +23,21 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .chat import PromptItem
-from .inference import Completion, FinishReason, GenerationSettings, Generator, chat, complete, stream
+from .inference import (Completion, FinishReason, GenerationReport, GenerationSettings, Generator, chat, complete,
+                        stream_report)
 
 _STOP = object()
 
 
 @dataclass(frozen=True)
 class StreamEnd:
-    """The last item of a stream: why it ended and how many tokens it generated (counted by re-encoding the text)."""
+    """The last item of a stream: the whole completion (why it ended, its token counts)."""
 
-    finish_reason: FinishReason
-    completion_tokens: int
+    completion: Completion
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.completion.finish_reason
 
 
 @dataclass
@@ -166,25 +171,25 @@ class Batcher:
 
     def _run_stream(self, request: _Stream) -> None:
         started = time.perf_counter()
-        text = ""
         try:
-            pieces = stream(self.generator, request.prompt, request.settings)
+            pieces = stream_report(self.generator, request.prompt, request.settings)
             try:
                 for piece in pieces:
-                    text += piece
-                    request.pieces.put(piece)
+                    if isinstance(piece, GenerationReport):
+                        completion = piece.completions[0]
+                    else:
+                        request.pieces.put(piece)
                     if request.gone.is_set():
-                        break
+                        self._count(started, 1, 0, 0)
+                        return
             finally:
                 pieces.close()
         except Exception as error:  # noqa: BLE001 - raised in the request's thread
             self._count(started, 1, 0, 0)
             request.pieces.put(error)
             return
-        generated = len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-        reason = FinishReason.LENGTH if generated >= request.settings.max_new_tokens else FinishReason.STOP
-        self._count(started, 1, 0, generated)
-        request.pieces.put(StreamEnd(reason, generated))
+        self._count(started, 1, completion.prompt_tokens, completion.completion_tokens)
+        request.pieces.put(StreamEnd(completion))
 
     def _count(self, started: float, requests: int, prompt_tokens: int, generated: int) -> None:
         with self.lock:

@@ -102,6 +102,8 @@ def request_body(server: RunningServer, prompt: Any, settings: Any, stream: bool
     """The endpoint and body for one prompt already in its template: text or a dialog (a sequence of messages)."""
     sampling = {"model": server.model, "max_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                 "top_p": settings.top_p, "seed": settings.seed, "stream": stream}
+    if stream:
+        sampling["stream_options"] = {"include_usage": True}
     if isinstance(prompt, str):
         return "/completions", {**sampling, "prompt": prompt}
     messages = [{"role": getattr(m.role, "value", m.role), "content": m.content} for m in prompt]
@@ -120,7 +122,7 @@ def complete(server: RunningServer, prompt: Any, settings: Any) -> ServedComplet
 def stream(server: RunningServer, prompt: Any, settings: Any) -> Iterator[str | ServedCompletion]:
     """Text pieces as the server sends them (server-sent events), then the whole `ServedCompletion`."""
     path, body = request_body(server, prompt, settings, stream=True)
-    text, finish = "", Finish.STOP
+    text, finish, usage = "", Finish.STOP, {}
     with _call(server, "POST", path, body, ANSWER_TIMEOUT_S) as response:
         for line in response:
             data = line.decode().strip().removeprefix("data:").strip()
@@ -129,6 +131,9 @@ def stream(server: RunningServer, prompt: Any, settings: Any) -> Iterator[str | 
             chunk = json.loads(data)
             if "error" in chunk:
                 raise ServerError(chunk["error"]["message"])
+            if not chunk["choices"]:  # the last chunk: the usage
+                usage = chunk.get("usage") or {}
+                continue
             choice = chunk["choices"][0]
             piece = choice.get("text", choice.get("delta", {}).get("content")) or ""
             if piece:
@@ -136,7 +141,7 @@ def stream(server: RunningServer, prompt: Any, settings: Any) -> Iterator[str | 
                 yield piece
             if choice.get("finish_reason"):
                 finish = Finish(choice["finish_reason"])
-    yield ServedCompletion(text, finish, 0, 0)
+    yield ServedCompletion(text, finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
 
 
 def _call(server: RunningServer, method: str, path: str, body: dict | None, timeout: float) -> Any:

@@ -87,9 +87,13 @@ def test_streams_are_server_sent_events_that_join_to_the_whole_answer(server) ->
     assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    text = client.completions.create(model=MODEL, prompt="Once upon a", max_tokens=TOKENS, temperature=0)
     pieces = list(client.completions.create(model=MODEL, prompt="Once upon a", max_tokens=TOKENS, temperature=0,
-                                            stream=True))
-    assert len(pieces) > 1 and "".join(piece.choices[0].text for piece in pieces).strip()
+                                            stream=True, stream_options={"include_usage": True}))
+    chunks = [piece.choices[0] for piece in pieces if piece.choices]
+    assert len(chunks) > 1 and "".join(chunk.text for chunk in chunks) == text.choices[0].text
+    assert chunks[-1].finish_reason == text.choices[0].finish_reason
+    assert pieces[-1].usage.completion_tokens == text.usage.completion_tokens  # the usage chunk comes last
 
 
 @pytest.mark.slow
