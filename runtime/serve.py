@@ -78,7 +78,7 @@ class ServerReplica:
     """The model, loaded once, behind the HTTP API on `options.host:options.port`, from a thread of this actor."""
 
     def __init__(self, model_dir: str, plan: dict[str, Any], options: dict[str, Any], model_id: str) -> None:
-        from llmplan.cli.web_api import DashboardConfig, HeadDeadlineProtocol, bind
+        from llmplan.cli.web_api import HeadDeadlineProtocol
 
         from .inference import setup
         from .prompt_templates import resolve_template
@@ -90,11 +90,7 @@ class ServerReplica:
         template = resolve_template(served.template, model_dir, served.adapter)
         config = ServeConfig(model_id=model_id, host=served.host, port=served.port, token_sha256=served.token_sha256,
                              max_new_tokens=planned.max_new_tokens, aliases=(planned.model_name,))
-        try:
-            listener = bind(DashboardConfig(db_url="", host=config.host, port=config.port))  # a busy port fails first
-        except OSError as error:
-            raise OSError(f"cannot serve on {config.host}:{config.port}: {error.strerror or error}: "
-                          "pass another --port (or stop what uses it)") from None
+        listener = listen(config.host, config.port)  # before loading: a busy port fails at once
         self.generator = setup(model_dir, dtype=planned.dtype, quant=planned.quant, device=runtime_device(planned),
                                adapter=served.adapter)
         self.batcher = Batcher(self.generator, planned.batch_size)
@@ -116,6 +112,21 @@ class ServerReplica:
         if not self.thread.is_alive():
             raise RuntimeError("the HTTP server stopped")
         return self.batcher.snapshot().to_dict()
+
+
+class PortInUseError(ValueError):
+    """The server's --port cannot be bound on its node: the user picks another."""
+
+
+def listen(host: str, port: int) -> Any:
+    """A listening socket on host:port (the dashboard's `bind`), or `PortInUseError` saying what to pass."""
+    from llmplan.cli.web_api import DashboardConfig, bind
+
+    try:
+        return bind(DashboardConfig(db_url="", host=host, port=port))
+    except OSError as error:
+        raise PortInUseError(f"cannot serve on {host}:{port}: {error.strerror or error}: pass another --port "
+                             "(or stop what uses it)") from None
 
 
 def _uvicorn_server(app: Any, protocol: Any) -> Any:
@@ -155,6 +166,7 @@ def run_recorded(engine: Any, job_id: int) -> ServeOutcome:
 
 def start(engine: Any, job: Any) -> Any:
     import ray
+    from ray.exceptions import RayActorError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from llmplan.runtime.store.repository import JobStatus, transition
@@ -165,15 +177,27 @@ def start(engine: Any, job: Any) -> Any:
     plan = InferencePlan.from_dict(job.plan)
     mark_scheduled(engine, job.id, f"a server on {plan.device}")
     local = ensure_model(plan.model)
+    options = ServeOptions.from_request(job.request)
+    listen(options.host, options.port).close()  # on the actor's node: say a busy port before loading anything
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the placed node
     replica = ray.remote(ServerReplica).options(
         num_gpus=plan.gpus_per_replica, num_cpus=1, max_restarts=0, scheduling_strategy=here,
     ).remote(str(local.path), job.plan, job.request[SERVE_KEY], job.request["model"])
-    where = ray.get(replica.where.remote())  # waits for the model to load and the port to listen
+    try:
+        where = ray.get(replica.where.remote())  # waits for the model to load and the port to listen
+    except RayActorError as error:
+        if not error.actor_init_failed:
+            raise
+        raise RuntimeError(last_line(str(error))) from None  # what __init__ raised, not Ray's wrapper around it
     transition(engine, job.id, JobStatus.RUNNING, expected_from=JobStatus.SCHEDULED,
                message=f"on {where['node']}: serving {local.path} at {server_url(job)}")
     print(f"job {job.id}: serving {job.request['model']} at {server_url(job)}", flush=True)
     return replica
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def watch(engine: Any, job_id: int, replica: Any) -> None:
