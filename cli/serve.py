@@ -98,7 +98,9 @@ def wait_until_serving(engine, job_id: int):
     while job.status.value != "running" and not job.status.is_terminal():
         if job.status.value != said:
             said = job.status.value
-            click.echo(f"job {job_id}: {said}" + (", loading the model" if said == "scheduled" else ""), err=True)
+            detail = {"queued": f" (Ctrl-C stops waiting, not the job: `llmplan cancel {job_id}` does)",
+                      "scheduled": ", loading the model"}.get(said, "")
+            click.echo(f"job {job_id}: {said}{detail}", err=True)
         time.sleep(POLL_SECONDS)
         job = get_job(engine, job_id)
     return job
