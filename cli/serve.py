@@ -14,7 +14,8 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 
-from .generate import INFERENCE_PRECISIONS, TEMPLATE_CHOICES, announce_model, make_plan, prompt_template, template_option
+from .generate import (INFERENCE_PRECISIONS, TEMPLATE_CHOICES, announce_model, make_plan, prompt_template,
+                       template_option)
 from .cluster import reachable_address
 from .jobs import db_option, open_engine
 from .options import BATCH, GPUS, PRIORITY, TOKENS, UserError, choice_of, json_option, print_json, user_errors
@@ -42,15 +43,16 @@ POLL_SECONDS = 0.3
 @click.option("--quant", type=choice_of(Quant), help="Default: the planner's choice (16-bit when it fits).")
 @click.option("--gpus", type=GPUS, default=None, help="GPUs of the server's one replica [default: 1].")
 @click.option("--priority", type=PRIORITY, default=0, show_default=True, help=PRIORITY_HELP)
-@click.option("--address", metavar="HOST:PORT", callback=reachable_address, help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else llmplan's "
-              "local Ray head].")
+@click.option("--address", metavar="HOST:PORT", callback=reachable_address,
+              help="Ray cluster [default: $LLMPLAN_RAY_ADDRESS, else llmplan's local Ray head].")
 @click.option("--no-wait", is_flag=True, help="Return once the job is queued, without waiting for the server.")
 @db_option
 @json_option
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
 def serve(model: str, adapter: str | None, template: str, host: str, port: int, token: str | None,
           max_new_tokens: int, prompt_len: int, batch_size: int, precision: str | None, quant: str | None,
-          gpus: int | None, priority: int, address: str | None, no_wait: bool, db_url: str | None, as_json: bool) -> None:
+          gpus: int | None, priority: int, address: str | None, no_wait: bool, db_url: str | None,
+          as_json: bool) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), as a
     job on the cluster that runs until `llmplan cancel JOB`."""
     from llmplan.runtime import serve as server
