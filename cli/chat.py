@@ -65,12 +65,12 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
             click.echo(prompts_in.describe(), err=True)
         replicas = []
         try:
-            answer = answer_on_a_server(engine, job.id, plan, adapter, template, prompts_in, precision, quant)
-            if answer is None:
+            ask = ask_a_server(engine, job.id, plan, adapter, template, prompts_in, precision, quant)
+            if ask is None:
                 replicas = inference_job.start(engine, job.id, plan, adapter, template)
-                answer = replica_answer(replicas[0])
+                ask = ask_the_replica(replicas[0])
             click.echo(f"{plan.model_name} is ready: {HELP}", err=True)
-            turns, reports, seconds = converse(answer, settings, system_prompt,
+            turns, reports, seconds = converse(ask, settings, system_prompt,
                                                hint=empty_answer_hint(prompts_in, model))
             output = store_jobs_root(engine) / str(job.id) / "chat.jsonl"
             inference_job.write_completions(output, [t[0] for t in turns], [t[1] for t in turns])
@@ -118,14 +118,14 @@ def run_command(line: str, conversation: Conversation) -> str | None:
     return f"unknown command {name} (not sent to the model): {COMMANDS}"
 
 
-def replica_answer(replica):
+def ask_the_replica(replica):
     """A turn answered by the job's own replica: the dialog -> its `GenerationReport`."""
     import ray
 
     return lambda dialog, settings: ray.get(replica.respond.remote([dialog], settings))
 
 
-def answer_on_a_server(engine, job_id: int, plan, adapter: str | None, template: str, prompts_in, precision, quant):
+def ask_a_server(engine, job_id: int, plan, adapter: str | None, template: str, prompts_in, precision, quant):
     """A turn answered by a running `llmplan serve` of the same model (runtime/serve_client.py), the job marked
     running; None when there is none."""
     from llmplan.runtime import serve_client
@@ -141,10 +141,10 @@ def answer_on_a_server(engine, job_id: int, plan, adapter: str | None, template:
     return lambda dialog, settings: serve_client.served_report(server, prompts_in, dialog, settings)
 
 
-def converse(answer, settings, system_prompt: str | None, hint: str = ""):
+def converse(ask, settings, system_prompt: str | None, hint: str = ""):
     """Read user turns until /exit or end of input; return (dialog, completion) pairs, reports, seconds.
 
-    `answer(dialog, settings)` gives the turn's report: from the job's replica, or from a running server."""
+    `ask(dialog, settings)` gives the turn's report: from the job's replica, or from a running server."""
     from llmplan.runtime.chat import DialogError, Message, validate_dialog
 
     conversation = Conversation(system=[Message("system", system_prompt)] if system_prompt else [])
@@ -169,7 +169,7 @@ def converse(answer, settings, system_prompt: str | None, hint: str = ""):
             click.echo(f"Error: {error}", err=True)
             continue
         started = time.perf_counter()
-        report = answer(dialog, settings)
+        report = ask(dialog, settings)
         seconds += time.perf_counter() - started
         answer = report.completions[0]
         click.echo(answer.text.strip())
