@@ -65,9 +65,12 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
             click.echo(prompts_in.describe(), err=True)
         replicas = []
         try:
-            replicas = inference_job.start(engine, job.id, plan, adapter, template)
+            ask = ask_a_server(engine, job.id, plan, adapter, template, prompts_in, precision, quant)
+            if ask is None:
+                replicas = inference_job.start(engine, job.id, plan, adapter, template)
+                ask = ask_the_replica(replicas[0])
             click.echo(f"{plan.model_name} is ready: {HELP}", err=True)
-            turns, reports, seconds = converse(replicas[0], settings, system_prompt,
+            turns, reports, seconds = converse(ask, settings, system_prompt,
                                                hint=empty_answer_hint(prompts_in, model))
             output = store_jobs_root(engine) / str(job.id) / "chat.jsonl"
             inference_job.write_completions(output, [t[0] for t in turns], [t[1] for t in turns])
@@ -115,10 +118,33 @@ def run_command(line: str, conversation: Conversation) -> str | None:
     return f"unknown command {name} (not sent to the model): {COMMANDS}"
 
 
-def converse(replica, settings, system_prompt: str | None, hint: str = ""):
-    """Read user turns until /exit or end of input; return (dialog, completion) pairs, reports, seconds."""
+def ask_the_replica(replica):
+    """A turn answered by the job's own replica: the dialog -> its `GenerationReport`."""
     import ray
 
+    return lambda dialog, settings: ray.get(replica.respond.remote([dialog], settings))
+
+
+def ask_a_server(engine, job_id: int, plan, adapter: str | None, template: str, prompts_in, precision, quant):
+    """A turn answered by a running `llmplan serve` of the same model (runtime/serve_client.py), the job marked
+    running; None when there is none."""
+    from llmplan.runtime import serve_client
+    from llmplan.runtime.store.repository import JobStatus, transition
+
+    server = serve_client.find_server(engine, plan.model, adapter, template, dtype=plan.dtype if precision else None,
+                                      quant=plan.quant if quant else None)
+    if server is None or prompts_in is None:
+        return None
+    click.echo(f"job {job_id}: answered by {server.describe()}", err=True)
+    transition(engine, job_id, JobStatus.SCHEDULED, message=f"answered by {server.describe()}")
+    transition(engine, job_id, JobStatus.RUNNING, message=f"answered by {server.describe()}")
+    return lambda dialog, settings: serve_client.served_report(server, prompts_in, dialog, settings)
+
+
+def converse(ask, settings, system_prompt: str | None, hint: str = ""):
+    """Read user turns until /exit or end of input; return (dialog, completion) pairs, reports, seconds.
+
+    `ask(dialog, settings)` gives the turn's report: from the job's replica, or from a running server."""
     from llmplan.runtime.chat import DialogError, Message, validate_dialog
 
     conversation = Conversation(system=[Message("system", system_prompt)] if system_prompt else [])
@@ -143,7 +169,7 @@ def converse(replica, settings, system_prompt: str | None, hint: str = ""):
             click.echo(f"Error: {error}", err=True)
             continue
         started = time.perf_counter()
-        report = ray.get(replica.respond.remote([dialog], settings))
+        report = ask(dialog, settings)
         seconds += time.perf_counter() - started
         answer = report.completions[0]
         click.echo(answer.text.strip())

@@ -162,6 +162,22 @@ def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, out
     return plan, InferenceInputs(items=items, settings=settings, adapter=adapter, output=output, template=template)
 
 
+def run_on_a_server(engine, job_id: int, plan: InferencePlan, inputs, template, options: dict, on_text,
+                    jobs_dir: Path):
+    """The job answered by a running `llmplan serve` of the same model (runtime/serve_client.py); None when
+    there is none (or the model is not runnable here)."""
+    from llmplan.runtime import serve_client
+
+    server = serve_client.find_server(engine, plan.model, inputs.adapter, inputs.template,
+                                      dtype=plan.dtype if options.get("precision") else None,
+                                      quant=plan.quant if options.get("quant") else None)
+    if server is None or template is None:
+        return None
+    click.echo(f"job {job_id}: answered by {server.describe()}", err=True)
+    output = Path(inputs.output) if inputs.output else jobs_dir / str(job_id) / "completions.jsonl"
+    return serve_client.run_job(engine, job_id, server, inputs.items, template, inputs.settings, output, on_text)
+
+
 @click.command("generate")
 @model_argument
 @click.argument("prompts", nargs=-1)
@@ -182,7 +198,8 @@ def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: 
         if template is not None:
             click.echo(template.describe(), err=True)
         on_text = (lambda piece: click.echo(piece, nl=False)) if streamed else None
-        outcome = inference_job.run(engine, job.id, plan, inputs, jobs_dir=store_jobs_root(engine), on_text=on_text)
+        outcome = run_on_a_server(engine, job.id, plan, inputs, template, options, on_text, store_jobs_root(engine)) \
+            or inference_job.run(engine, job.id, plan, inputs, jobs_dir=store_jobs_root(engine), on_text=on_text)
     if outcome.error:
         raise click.ClickException(f"job {job.id} failed: {outcome.error} (llmplan show {job.id})")
     if streamed:

@@ -82,7 +82,7 @@ def db_option(command: F) -> F:
 @db_option
 @click.option("--status", "statuses", multiple=True, metavar="STATUS",
               help=f"Only jobs in this status; repeat or comma-separate ({', '.join(s.value for s in JobStatus)}).")
-@click.option("--kind", metavar="KIND", help="Only finetune or infer jobs.")
+@click.option("--kind", metavar="KIND", help="Only finetune, infer or serve jobs.")
 @click.option("--model", metavar="TEXT", help="Only jobs whose model name contains TEXT (any case).")
 @click.option("--since", metavar="WHEN", help=f"Only jobs created since WHEN: {_SINCE_EXAMPLES} (UTC).")
 @click.option("--limit", type=ROWS, default=DEFAULT_LIST_LIMIT, show_default=True, metavar="N",
@@ -102,11 +102,12 @@ def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model:
         found = list_jobs(engine, job_filter)
         full_page = len(found) == job_filter.limit
         total = count_jobs(engine, job_filter, at_most=COUNT_CAP) if full_page else len(found)
+        servers = serving_notes(engine, found)
     if as_json:
-        emit_json([job_to_json(job) for job in found])
+        emit_json([job_to_json(job) | ({"serving": servers[job.id]} if job.id in servers else {}) for job in found])
         return
     filtered = job_filter != JobFilter(limit=job_filter.limit)
-    render_job_list(make_console(), found, total=total, where=where, filtered=filtered)
+    render_job_list(make_console(), found, total=total, where=where, filtered=filtered, servers=servers)
 
 
 # ---- llmplan show -------------------------------------------------------------------------------
@@ -265,7 +266,17 @@ def comparison_to_json(comparison: PlanComparison) -> dict[str, Any]:
 
 
 # ---- tables -------------------------------------------------------------------------------------
-def render_job_list(console: Console, found: list[Job], *, total: int, where: str, filtered: bool) -> None:
+def serving_notes(engine: Engine, found: list[Job]) -> dict[int, str]:
+    """Each running server's address, requests answered and tokens/s (`llmplan serve`), by job id."""
+    from llmplan.runtime.serve import serving_text
+    from llmplan.runtime.store.repository import latest_metric
+
+    return {job.id: serving_text(job, latest_metric(engine, job.id)) for job in found
+            if job.kind is JobKind.SERVE and job.status is JobStatus.RUNNING}
+
+
+def render_job_list(console: Console, found: list[Job], *, total: int, where: str, filtered: bool,
+                    servers: dict[int, str] | None = None) -> None:
     if not found:
         console.print(f"No jobs match in {where}." if filtered else f"No jobs recorded in {where} yet.")
         return
@@ -274,6 +285,8 @@ def render_job_list(console: Console, found: list[Job], *, total: int, where: st
                             ("MODEL", "left"), ("SUBMITTER", "left"), ("CREATED (UTC)", "left"),
                             ("RAN", "right"), ("PLACEMENT", "left"), ("ERROR", "left")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    if servers:
+        table.add_column("SERVING", no_wrap=True)
     now = datetime.now(timezone.utc)
     for job in found:
         table.add_row(
@@ -287,6 +300,7 @@ def render_job_list(console: Console, found: list[Job], *, total: int, where: st
             format_duration(run_time(job, now)),
             placement_text(job),
             job.error_class.value if job.error_class else "",
+            *([servers.get(job.id, "")] if servers else []),
         )
     console.print(table)
     if total > len(found):
@@ -298,7 +312,7 @@ def render_job_details(console: Console, details: JobDetails) -> None:
     job = details.job
     now = datetime.now(timezone.utc)
     console.print(f"[bold]Job {job.id}[/bold]  {job.name}  ({job.kind.value})  {styled_status(job.status)}")
-    console.print(_summary_table(job, now, details.events))
+    console.print(_summary_table(job, now, details.events, details.metrics))
     console.print()
     console.print("[bold]Planned vs measured[/bold]")
     console.print(_comparison_table(compare_plan(job)))
@@ -318,7 +332,7 @@ def render_job_details(console: Console, details: JobDetails) -> None:
             console.print(JSON.from_data(document))
 
 
-def _summary_table(job: Job, now: datetime, events: Sequence[JobEvent]) -> Table:
+def _summary_table(job: Job, now: datetime, events: Sequence[JobEvent], metrics: Sequence[JobMetric] = ()) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim", no_wrap=True)
     table.add_column()
@@ -337,6 +351,10 @@ def _summary_table(job: Job, now: datetime, events: Sequence[JobEvent]) -> Table
     ]
     if job.error_class is not None:
         rows.append(("error", f"{job.error_class.value}: {job.error_message or ''}".rstrip(": ")))
+    if job.kind is JobKind.SERVE:
+        from llmplan.runtime.serve import serving_text
+
+        rows.append(("serving", serving_text(job, metrics[-1] if metrics else None)))
     rows += [(label, value) for label, value in (("output dir", job.output_dir), ("adapter", job.adapter_path),
                                                  ("log", job.log_path)) if value]
     for label, value in rows:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert:convert",
     "merge": "merge:merge",
     "cancel": "cancel:cancel",
+    "serve": "serve:serve",
     "cluster": "cluster:cluster",
     "ui": "ui:ui",
 }

@@ -153,6 +153,10 @@ def _run_recipe(engine: Any, job: Any, jobs_dir: Path) -> Any:
         from .finetune_job import run_recorded
 
         return run_recorded(engine, job.id)
+    if job.kind.value == "serve":
+        from .serve import run_recorded as run_server
+
+        return run_server(engine, job.id)
     from .inference_job import run_recorded as run_inference
 
     return run_inference(engine, job.id, jobs_dir=jobs_dir)

@@ -39,6 +39,7 @@ class JobStatus(str, Enum):
 class JobKind(str, Enum):
     FINETUNE = "finetune"
     INFER = "infer"
+    SERVE = "serve"  # `llmplan serve`: an HTTP server of a model, running until cancelled
 
     def __str__(self) -> str:
         return self.value

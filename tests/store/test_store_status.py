@@ -23,7 +23,7 @@ def test_stored_values_never_change_without_a_migration() -> None:
     assert [s.value for s in JobStatus] == [
         "queued", "scheduled", "running", "cancelling", "succeeded", "failed", "cancelled"
     ]
-    assert [k.value for k in JobKind] == ["finetune", "infer"]
+    assert [k.value for k in JobKind] == ["finetune", "infer", "serve"]  # a new kind is appended: old rows keep theirs
     assert [e.value for e in ErrorClass] == ["oom", "user_error", "infrastructure", "cancelled"]
 
 
