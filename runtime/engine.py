@@ -17,6 +17,7 @@ the CPU (CI), for quantized or sharded models, where compile or graph warm-up wo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ MIN_BATCHES_FOR_FAST_PATH = 2
 PAGE_SIZE = 64  # tokens per KV-cache page (transformers' default of 256 wastes a page per short sequence)
 PREFILL_TOKENS = 2048  # tokens one continuous-batching step may take in (prompt chunks plus decoding rows)
 POLL_S = 0.5
+# transformers' compile level for the continuous engine's forward passes (0: none; CUDA graphs still replay
+# the eager kernels). Level 1 (torch.compile, dynamic shapes) measured in BENCHMARKS.md.
+COMPILE_LEVEL = 0
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,18 @@ def kv_cache_tokens(concurrency: int, longest_prompt: int, max_new_tokens: int) 
 
 # ---- continuous batching ------------------------------------------------------------------------
 def continuous(model: Any, encoded: Sequence[list[int]], generation_config: Any, *, concurrency: int,
-               seed: int, stop_ids: Sequence[int]) -> Iterator[Finished]:
+               seed: int, stop_ids: Sequence[int], compile_level: int | None = None) -> Iterator[Finished]:
     """Yield each prompt's generated ids as it finishes (any order), through transformers' continuous batching."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     longest = max(len(ids) for ids in encoded)
     new = generation_config.max_new_tokens
     on_cuda = model.device.type == "cuda"
-    config = ContinuousBatchingConfig(
-        page_size=PAGE_SIZE, num_blocks=kv_cache_tokens(concurrency, longest, new) // PAGE_SIZE,
-        max_batch_tokens=max(PREFILL_TOKENS, concurrency), max_requests_per_batch=concurrency,
-        use_cuda_graph=on_cuda, allow_block_sharing=False, seed=seed, auto_switch_to_flash=False)
+    config = _config(ContinuousBatchingConfig, page_size=PAGE_SIZE,
+                     num_blocks=kv_cache_tokens(concurrency, longest, new) // PAGE_SIZE,
+                     max_batch_tokens=max(PREFILL_TOKENS, concurrency), max_requests_per_batch=concurrency,
+                     use_cuda_graph=on_cuda, allow_block_sharing=False, seed=seed, auto_switch_to_flash=False,
+                     default_compile_level=COMPILE_LEVEL if compile_level is None else compile_level)
     manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
     try:
         if on_cuda:
@@ -88,6 +93,15 @@ def continuous(model: Any, encoded: Sequence[list[int]], generation_config: Any,
     finally:
         manager.stop(block=True, timeout=30)
         manager.destroy()
+
+
+def _config(config_class: Any, **wanted: Any) -> Any:
+    """transformers' ContinuousBatchingConfig from the options this transformers has: `page_size` was
+    `block_size` up to 5.16; `auto_switch_to_flash` (5.18+) is off already before it existed."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    if "page_size" not in fields:
+        wanted["block_size"] = wanted.pop("page_size")
+    return config_class(**{name: value for name, value in wanted.items() if name in fields})
 
 
 def _results(manager: Any, count: int) -> Iterator[Finished]:

@@ -429,7 +429,7 @@ def _generate_rows(generator: Generator, rows: list[list[int]], settings: Genera
                    width: int | None = None, cache: Any = None, streamer: Any = None) -> list[list[int]]:
     """`generate` on rows left-padded to `width` (default: the longest): the new ids of every row."""
     input_ids, attention_mask = _left_padded(rows, generator.tokenizer.pad_token_id, generator.device, width)
-    extra = {"cache": cache} if cache is not None else {}
+    extra = {"past_key_values": cache} if cache is not None else {}
     output = generator.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
                                       **extra, **_generation_kwargs(settings))
     return output[:, input_ids.shape[1] :].tolist()
