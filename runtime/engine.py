@@ -80,11 +80,8 @@ def continuous(model: Any, encoded: Sequence[list[int]], generation_config: Any,
                      max_batch_tokens=max(PREFILL_TOKENS, concurrency), max_requests_per_batch=concurrency,
                      use_cuda_graph=on_cuda, allow_block_sharing=False, seed=seed, auto_switch_to_flash=False,
                      default_compile_level=COMPILE_LEVEL if compile_level is None else compile_level)
-    manager = model.init_continuous_batching(generation_config=generation_config, continuous_batching_config=config)
+    manager = _started(model, generation_config, config, warm_up=on_cuda)
     try:
-        if on_cuda:
-            manager.warmup()
-        manager.start()
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: grouped by length
         for index in order:
             manager.add_request(list(encoded[index]), request_id=str(index), max_new_tokens=new,
@@ -93,6 +90,18 @@ def continuous(model: Any, encoded: Sequence[list[int]], generation_config: Any,
     finally:
         manager.stop(block=True, timeout=30)
         manager.destroy()
+
+
+def _started(model: Any, generation_config: Any, config: Any, *, warm_up: bool) -> Any:
+    """The manager, its CUDA graphs captured, its loop running. Built outside inference mode: the loop's thread
+    updates these tensors in place and (transformers 5.17) does not run in inference mode itself."""
+    with torch.inference_mode(False), torch.no_grad():
+        manager = model.init_continuous_batching(generation_config=generation_config,
+                                                 continuous_batching_config=config)
+        if warm_up:
+            manager.warmup()
+        manager.start()
+    return manager
 
 
 def _config(config_class: Any, **wanted: Any) -> Any:
