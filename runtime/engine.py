@@ -12,7 +12,8 @@ Two engines, both on transformers' own machinery (checked against transformers 5
   the concurrency, every batch the same shape (the last one padded with repeats) so one graph serves all.
 
 `choose(...)` decides: the plain `generate` path (`runtime.inference`) stays for one batch of work, on
-the CPU (CI), for quantized or sharded models, where compile or graph warm-up would not be won back.
+the CPU (CI), for quantized or sharded models; the compiled path only for work long enough to win its
+compile time back.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ from typing import Any
 import torch
 
 ENGINES = ("auto", "generate", "continuous", "graphs")
-# The engine "auto" picks where it pays (BENCHMARKS.md, "Inference engine": measured on the H200).
-FAST_ENGINE = "continuous"
-# A call whose prompts fill fewer batches than this runs on the plain path: warm-up (graph capture) costs
-# a few seconds, won back only by long work.
+# When "auto" takes which engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
+# the compiled static-cache path decodes 64 rows in 9.4 ms a step but compiles for ~30 s first; the continuous
+# engine starts in under 2 s and decodes 8 rows in 15 ms, 64 rows in 42 ms (transformers' paged SDPA path).
+# Compiling pays once the call has more decode steps than ~30 s / (42 - 9.4) ms.
+GRAPHS_MIN_DECODE_STEPS = 1000
+# Fewer batches than this: the plain `generate` path (one prompt, or one batch, stays quick).
 MIN_BATCHES_FOR_FAST_PATH = 2
 PAGE_SIZE = 64  # tokens per KV-cache page (transformers' default of 256 wastes a page per short sequence)
 PREFILL_TOKENS = 2048  # tokens one continuous-batching step may take in (prompt chunks plus decoding rows)
 POLL_S = 0.5
 # transformers' compile level for the continuous engine's forward passes (0: none; CUDA graphs still replay
-# the eager kernels). Level 1 (torch.compile, dynamic shapes) measured in BENCHMARKS.md.
+# the eager kernels).
 COMPILE_LEVEL = 0
 
 
@@ -49,15 +52,16 @@ class Finished:
 
 
 def choose(requested: str, *, device: torch.device, quantized: bool, sharded: bool, prompts: int,
-           batch_size: int) -> str:
-    """The engine a call runs on: the one asked for, or for "auto" the fast engine where it pays."""
+           batch_size: int, max_new_tokens: int = 256) -> str:
+    """The engine a call runs on: the one asked for, or for "auto" the one that finishes it first (above)."""
     if prompts == 0:
         return "generate"
     if requested != "auto":
         return requested
-    on_cuda = device.type == "cuda"
-    enough_work = prompts >= MIN_BATCHES_FOR_FAST_PATH * batch_size
-    return FAST_ENGINE if on_cuda and enough_work and not quantized and not sharded else "generate"
+    batches = math.ceil(prompts / batch_size)
+    if device.type != "cuda" or quantized or sharded or batches < MIN_BATCHES_FOR_FAST_PATH:
+        return "generate"
+    return "graphs" if batches * max_new_tokens >= GRAPHS_MIN_DECODE_STEPS else "continuous"
 
 
 def kv_cache_tokens(concurrency: int, longest_prompt: int, max_new_tokens: int) -> int:

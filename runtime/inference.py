@@ -385,7 +385,7 @@ def _finished(generator: Generator, encoded: list[list[int]],
     report (its completions in the order they finished)."""
     engine = engines.choose(settings.engine, device=generator.device, quantized=_quantized(generator.model),
                             sharded=len(gpus_of(generator)) > 1, prompts=len(encoded),
-                            batch_size=settings.batch_size)
+                            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
     reset_peak_memory(generator)
     start = time.perf_counter()
     first_token: list[float] = []

@@ -77,13 +77,16 @@ def test_seeded_sampling_on_the_continuous_engine_repeats_and_other_seeds_differ
     assert sample(3) != sample(4)
 
 
-def test_auto_takes_the_fast_engine_only_on_cuda_for_enough_unquantized_work() -> None:
+def test_auto_takes_a_fast_engine_only_on_cuda_for_enough_unquantized_work() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    common = {"quantized": False, "sharded": False, "batch_size": 8}
-    assert engines.choose("auto", device=cuda, prompts=256, **common) == engines.FAST_ENGINE
+    common = {"quantized": False, "sharded": False, "batch_size": 64}
+    assert engines.choose("auto", device=cuda, prompts=2048, **common) == "graphs"  # compiling pays
+    assert engines.choose("auto", device=cuda, prompts=256, max_new_tokens=64, **common) == "continuous"
     assert engines.choose("auto", device=cuda, prompts=1, **common) == "generate"  # one prompt stays quick
-    assert engines.choose("auto", device=cpu, prompts=256, **common) == "generate"  # CI has no GPU
-    assert engines.choose("auto", device=cuda, prompts=256, quantized=True, sharded=False, batch_size=8) == "generate"
+    assert engines.choose("auto", device=cuda, prompts=64, **common) == "generate"  # one batch too
+    assert engines.choose("auto", device=cpu, prompts=2048, **common) == "generate"  # CI has no GPU
+    assert engines.choose("auto", device=cuda, prompts=2048, quantized=True, sharded=False, batch_size=64) == "generate"
+    assert engines.choose("auto", device=cuda, prompts=2048, quantized=False, sharded=True, batch_size=64) == "generate"
     assert engines.choose("continuous", device=cpu, prompts=3, **common) == "continuous"
     assert engines.choose("continuous", device=cpu, prompts=0, **common) == "generate"
 
