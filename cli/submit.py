@@ -84,7 +84,7 @@ def queue_resumed_inference(cluster: Cluster, job_id: int):
     from llmplan.runtime.store.repository import retry_job
 
     try:
-        request = inference_job.resume_request(cluster.engine, job_id)
+        request = inference_job.resume_request(cluster.engine, job_id, cluster.jobs_root)
         job = retry_job(cluster.engine, job_id, submitter=getpass.getuser(), request=request,
                         message=f"resumes job {job_id}: skips the prompts answered in {request['output']}")
     except (ValueError, StoreError) as error:

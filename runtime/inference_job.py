@@ -132,14 +132,15 @@ def answered(output: Path) -> set[int]:
     return done
 
 
-def resume_request(engine: Any, job_id: int) -> dict[str, Any]:
+def resume_request(engine: Any, job_id: int, jobs_dir: Path) -> dict[str, Any]:
     """The request of a new job continuing failed or cancelled inference job `job_id`: its prompts and settings,
-    appending to its output file and skipping the prompts answered there."""
+    appending to its output file (default: in the jobs folder it ran with, else `jobs_dir`) and skipping the
+    prompts answered there."""
     job = get_job(engine, job_id)
     if job.kind is not JobKind.INFER:
         raise ValueError(f"job {job_id} is a {job.kind.value} job: --resume here continues inference jobs")
     request = dict(job.request)
-    output = request.get("output") or str(default_output(request.get("jobs_dir") or ".", job_id))
+    output = request.get("output") or str(default_output(request.get("jobs_dir") or jobs_dir, job_id))
     return {**request, "output": output, "resume": True}
 
 

@@ -94,7 +94,7 @@ def test_completions_are_written_with_their_index_and_a_resumed_job_answers_only
     default_output(jobs_dir, cut.id).parent.mkdir(parents=True)
     default_output(jobs_dir, cut.id).write_text("\n".join(kept) + '\n{"index": 1, "prompt": "Wat')
     fail_job(engine, cut.id, RuntimeError("the node went away"))
-    resumed = retry_job(engine, cut.id, request={**resume_request(engine, cut.id), "jobs_dir": str(jobs_dir)})
+    resumed = retry_job(engine, cut.id, request=resume_request(engine, cut.id, jobs_dir))
     outcome = run_recorded(engine, resumed.id, jobs_dir=jobs_dir)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.output == str(default_output(jobs_dir, cut.id))  # appended to the cut job's output
