@@ -28,9 +28,9 @@ import torch
 
 ENGINES = ("auto", "generate", "continuous", "graphs")
 # When "auto" takes which engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
-# the compiled static-cache path decodes 64 rows in 9.4 ms a step but compiles for ~30 s first; the continuous
+# the compiled static-cache path decodes 64 rows in 9.5 ms a step but compiles for ~30 s first; the continuous
 # engine starts in under 2 s and decodes 8 rows in 15 ms, 64 rows in 42 ms (transformers' paged SDPA path).
-# Compiling pays once the call has more decode steps than ~30 s / (42 - 9.4) ms.
+# Compiling pays once the call has more decode steps than ~30 s / (42 - 9.5) ms.
 GRAPHS_MIN_DECODE_STEPS = 1000
 # Fewer batches than this: the plain `generate` path (one prompt, or one batch, stays quick).
 MIN_BATCHES_FOR_FAST_PATH = 2
