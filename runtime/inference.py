@@ -8,7 +8,10 @@
 `setup` loads the tokenizer (left padding, a pad token) and the model with the runtime's defaults
 (`runtime.modeling.load_pretrained`: SDPA attention, bitsandbytes int8 / nf4, the expandable-segment
 allocator on CUDA), plus an optional PEFT adapter. `complete` and `chat` run prompts in batches of
-`settings.batch_size` through `model.generate`; `stream` yields one prompt's text as it is generated.
+`settings.batch_size` through `model.generate`, or, on CUDA for two or more batches of 16-bit work, on a
+fast engine (`runtime.engine`: CUDA graphs, continuous batching) with `batch_size` as its concurrency;
+`respond_as_finished` yields each completion as it finishes; `stream` yields one prompt's text as it is
+generated.
 
 `GenerationSettings` is the whole decoding policy: the checkpoint's `generation_config.json` sampling
 defaults (temperature, top-k, repetition penalty, ...) are dropped at setup, only its stop tokens are kept,
