@@ -141,7 +141,8 @@ def follow_one(engine, job_id: int):
     from llmplan.runtime.store.repository import get_job, latest_metric
 
     job = get_job(engine, job_id)
-    total = (job.request.get("config") or {}).get("max_steps") if job.kind.value == "finetune" else None
+    total = (job.request.get("config") or {}).get("max_steps") if job.kind.value == "finetune" else \
+        len(job.request.get("prompts") or ()) or None  # inference: metric points count the prompts done
     columns = [TextColumn("job {task.fields[job]}: {task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
@@ -149,7 +150,7 @@ def follow_one(engine, job_id: int):
         while True:
             job = get_job(engine, job_id)
             metric = latest_metric(engine, job_id)
-            detail = f"loss {metric.loss:.4f}" if metric is not None and metric.loss is not None else ""
+            detail = progress_detail(metric)
             progress.update(task, completed=metric.step if metric is not None else 0, status=job.status.value,
                             detail=detail)
             if job.status.is_terminal():
@@ -158,6 +159,15 @@ def follow_one(engine, job_id: int):
     if job.error_message:
         click.echo(f"job {job_id}: {job.error_class}: {job.error_message}", err=True)
     return job
+
+
+def progress_detail(metric) -> str:
+    """The latest metric point: its loss (fine-tuning) or its tokens/s (inference)."""
+    if metric is None:
+        return ""
+    if metric.loss is not None:
+        return f"loss {metric.loss:.4f}"
+    return f"{metric.tokens_per_s:,.0f} tokens/s" if metric.tokens_per_s else ""
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------

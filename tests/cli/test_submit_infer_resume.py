@@ -1,4 +1,4 @@
-"""`llmplan submit infer --resume JOB`: what it refuses, before anything starts (no Ray, no model)."""
+"""`llmplan submit infer`: what --resume JOB refuses before anything starts (no Ray, no model); its progress."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ def test_submit_infer_needs_a_model_or_a_job_to_resume() -> None:
     missing = submit("--prompt", "hello")
     assert missing.exit_code == 2
     assert "Missing option '--model' (or --resume JOB to continue an inference job)" in missing.output
+
+
+def test_following_an_inference_job_shows_its_tokens_per_second() -> None:
+    from llmplan.cli.submit import progress_detail
+    from llmplan.runtime.store.repository import MetricPoint
+
+    assert progress_detail(MetricPoint(step=120, tokens_per_s=5321.7)) == "5,322 tokens/s"
+    assert progress_detail(MetricPoint(step=3, loss=1.23456, tokens_per_s=900.0)) == "loss 1.2346"
+    assert progress_detail(None) == ""
