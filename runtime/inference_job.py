@@ -118,7 +118,8 @@ def default_output(jobs_dir: Path | str, job_id: int) -> Path:
 
 def remaining(output: Path, count: int) -> list[int]:
     """The indices of the prompts `output` has no completion for (a cut-off last line counts as none)."""
-    return [i for i in range(count) if i not in answered(output)]
+    done = answered(output)
+    return [i for i in range(count) if i not in done]
 
 
 def answered(output: Path) -> set[int]:
