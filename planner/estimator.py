@@ -430,7 +430,7 @@ def prefill_term(req: EstimateRequest) -> Term:
 # The fast engines (runtime.engine: on one GPU, 16-bit weights) allocate their whole KV cache up front (static
 # or paged: the "last token" phase's cache, from the start) and a workspace: the fp32 logits of one continuous-
 # batching step of up to FAST_ENGINE_STEP_TOKENS tokens (runtime.engine.PREFILL_TOKENS), in which the CUDA
-# graphs' memory pools also fit (H200, 7B shape: measured peaks within 2.5% with this term; BENCHMARKS.md).
+# graphs' memory pools also fit (H200, 7B shape: the engines' peaks within 1.2% with this term; BENCHMARKS.md).
 FAST_ENGINE_STEP_TOKENS = 2048
 
 
