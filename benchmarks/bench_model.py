@@ -41,15 +41,21 @@ def environment() -> dict:
     import torch
     import transformers
 
-    return {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "date": dt.date.today().isoformat()}
 
 
 def in_own_process(script: str, arguments: list[str], *, env: dict[str, str] | None = None,
-                   failed: dict | None = None) -> dict:
+                   failed: dict | None = None, timeout: float | None = None) -> dict:
     """Run `script` in a fresh Python (its own CUDA context and allocator) and return the JSON object its last
-    line of output holds; when it fails, `failed` with the end of its error output under "error"."""
-    done = subprocess.run([sys.executable, script, *arguments], env=env, capture_output=True, text=True)
+    line of output holds; when it fails or runs past `timeout` seconds, `failed` with the end of its error output
+    under "error"."""
+    try:
+        done = subprocess.run([sys.executable, script, *arguments], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        return {**(failed or {}), "error": f"timed out after {timeout:.0f} s", "stderr": str(expired.stderr)[-2000:]}
     if done.returncode != 0:
         return {**(failed or {}), "error": done.stderr[-3000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -53,18 +53,44 @@ def submit() -> None:
 
 
 @submit.command("infer")
-@click.option("--model", required=True, help="Catalog name, Hugging Face directory or Meta checkpoint directory.")
+@click.option("--model", help="Catalog name, Hugging Face directory or Meta checkpoint directory.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for several); or --input FILE.jsonl.")
+@click.option("--resume", "resume_job", type=JOB_ID, default=None, metavar="JOB",
+              help="Continue a failed or cancelled inference job: a new, linked job answers only the prompts "
+                   "its output file lacks, appending to it.")
 @scheduling_options
 @generation_options
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
-def submit_infer(model: str, prompts: tuple[str, ...], priority: int, max_retries: int, address: str | None,
-                 wait: bool, db_url: str | None, as_json: bool, **options) -> None:
+def submit_infer(model: str | None, prompts: tuple[str, ...], resume_job: int | None, priority: int,
+                 max_retries: int, address: str | None, wait: bool, db_url: str | None, as_json: bool,
+                 **options) -> None:
     """Batch inference as a job, queued on the Ray cluster: prints the job id and returns (or follows it with --wait)."""
+    if model is None and resume_job is None:
+        raise UserError("Missing option '--model' (or --resume JOB to continue an inference job)")
     with open_engine(db_url) as (engine, _):
         cluster = Cluster(engine, address)
-        job, plan = queue_inference(cluster, model, prompts, options, priority=priority, max_retries=max_retries)
+        if resume_job is not None:
+            job, plan = queue_resumed_inference(cluster, resume_job)
+        else:
+            job, plan = queue_inference(cluster, model, prompts, options, priority=priority, max_retries=max_retries)
         report_queued(engine, job.id, plan, cluster.jobs_root, as_json, wait)
+
+
+def queue_resumed_inference(cluster: Cluster, job_id: int):
+    """A new job continuing failed or cancelled inference job `job_id` (its plan, prompts and output file)."""
+    from llmplan.planner.plan import InferencePlan
+    from llmplan.runtime import inference_job
+    from llmplan.runtime.store.errors import StoreError
+    from llmplan.runtime.store.repository import retry_job
+
+    try:
+        request = inference_job.resume_request(cluster.engine, job_id, cluster.jobs_root)
+        job = retry_job(cluster.engine, job_id, submitter=getpass.getuser(), request=request,
+                        message=f"resumes job {job_id}: skips the prompts answered in {request['output']}")
+    except (ValueError, StoreError) as error:
+        raise UserError(f"--resume {job_id}: {error}") from error
+    cluster.wake()
+    return job, InferencePlan.from_dict(job.plan)
 
 
 def queue_inference(cluster: Cluster, model: str, prompts: tuple[str, ...], options: dict, *, priority: int,
@@ -115,7 +141,8 @@ def follow_one(engine, job_id: int):
     from llmplan.runtime.store.repository import get_job, latest_metric
 
     job = get_job(engine, job_id)
-    total = (job.request.get("config") or {}).get("max_steps") if job.kind.value == "finetune" else None
+    total = (job.request.get("config") or {}).get("max_steps") if job.kind.value == "finetune" else \
+        len(job.request.get("prompts") or ()) or None  # inference: metric points count the prompts done
     columns = [TextColumn("job {task.fields[job]}: {task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
@@ -123,7 +150,7 @@ def follow_one(engine, job_id: int):
         while True:
             job = get_job(engine, job_id)
             metric = latest_metric(engine, job_id)
-            detail = f"loss {metric.loss:.4f}" if metric is not None and metric.loss is not None else ""
+            detail = progress_detail(metric)
             progress.update(task, completed=metric.step if metric is not None else 0, status=job.status.value,
                             detail=detail)
             if job.status.is_terminal():
@@ -132,6 +159,15 @@ def follow_one(engine, job_id: int):
     if job.error_message:
         click.echo(f"job {job_id}: {job.error_class}: {job.error_message}", err=True)
     return job
+
+
+def progress_detail(metric) -> str:
+    """The latest metric point: its loss (fine-tuning) or its tokens/s (inference)."""
+    if metric is None:
+        return ""
+    if metric.loss is not None:
+        return f"loss {metric.loss:.4f}"
+    return f"{metric.tokens_per_s:,.0f} tokens/s" if metric.tokens_per_s else ""
 
 
 # ---- fine-tuning -----------------------------------------------------------------------------------------

@@ -482,6 +482,20 @@ def prefill_term(req: EstimateRequest) -> Term:
     return Term("prefill activations", int(tokens * per_token + eager), f"one layer's temporaries over {tokens} prompt tokens")
 
 
+# The fast engines (runtime.engine: on one GPU, 16-bit weights) allocate their whole KV cache up front (static
+# or paged: the "last token" phase's cache, from the start) and a workspace: the fp32 logits of one continuous-
+# batching step of up to FAST_ENGINE_STEP_TOKENS tokens (runtime.engine.PREFILL_TOKENS), in which the CUDA
+# graphs' memory pools also fit (H200, 7B shape: the engines' peaks within 1.2% with this term; BENCHMARKS.md).
+FAST_ENGINE_STEP_TOKENS = 2048
+
+
+def engine_workspace_term(req: EstimateRequest) -> Term:
+    runs_fast = req.quant is Quant.NONE and req.parallel.gpus == 1
+    size = FAST_ENGINE_STEP_TOKENS * req.model.vocab_size * FP32 if runs_fast else 0
+    return Term("engine workspace", size, f"fp32 logits of a {FAST_ENGINE_STEP_TOKENS}-token continuous-batching step"
+                " (CUDA graph pools fit inside)")
+
+
 def generate_logits_term(req: EstimateRequest) -> Term:
     return Term("logits", int(req.batch_size * req.model.vocab_size * GENERATE_LOGIT_BYTES), "last position only, copied to fp32")
 
@@ -557,7 +571,8 @@ def _infer_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
     weights = _sharded_weights(weight_bytes(req), req)
     return {
         "prefill": (weights, kv_cache_term(req, req.prompt_len), prefill_term(req), generate_logits_term(req)),
-        "last token": (weights, kv_cache_term(req, req.prompt_len + req.max_new_tokens), generate_logits_term(req)),
+        "last token": (weights, kv_cache_term(req, req.prompt_len + req.max_new_tokens), generate_logits_term(req),
+                       engine_workspace_term(req)),
     }
 
 

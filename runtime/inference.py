@@ -8,7 +8,10 @@
 `setup` loads the tokenizer (left padding, a pad token) and the model with the runtime's defaults
 (`runtime.modeling.load_pretrained`: SDPA attention, bitsandbytes int8 / nf4, the expandable-segment
 allocator on CUDA), plus an optional PEFT adapter. `complete` and `chat` run prompts in batches of
-`settings.batch_size` through `model.generate`; `stream` yields one prompt's text as it is generated.
+`settings.batch_size` through `model.generate`, or, on CUDA for two or more batches of 16-bit work, on a
+fast engine (`runtime.engine`: CUDA graphs, continuous batching) with `batch_size` as its concurrency;
+`respond_as_finished` yields each completion as it finishes; `stream` yields one prompt's text as it is
+generated.
 
 `GenerationSettings` is the whole decoding policy: the checkpoint's `generation_config.json` sampling
 defaults (temperature, top-k, repetition penalty, ...) are dropped at setup, only its stop tokens are kept,
@@ -20,6 +23,8 @@ Ray-free on purpose: the Ray actors call these functions, and so can a benchmark
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import logging
 import queue
@@ -36,7 +41,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from . import engine as engines
 from .chat import Dialog, DialogError, Message, PromptItem, format_chat
+from .engine import ENGINES
 from .modeling import configure_allocator, load_pretrained
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -55,7 +62,8 @@ class GenerationSettings:
     temperature: float = 0.0  # 0: greedy decoding
     top_p: float = 1.0  # nucleus sampling (only when temperature > 0)
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int = 8  # prompts decoded together: a batch of `generate`, the fast engines' concurrency
+    engine: str = "auto"  # engine.ENGINES: "auto" takes the fast engine on CUDA where it pays
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -66,6 +74,8 @@ class GenerationSettings:
             raise InferenceError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size <= 0:
             raise InferenceError(f"batch_size must be positive, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise InferenceError(f"unknown engine {self.engine!r}: use {', '.join(ENGINES)}")
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +106,8 @@ class GenerationReport(Sequence[Completion]):
     completions: tuple[Completion, ...]
     wall_seconds: float
     peak_reserved_bytes: int | None  # torch.cuda.max_memory_reserved during the call; None off CUDA
+    first_token_seconds: float | None = None  # from the call's start to its first generated token
+    engine: str = "generate"  # the engine that ran the call
 
     def __getitem__(self, index):  # type: ignore[override]
         return self.completions[index]
@@ -124,6 +136,8 @@ class GenerationReport(Sequence[Completion]):
             "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second,
             "peak_reserved_bytes": self.peak_reserved_bytes,
+            "first_token_seconds": self.first_token_seconds,
+            "engine": self.engine,
         }
 
 
@@ -248,6 +262,15 @@ def respond(generator: Generator, items: Sequence[PromptItem], settings: Generat
     return _generate(generator, _encode_all(generator, items, _encode_item), settings)
 
 
+def respond_as_finished(generator: Generator, items: Sequence[PromptItem],
+                        settings: GenerationSettings) -> Iterator[tuple[int, Completion] | GenerationReport]:
+    """`respond`, yielding `(index, completion)` as each prompt finishes (in any order), then the report."""
+    encoded = _encode_all(generator, items, _encode_item)
+    _check_open(generator)
+    _check_context(generator, encoded, settings)
+    return _finished(generator, encoded, settings)
+
+
 def stream(generator: Generator, prompt: PromptItem, settings: GenerationSettings) -> Iterator[str]:
     """Yield the text of one prompt (or dialog) piece by piece as it is generated.
 
@@ -351,29 +374,84 @@ def _check_context(generator: Generator, encoded: Sequence[list[int]], settings:
 def _generate(generator: Generator, encoded: list[list[int]], settings: GenerationSettings) -> GenerationReport:
     _check_open(generator)
     _check_context(generator, encoded, settings)
+    by_index: dict[int, Completion] = {}
+    for item in _finished(generator, encoded, settings):
+        if isinstance(item, GenerationReport):
+            return dataclasses.replace(item, completions=tuple(by_index[i] for i in range(len(encoded))))
+        by_index[item[0]] = item[1]
+    raise AssertionError("_finished ends with its report")
+
+
+def _finished(generator: Generator, encoded: list[list[int]],
+              settings: GenerationSettings) -> Iterator[tuple[int, Completion] | GenerationReport]:
+    """Run the call on the engine `choose` picks: `(index, completion)` as each prompt finishes, then the
+    report (its completions in the order they finished)."""
+    engine = engines.choose(settings.engine, device=generator.device, quantized=_quantized(generator.model),
+                            sharded=len(gpus_of(generator)) > 1, prompts=len(encoded),
+                            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
     reset_peak_memory(generator)
     start = time.perf_counter()
-    completions: list[Completion] = []
-    with _seeded(settings.seed, generator.device):
-        for first in range(0, len(encoded), settings.batch_size):
-            completions += _generate_batch(generator, encoded[first : first + settings.batch_size], settings)
+    first_token: list[float] = []
+    done: list[Completion] = []
+    with _seeded(settings.seed, generator.device), torch.inference_mode(), _quiet_int8_casts():
+        for finished in _run_engine(engine, generator, encoded, settings, first_token):
+            completion = _completion(generator, finished.token_ids, len(encoded[finished.index]))
+            first_token.append(finished.first_token_at or time.perf_counter())
+            done.append(completion)
+            yield finished.index, completion
     wall = time.perf_counter() - start
-    peak = peak_memory(generator)
-    return GenerationReport(tuple(completions), wall, peak)
+    ttft = min(first_token) - start if first_token else None
+    yield GenerationReport(tuple(done), wall, peak_memory(generator), ttft, engine)
 
 
-def _generate_batch(generator: Generator, batch: list[list[int]], settings: GenerationSettings) -> list[Completion]:
-    input_ids, attention_mask = _left_padded(batch, generator.tokenizer.pad_token_id, generator.device)
-    with torch.inference_mode(), _quiet_int8_casts():
-        output = generator.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **_generation_kwargs(settings)
-        )
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-    return [_completion(generator, ids, len(prompt)) for ids, prompt in zip(new_tokens, batch)]
+def _run_engine(engine: str, generator: Generator, encoded: list[list[int]], settings: GenerationSettings,
+                first_token: list[float]) -> Iterator[engines.Finished]:
+    if engine == "continuous":
+        config = _generation_config(generator, settings)
+        return engines.continuous(generator.model, encoded, config, concurrency=settings.batch_size,
+                                  seed=settings.seed, stop_ids=sorted(generator.stop_token_ids))
+    if engine == "graphs":
+        run = lambda rows, width, cache: _generate_rows(generator, rows, settings, width=width, cache=cache)  # noqa: E731
+        return engines.graphs(generator.model, encoded, batch_size=settings.batch_size,
+                              max_new_tokens=settings.max_new_tokens, generate_batch=run)
+    return _batches(generator, encoded, settings, first_token)
 
 
-def _left_padded(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in batch)
+def _batches(generator: Generator, encoded: list[list[int]], settings: GenerationSettings,
+             first_token: list[float]) -> Iterator[engines.Finished]:
+    """The plain path: `generate` on batches of `batch_size` prompts in their order."""
+    for first in range(0, len(encoded), settings.batch_size):
+        rows = encoded[first : first + settings.batch_size]
+        timer = _FirstToken() if first == 0 else None
+        outputs = _generate_rows(generator, rows, settings, streamer=timer)
+        for offset, ids in enumerate(outputs):
+            yield engines.Finished(first + offset, ids, timer.at if timer else None)
+
+
+def _generate_rows(generator: Generator, rows: list[list[int]], settings: GenerationSettings, *,
+                   width: int | None = None, cache: Any = None, streamer: Any = None) -> list[list[int]]:
+    """`generate` on rows left-padded to `width` (default: the longest): the new ids of every row."""
+    input_ids, attention_mask = _left_padded(rows, generator.tokenizer.pad_token_id, generator.device, width)
+    extra = {"past_key_values": cache} if cache is not None else {}
+    output = generator.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
+                                      **extra, **_generation_kwargs(settings))
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def _quantized(model: Any) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+
+
+def _generation_config(generator: Generator, settings: GenerationSettings) -> Any:
+    """The model's plain generation config (stop tokens, pad) with the call's decoding policy."""
+    config = copy.deepcopy(generator.model.generation_config)
+    config.update(**_generation_kwargs(settings))
+    return config
+
+
+def _left_padded(batch: list[list[int]], pad_id: int, device: torch.device,
+                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(ids) for ids in batch] + [width or 0])
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
     return input_ids, mask
@@ -490,6 +568,22 @@ def _stream_text(generator: Generator, tokens: queue.Queue, new_ids: list[int]) 
     text = _completion(generator, new_ids, 0).text
     if len(text) > len(emitted):
         yield text[len(emitted) :]
+
+
+class _FirstToken(BaseStreamer):
+    """A `generate` streamer that notes when the first new token came (the prompt is put first)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 class _TokenQueue(BaseStreamer):

@@ -20,7 +20,16 @@ from typing import Any
 from llmplan.planner.plan import InferencePlan
 
 from .chat import PromptItem
-from .inference import GenerationReport, GenerationSettings, cleanup, respond, setup, stream_report
+from .inference import (
+    Completion,
+    GenerationReport,
+    GenerationSettings,
+    cleanup,
+    respond,
+    respond_as_finished,
+    setup,
+    stream_report,
+)
 from .prompt_templates import apply_template, resolve_template
 
 WARM_SECONDS_ENV = "LLMPLAN_WARM_SECONDS"
@@ -59,6 +68,13 @@ class InferenceReplica:
     def respond(self, items: Sequence[PromptItem], settings: GenerationSettings) -> GenerationReport:
         with self._in_use():
             return respond(self.generator, [self.prompt(item) for item in items], settings)
+
+    def respond_as_finished(self, indices: Sequence[int], items: Sequence[PromptItem],
+                            settings: GenerationSettings) -> Iterator[tuple[int, Completion] | GenerationReport]:
+        """`(indices[i], completion)` as each prompt finishes (a Ray streaming generator), then the call's report."""
+        with self._in_use():
+            for value in respond_as_finished(self.generator, [self.prompt(item) for item in items], settings):
+                yield value if isinstance(value, GenerationReport) else (indices[value[0]], value[1])
 
     def stream(self, item: PromptItem, settings: GenerationSettings) -> Iterator[str | GenerationReport]:
         """Text pieces as they are generated (a Ray streaming generator), then the call's report."""
@@ -170,7 +186,7 @@ def _inside_a_job_driver() -> bool:
     return ray.get_runtime_context().get_actor_id() is not None
 
 
-def share(items: Sequence[PromptItem], replicas: int) -> list[list[int]]:
+def share(items: Sequence[Any], replicas: int) -> list[list[int]]:
     """Indices of the prompts each replica answers: contiguous, as even as possible, order kept."""
     size, extra = divmod(len(items), replicas)
     shares, start = [], 0

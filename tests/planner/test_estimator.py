@@ -78,7 +78,18 @@ def test_zero_partitions_optimizer_states_and_offload_removes_them() -> None:
 def test_peak_phase_depends_on_what_dominates() -> None:
     assert estimate(finetune(method=Method.FULL, gradient_checkpointing=True)).peak_phase == "end of backward"
     assert estimate(finetune(batch_size=8, seq_len=2048)).peak_phase == "loss backward"
-    assert estimate(infer(batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "prefill"
+    # Quantized (the plain generate path): the prompt's prefill; 16-bit: the fast engine's cache and workspace.
+    assert estimate(infer(batch_size=1, prompt_len=2048, max_new_tokens=16, quant=Quant.NF4)).peak_phase == "prefill"
+    assert estimate(infer(batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "last token"
+
+
+def test_the_fast_engines_workspace_is_planned_where_they_run() -> None:
+    """One GPU, 16-bit weights: the fp32 logits of a 2,048-token continuous-batching step; quantized or sharded
+    models run on the plain generate path, which has none."""
+    terms = {t.name: t.bytes for t in estimate(infer(batch_size=64, prompt_len=64)).terms}
+    assert terms["engine workspace"] == 2048 * find_model("Llama-2-7B").vocab_size * 4
+    for other in (infer(batch_size=64, quant=Quant.NF4), infer(batch_size=64, parallel=Parallelism(gpus=2))):
+        assert "engine workspace" not in {t.name for t in estimate(other).terms}
 
 
 def test_checkpointing_trades_activations_for_recompute() -> None:

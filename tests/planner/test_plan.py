@@ -30,9 +30,10 @@ def test_one_replica_per_gpu_when_the_model_fits_one_card() -> None:
 
 
 def test_cards_without_bf16_get_fp16_and_the_batch_is_capped_to_what_fits() -> None:
-    plan = plan_inference(ask(batch_size=8), hardware("T4"))
-    assert plan.dtype == "fp16"
-    assert plan.batch_size < 8
+    # (7B in fp16 no longer fits a T4 next to the fast engine's workspace: the planner takes int8 there.)
+    plan = plan_inference(ask("Llama-3.2-3B", batch_size=128), hardware("T4"))
+    assert (plan.dtype, plan.quant) == ("fp16", "none")
+    assert plan.batch_size < 128
 
 
 def test_a_model_too_large_for_one_card_is_sharded_or_quantized() -> None:

@@ -16,9 +16,18 @@ from llmplan.cli.main import cli  # noqa: E402
 from llmplan.planner.plan import InferenceAsk, plan_inference  # noqa: E402
 from llmplan.planner.resolve import resolve_model  # noqa: E402
 from llmplan.runtime.inference import GenerationSettings  # noqa: E402
-from llmplan.runtime.inference_job import InferenceInputs, run, submit  # noqa: E402
+from llmplan.runtime.failures import fail_job  # noqa: E402
+from llmplan.runtime.inference_job import (  # noqa: E402
+    InferenceInputs,
+    answered,
+    default_output,
+    resume_request,
+    run,
+    run_recorded,
+    submit,
+)
 from llmplan.runtime.store.db import open_store  # noqa: E402
-from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
+from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details, retry_job  # noqa: E402
 from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -67,19 +76,38 @@ def test_generate_records_the_plan_events_and_measurements(local_ray, env) -> No
 
 
 @pytest.mark.slow
-def test_two_replicas_answer_in_order_like_one(local_ray, env) -> None:
-    engine = open_store(env["LLMPLAN_DB"])
-    prompts = ("The capital of France is", "Water boils at", "One, two, three,")
-    inputs = InferenceInputs(items=prompts, settings=GenerationSettings(max_new_tokens=8, batch_size=4))
-    texts = []
-    for replicas in (1, 2):
-        plan = cpu_plan(replicas=replicas)
-        job = submit(engine, plan, inputs, name="replicas", submitter="test")
-        outcome = run(engine, job.id, plan, inputs, jobs_dir=Path(env["LLMPLAN_JOBS_DIR"]))
-        assert outcome.status is JobStatus.SUCCEEDED, outcome.error
-        texts.append([c.text for c in outcome.completions])
-    assert texts[0] == texts[1]
-    assert len(texts[0]) == 3
+def test_completions_are_written_with_their_index_and_a_resumed_job_answers_only_the_rest(local_ray, env) -> None:
+    """Two replicas write each completion with its prompt's index; a job that failed after writing some of them
+    (and half a line) is resumed as a new, linked job that answers only the others, on one replica, and appends."""
+    engine, jobs_dir = open_store(env["LLMPLAN_DB"]), Path(env["LLMPLAN_JOBS_DIR"])
+    prompts = ("The capital of France is", "Water boils at", "One, two, three,", "The sky is", "Cats like")
+    inputs = InferenceInputs(items=prompts, settings=GenerationSettings(max_new_tokens=8, batch_size=2))
+    plan = cpu_plan(replicas=2)
+    whole = run(engine, submit(engine, plan, inputs, name="whole", submitter="test").id, plan, inputs, jobs_dir=jobs_dir)
+    assert whole.status is JobStatus.SUCCEEDED, whole.error
+    lines = [json.loads(line) for line in Path(whole.output).read_text().splitlines()]
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
+    assert {line["index"]: line["completion"] for line in lines} == {i: c.text for i, c in enumerate(whole.completions)}
+
+    cut = submit(engine, cpu_plan(), inputs, name="cut", submitter="test")
+    kept = [json.dumps(line) for line in lines if line["index"] in (0, 3)]
+    default_output(jobs_dir, cut.id).parent.mkdir(parents=True)
+    default_output(jobs_dir, cut.id).write_text("\n".join(kept) + '\n{"index": 1, "prompt": "Wat')
+    fail_job(engine, cut.id, RuntimeError("the node went away"))
+    resumed = retry_job(engine, cut.id, request=resume_request(engine, cut.id, jobs_dir))
+    outcome = run_recorded(engine, resumed.id, jobs_dir=jobs_dir)
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    assert outcome.output == str(default_output(jobs_dir, cut.id))  # appended to the cut job's output
+    written = Path(outcome.output).read_text().splitlines()
+    assert written[:2] == kept  # what was answered stays as it was
+    new = [json.loads(line) for line in written[3:]]
+    assert sorted(line["index"] for line in new) == [1, 2, 4]  # only the missing prompts, each once
+    assert all(line["completion"] == whole.completions[line["index"]].text for line in new)
+    assert answered(Path(outcome.output)) == {0, 1, 2, 3, 4}
+    job = get_job_details(engine, resumed.id)
+    assert job.job.retry_of == cut.id
+    assert "2 prompts answered before (resumed)" in job.events[-1].message
+    assert "tokens/s, first token after" in job.events[-1].message
 
 
 @pytest.mark.slow

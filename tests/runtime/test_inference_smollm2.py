@@ -61,3 +61,16 @@ def test_quantized_smollm2_still_knows_the_capital_of_france(smollm2, quant: str
     with setup(smollm2.path, dtype="bf16", quant=quant, device="cpu") as quantized:
         answer = chat(quantized, [CAPITAL], GenerationSettings(max_new_tokens=6))[0]
     assert answer.text == "The capital of France is Paris"
+
+
+def test_the_fast_engines_give_generates_greedy_answers(chat_model) -> None:
+    """Dialogs and text, two slots for three prompts (one refilled): the same greedy ids as `generate`."""
+    from llmplan.runtime.inference import respond
+
+    items = [CAPITAL, "The capital of France is", COLOURS]
+    plain = respond(chat_model, items, GenerationSettings(max_new_tokens=10, batch_size=2, engine="generate"))
+    assert "Paris" in plain[0].text and plain[1].text.startswith(" Paris")
+    for engine in ("continuous", "graphs"):
+        fast = respond(chat_model, items, GenerationSettings(max_new_tokens=10, batch_size=2, engine=engine))
+        assert fast.engine == engine
+        assert [c.token_ids for c in fast] == [c.token_ids for c in plain], engine
