@@ -38,7 +38,7 @@ from sqlalchemy.engine import Engine
 
 from llmplan.cli.jobs import COUNT_CAP
 from llmplan.runtime.store.db import open_store, parse_database_url
-from llmplan.runtime.store.models import Job, JobEvent
+from llmplan.runtime.store.models import JOB, JOB_EVENT
 from llmplan.runtime.store.repository import JobFilter, count_jobs, list_jobs, list_query
 from llmplan.runtime.store.status import ErrorClass, JobKind, JobStatus
 
@@ -129,9 +129,9 @@ def fill(engine: Engine, count: int) -> float:
 
 def insert_batch(engine: Engine, jobs: list[dict[str, object]]) -> None:
     with engine.begin() as connection:
-        ids = connection.execute(sa.insert(Job).returning(Job.id, sort_by_parameter_order=True), jobs).scalars().all()
+        ids = connection.execute(sa.insert(JOB).returning(JOB.c.id, sort_by_parameter_order=True), jobs).scalars().all()
         events = [event for job_id, job in zip(ids, jobs, strict=True) for event in events_for(job_id, job)]
-        connection.execute(sa.insert(JobEvent), events)
+        connection.execute(sa.insert(JOB_EVENT), events)
 
 
 # ---- timing -------------------------------------------------------------------------------------

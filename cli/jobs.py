@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from typing import Any, TypeVar
 
 import click
@@ -196,9 +198,16 @@ def job_to_json(job: Job) -> dict[str, Any]:
 
 
 def row_to_json(row: Job | JobEvent | JobMetric) -> dict[str, Any]:
-    """The row's columns in table order, JSON-ready (ISO-8601 UTC times, enum values)."""
-    dumped = row.model_dump(mode="json")
-    return {name: dumped[name] for name in type(row).model_fields}
+    """The row's columns in table order, JSON-ready (ISO-8601 UTC times ending in Z, enum values)."""
+    return {item.name: json_value(getattr(row, item.name)) for item in dataclasses.fields(row)}
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Enum):
+        return value.value
+    return value
 
 
 def details_to_json(details: JobDetails) -> dict[str, Any]:

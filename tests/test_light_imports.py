@@ -1,12 +1,17 @@
 """Planning never imports the heavy stack: `import llmplan.planner`, `llmplan estimate`, `llmplan fit`; `llmplan
---help` and `estimate` not even the job store (sqlmodel, sqlalchemy: half a second)."""
+--help` and `estimate` not even the job store (sqlalchemy: a third of a second)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+from store.conftest import BACKENDS, PostgresSchemas, postgres_server_url
 
 HEAVY = ("torch", "transformers", "ray", "peft", "bitsandbytes", "deepspeed", "fastapi", "uvicorn")
 STORE = ("sqlmodel", "sqlalchemy")
@@ -66,18 +71,39 @@ def running(args: list[str]) -> str:
             f"try:\n    cli.main(args={args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n")
 
 
-MIGRATIONS_AND_OTHER_DIALECTS = ("alembic", "sqlalchemy.dialects.postgresql")
+# What reading a store whose schema is current never needs: migrations, and the ORM layer (SQLModel, pydantic,
+# SQLAlchemy's ORM: a third of a second of start-up); `jobs` and `show` read through SQLAlchemy Core.
+NOT_FOR_READING = ("alembic", "sqlmodel", "sqlalchemy.orm", "pydantic")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("args", [["jobs"], ["show", "1"]])
-def test_jobs_and_show_on_a_current_store_import_no_migrations_nor_postgresql(args: list[str], tmp_path) -> None:
-    """On a store whose schema is current, reading it needs neither alembic nor SQLAlchemy's PostgreSQL dialects
-    (a tenth of the start-up of `jobs` and `show`, which users run often)."""
+def test_jobs_and_show_read_a_current_store_with_sqlalchemy_core_only(args: list[str], backend: str,
+                                                                        tmp_path: Path) -> None:
+    """Users run `jobs` and `show` often: on either backend they import neither alembic nor the ORM, and on SQLite
+    not SQLAlchemy's PostgreSQL dialects either."""
     from llmplan.runtime.store.db import open_store
     from llmplan.runtime.store.repository import JobKind, JobSpec, create_job
 
-    url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    engine = open_store(url)
-    create_job(engine, JobSpec(name="light", kind=JobKind.FINETUNE, model="m", submitter="s", request={}))
-    engine.dispose()
-    assert heavy_modules_after(running([*args, "--db", url]), MIGRATIONS_AND_OTHER_DIALECTS + HEAVY) == []
+    with store_url(backend, tmp_path) as url:
+        engine = open_store(url)
+        create_job(engine, JobSpec(name="light", kind=JobKind.FINETUNE, model="m", submitter="s", request={}))
+        engine.dispose()
+        postgres_dialects = ("sqlalchemy.dialects.postgresql",) if backend == "sqlite" else ()
+        loaded = heavy_modules_after(running([*args, "--db", url]), NOT_FOR_READING + postgres_dialects + HEAVY)
+    assert loaded == []
+
+
+@contextmanager
+def store_url(backend: str, folder: Path) -> Iterator[str]:
+    """An empty database: a SQLite file in `folder`, or a throw-away PostgreSQL schema."""
+    if backend == "sqlite":
+        yield f"sqlite:///{folder / 'jobs.db'}"
+        return
+    schemas = PostgresSchemas(postgres_server_url())
+    schema, url = schemas.create()
+    try:
+        yield url
+    finally:
+        schemas.drop(schema)
+        schemas.close()

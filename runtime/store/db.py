@@ -23,7 +23,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlmodel import Session
 
 from llmplan.runtime.store.errors import DatabaseUnavailableError, DatabaseURLError
 
@@ -183,16 +182,17 @@ def writing(engine: Engine) -> Engine:
 
 
 @contextmanager
-def write_session(engine: Engine) -> Iterator[Session]:
+def write_transaction(engine: Engine) -> Iterator[Connection]:
     """One write transaction: commits on success, rolls back on any exception."""
-    with Session(writing(engine), expire_on_commit=False) as session, session.begin():
-        yield session
+    with writing(engine).begin() as connection:
+        yield connection
 
 
 @contextmanager
-def read_session(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
+def read_transaction(engine: Engine) -> Iterator[Connection]:
+    """One read transaction (several SELECTs see one snapshot), rolled back at the end."""
+    with engine.connect() as connection, connection.begin():
+        yield connection
 
 
 # ---- opening a store ----------------------------------------------------------------------------

@@ -1,19 +1,23 @@
-"""The job store's tables: `Job`, its audit trail `JobEvent` and its curves `JobMetric`.
+"""The job store's rows and tables: `Job`, its audit trail `JobEvent` and its curves `JobMetric`.
 
-The tables live in their own SQLAlchemy metadata (`STORE_METADATA`), not SQLModel's shared default,
-so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
-`migrations/versions/`; `tests/store/test_store_migrations.py` fails when the two disagree.
+Each row type is a frozen dataclass whose fields are also its table's columns (`column(...)` gives the SQL
+type); the SQLAlchemy Core tables (`JOB`, `JOB_EVENT`, `JOB_METRIC`) are derived from them, so the schema is
+written once. A column is nullable exactly when its field defaults to None. Only SQLAlchemy Core is used (no
+ORM, no pydantic): reading jobs stays cheap to import. The tables live in their own metadata
+(`STORE_METADATA`), so the store's migrations only ever see llmplan's tables. Any change here needs a new
+migration in `migrations/versions/`; `tests/store/test_store_migrations.py` fails when the two disagree.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import registry
-from sqlmodel import Field, SQLModel
 
 from llmplan.runtime.store.status import ErrorClass, JobKind, JobStatus
 
@@ -91,94 +95,129 @@ class JSONDocument(sa.types.TypeDecorator[Any]):
 
 JSON_DOCUMENT = JSONDocument()
 BYTES = sa.BigInteger()
+_COLUMN = "llmplan_column"  # a dataclass field's metadata key for its column
 
 
-class StoreModel(SQLModel, registry=registry(metadata=STORE_METADATA)):
-    """Base of the store's tables (own metadata, see module docstring)."""
+@dataclass(frozen=True)
+class ColumnSpec:
+    sql_type: sa.types.TypeEngine[Any]
+    primary_key: bool = False
+    references: str | None = None  # "table.column" of a foreign key
+    on_delete: str | None = None
 
 
-class Job(StoreModel, table=True):
+def column(sql_type: Any, *, default: Any = dataclasses.MISSING, default_factory: Callable[[], Any] | Any =
+           dataclasses.MISSING, primary_key: bool = False, references: str | None = None,
+           on_delete: str | None = None) -> Any:
+    """A row field that is also a table column of `sql_type`."""
+    spec = ColumnSpec(sql_type, primary_key=primary_key, references=references, on_delete=on_delete)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_COLUMN: spec})
+
+
+def table_of(row_type: type, name: str, *indexes: sa.Index) -> sa.Table:
+    """The Core table whose columns are `row_type`'s fields, in order."""
+    columns = []
+    for item in dataclasses.fields(row_type):
+        spec: ColumnSpec = item.metadata[_COLUMN]
+        foreign = [sa.ForeignKey(spec.references, ondelete=spec.on_delete)] if spec.references else []
+        columns.append(sa.Column(item.name, spec.sql_type, *foreign, primary_key=spec.primary_key,
+                                 nullable=item.default is None and not spec.primary_key))
+    return sa.Table(name, STORE_METADATA, *columns, *indexes)
+
+
+def row_from(row_type: type[Any], values: Mapping[str, Any]) -> Any:
+    """A row type's instance from a result row's mapping (`result.mappings()`)."""
+    return row_type(**{item.name: values[item.name] for item in dataclasses.fields(row_type)})
+
+
+def column_values(row: Any) -> dict[str, Any]:
+    """The row's columns as a mapping, for an INSERT (an id of None is left to the database)."""
+    values = {item.name: getattr(row, item.name) for item in dataclasses.fields(row)}
+    return {name: value for name, value in values.items() if not (name == "id" and value is None)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
     """One attempt at one fine-tuning or inference job, from submission to its end."""
 
-    __tablename__ = "job"
-    __table_args__ = (
-        sa.Index("ix_job_created_at_id", "created_at", "id"),
-        sa.Index("ix_job_status_created_at", "status", "created_at"),
-        sa.Index("ix_job_kind_created_at", "kind", "created_at"),
-        # A job is retried at most once: two schedulers cannot both start attempt N + 1.
-        sa.Index("uq_job_retry_of", "retry_of", unique=True),
-    )
-
-    id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(sa_type=sa.String(200))
-    kind: JobKind = Field(sa_type=enum_column_type(JobKind, "job_kind"))
-    status: JobStatus = Field(sa_type=enum_column_type(JobStatus, "job_status"))
-    priority: int = Field(default=0)
-    submitter: str = Field(sa_type=sa.String(200))
-    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
-    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    model: str = Field(sa_type=sa.String(300))
+    id: int | None = column(sa.Integer(), primary_key=True, default=None)  # None until inserted
+    name: str = column(sa.String(200))
+    kind: JobKind = column(enum_column_type(JobKind, "job_kind"))
+    status: JobStatus = column(enum_column_type(JobStatus, "job_status"))
+    priority: int = column(sa.Integer(), default=0)
+    submitter: str = column(sa.String(200))
+    created_at: datetime = column(UTCDateTime(), default_factory=utc_now)
+    started_at: datetime | None = column(UTCDateTime(), default=None)
+    finished_at: datetime | None = column(UTCDateTime(), default=None)
+    model: str = column(sa.String(300))
 
     # What was asked for, and what the planner chose (with its estimate breakdown).
-    request: dict[str, Any] = Field(default_factory=dict, sa_type=JSON_DOCUMENT)
-    plan: dict[str, Any] | None = Field(default=None, sa_type=JSON_DOCUMENT)
-    planned_memory_per_gpu_bytes: int | None = Field(default=None, sa_type=BYTES)
-    planned_tokens_per_s: float | None = None
+    request: dict[str, Any] = column(JSON_DOCUMENT, default_factory=dict)
+    plan: dict[str, Any] | None = column(JSON_DOCUMENT, default=None)
+    planned_memory_per_gpu_bytes: int | None = column(BYTES, default=None)
+    planned_tokens_per_s: float | None = column(sa.Float(), default=None)
 
     # Where it ran.
-    ray_job_id: str | None = Field(default=None, sa_type=sa.String(128))
-    ray_actor_id: str | None = Field(default=None, sa_type=sa.String(128))
-    ray_placement_group_id: str | None = Field(default=None, sa_type=sa.String(128))
-    placement_node: str | None = Field(default=None, sa_type=sa.String(255))
-    placement_gpus: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)
+    ray_job_id: str | None = column(sa.String(128), default=None)
+    ray_actor_id: str | None = column(sa.String(128), default=None)
+    ray_placement_group_id: str | None = column(sa.String(128), default=None)
+    placement_node: str | None = column(sa.String(255), default=None)
+    placement_gpus: list[int] | None = column(JSON_DOCUMENT, default=None)
     # The node's IP, as users know it (placement_node is Ray's node id); None in rows older than 0002.
-    placement_node_ip: str | None = Field(default=None, sa_type=sa.String(64))
+    placement_node_ip: str | None = column(sa.String(64), default=None)
 
     # What it measured.
-    peak_memory_per_gpu_bytes: list[int] | None = Field(default=None, sa_type=JSON_DOCUMENT)
-    measured_tokens_per_s: float | None = None
-    final_loss: float | None = None
+    peak_memory_per_gpu_bytes: list[int] | None = column(JSON_DOCUMENT, default=None)
+    measured_tokens_per_s: float | None = column(sa.Float(), default=None)
+    final_loss: float | None = column(sa.Float(), default=None)
 
     # What it left behind.
-    output_dir: str | None = Field(default=None, sa_type=sa.Text)
-    adapter_path: str | None = Field(default=None, sa_type=sa.Text)
-    log_path: str | None = Field(default=None, sa_type=sa.Text)
+    output_dir: str | None = column(sa.Text(), default=None)
+    adapter_path: str | None = column(sa.Text(), default=None)
+    log_path: str | None = column(sa.Text(), default=None)
 
     # How it ended, when it did not succeed.
-    error_class: ErrorClass | None = Field(default=None, sa_type=enum_column_type(ErrorClass, "error_class"))
-    error_message: str | None = Field(default=None, sa_type=sa.Text)
+    error_class: ErrorClass | None = column(enum_column_type(ErrorClass, "error_class"), default=None)
+    error_message: str | None = column(sa.Text(), default=None)
 
     # Retries are new jobs: attempt 2 has retry_of = attempt 1's id.
-    attempt: int = Field(default=1)
-    retry_of: int | None = Field(default=None, foreign_key="job.id")
+    attempt: int = column(sa.Integer(), default=1)
+    retry_of: int | None = column(sa.Integer(), default=None, references="job.id")
 
 
-class JobEvent(StoreModel, table=True):
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
     """One status change: the audit trail. `from_status` is None for the submission event."""
 
-    __tablename__ = "job_event"
-    __table_args__ = (sa.Index("ix_job_event_job_id_id", "job_id", "id"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE")
-    at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
-    from_status: JobStatus | None = Field(default=None, sa_type=enum_column_type(JobStatus, "job_status"))
-    to_status: JobStatus = Field(sa_type=enum_column_type(JobStatus, "job_status"))
-    message: str = Field(default="", sa_type=sa.Text)
+    id: int | None = column(sa.Integer(), primary_key=True, default=None)  # None until inserted
+    job_id: int = column(sa.Integer(), references="job.id", on_delete="CASCADE")
+    at: datetime = column(UTCDateTime(), default_factory=utc_now)
+    from_status: JobStatus | None = column(enum_column_type(JobStatus, "job_status"), default=None)
+    to_status: JobStatus = column(enum_column_type(JobStatus, "job_status"))
+    message: str = column(sa.Text(), default="")
 
 
-class JobMetric(StoreModel, table=True):
+@dataclass(frozen=True, kw_only=True)
+class JobMetric:
     """One point of a job's training or serving curves."""
 
-    __tablename__ = "job_metric"
-    __table_args__ = (sa.Index("ix_job_metric_job_id_step", "job_id", "step"),)
+    id: int | None = column(sa.Integer(), primary_key=True, default=None)  # None until inserted
+    job_id: int = column(sa.Integer(), references="job.id", on_delete="CASCADE")
+    step: int = column(sa.Integer())
+    recorded_at: datetime = column(UTCDateTime(), default_factory=utc_now)
+    loss: float | None = column(sa.Float(), default=None)
+    learning_rate: float | None = column(sa.Float(), default=None)
+    tokens_per_s: float | None = column(sa.Float(), default=None)
+    memory_bytes: int | None = column(BYTES, default=None)
 
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE")
-    step: int
-    recorded_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
-    loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_s: float | None = None
-    memory_bytes: int | None = Field(default=None, sa_type=BYTES)
+
+JOB = table_of(
+    Job, "job",
+    sa.Index("ix_job_created_at_id", "created_at", "id"),
+    sa.Index("ix_job_status_created_at", "status", "created_at"),
+    sa.Index("ix_job_kind_created_at", "kind", "created_at"),
+    # A job is retried at most once: two schedulers cannot both start attempt N + 1.
+    sa.Index("uq_job_retry_of", "retry_of", unique=True),
+)
+JOB_EVENT = table_of(JobEvent, "job_event", sa.Index("ix_job_event_job_id_id", "job_id", "id"))
+JOB_METRIC = table_of(JobMetric, "job_metric", sa.Index("ix_job_metric_job_id_step", "job_id", "step"))

@@ -21,15 +21,15 @@ from the same status, and its JobEvent is written in that same transaction.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
 
-from llmplan.runtime.store.db import read_session, write_session
+from llmplan.runtime.store.db import read_transaction, write_transaction
 from llmplan.runtime.store.errors import (
     IllegalTransitionError,
     InvalidJobDataError,
@@ -37,7 +37,17 @@ from llmplan.runtime.store.errors import (
     TerminalJobError,
     UnknownJobError,
 )
-from llmplan.runtime.store.models import Job, JobEvent, JobMetric, utc_now
+from llmplan.runtime.store.models import (
+    JOB,
+    JOB_EVENT,
+    JOB_METRIC,
+    Job,
+    JobEvent,
+    JobMetric,
+    column_values,
+    row_from,
+    utc_now,
+)
 from llmplan.runtime.store.status import (
     FAILURE_ERROR_CLASSES,
     INITIAL_STATUS,
@@ -197,35 +207,27 @@ def transition(
     """
     to_status = JobStatus(to_status)
     _check_failure_fits(to_status, failure)
-    with write_session(engine) as session:
-        job = _locked_job(session, job_id)
+    with write_transaction(engine) as connection:
+        job = _locked_job(connection, job_id)
         from_status = JobStatus(job.status)
         _check_move(job_id, from_status, to_status, expected_from)
         now = utc_now()
-        _enter_status(job, to_status, now, failure)
+        changes = _status_changes(job, to_status, now, failure)
         if update is not None:
-            _apply_update(job, update)
-        session.add(job)
-        session.add(
-            JobEvent(
-                job_id=job_id,
-                at=now,
-                from_status=from_status,
-                to_status=to_status,
-                message=message or (failure.message if failure else ""),
-            )
-        )
+            changes |= _update_changes(update)
+        job = _save_changes(connection, job, changes)
+        event = JobEvent(job_id=job_id, at=now, from_status=from_status, to_status=to_status,
+                         message=message or (failure.message if failure else ""))
+        connection.execute(sa.insert(JOB_EVENT).values(column_values(event)))
     return job
 
 
 def update_job(engine: Engine, job_id: int, update: JobUpdate) -> Job:
     """Record facts about a job that is not terminal (a terminal job never changes)."""
-    with write_session(engine) as session:
-        job = _locked_job(session, job_id)
+    with write_transaction(engine) as connection:
+        job = _locked_job(connection, job_id)
         _refuse_if_terminal(job, "update it")
-        _apply_update(job, update)
-        session.add(job)
-    return job
+        return _save_changes(connection, job, _update_changes(update))
 
 
 def record_metric(engine: Engine, job_id: int, point: MetricPoint) -> None:
@@ -237,70 +239,68 @@ def record_metrics(engine: Engine, job_id: int, points: Sequence[MetricPoint]) -
     for point in points:
         if point.step < 0:
             raise InvalidJobDataError(f"job {job_id}: metric step must be >= 0, got {point.step}")
-    with write_session(engine) as session:
-        job = _locked_job(session, job_id, shared=True)
+    with write_transaction(engine) as connection:
+        job = _locked_job(connection, job_id, shared=True)
         _refuse_if_terminal(job, "record metrics")
         now = utc_now()
-        session.add_all(_metric_row(job_id, point, now) for point in points)
+        if points:
+            connection.execute(sa.insert(JOB_METRIC), [column_values(_metric_row(job_id, point, now))
+                                                       for point in points])
     return len(points)
 
 
 # ---- reads --------------------------------------------------------------------------------------
 def get_job(engine: Engine, job_id: int) -> Job:
-    with read_session(engine) as session:
-        job = session.get(Job, job_id)
-    if job is None:
-        raise UnknownJobError(job_id)
-    return job
+    with read_transaction(engine) as connection:
+        return _job_of(connection, job_id)
 
 
 def get_job_details(engine: Engine, job_id: int) -> JobDetails:
     """A job with its events (oldest first) and metrics (by step), read in one transaction."""
-    with read_session(engine) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise UnknownJobError(job_id)
-        events = _events_of(session, job_id)
-        metrics = _metrics_of(session, job_id)
+    with read_transaction(engine) as connection:
+        job = _job_of(connection, job_id)
+        events = _events_of(connection, job_id)
+        metrics = _metrics_of(connection, job_id)
     return JobDetails(job=job, events=events, metrics=metrics)
 
 
 def latest_metric(engine: Engine, job_id: int) -> JobMetric | None:
     """The job's metric with the highest step (what a progress display shows), or None before the first."""
-    statement = select(JobMetric).where(JobMetric.job_id == job_id).order_by(col(JobMetric.step).desc()).limit(1)
-    with read_session(engine) as session:
-        return session.exec(statement).first()
+    statement = sa.select(JOB_METRIC).where(JOB_METRIC.c.job_id == job_id).order_by(JOB_METRIC.c.step.desc()).limit(1)
+    with read_transaction(engine) as connection:
+        found = connection.execute(statement).mappings().first()
+    return None if found is None else row_from(JobMetric, found)
 
 
 def job_events(engine: Engine, job_id: int) -> list[JobEvent]:
-    with read_session(engine) as session:
-        return _events_of(session, job_id)
+    with read_transaction(engine) as connection:
+        return _events_of(connection, job_id)
 
 
 def list_jobs(engine: Engine, job_filter: JobFilter) -> list[Job]:
     """Newest first (creation time, then id)."""
     statement = list_query(job_filter)
-    with read_session(engine) as session:
-        return list(session.exec(statement).all())
+    with read_transaction(engine) as connection:
+        return [row_from(Job, row) for row in connection.execute(statement).mappings()]
 
 
-def list_query(job_filter: JobFilter) -> Any:
+def list_query(job_filter: JobFilter) -> sa.Select[Any]:
     """The SELECT behind list_jobs (for EXPLAIN in benchmarks)."""
     if job_filter.limit < 1:
         raise InvalidJobDataError(f"limit must be at least 1, got {job_filter.limit}")
-    newest_first = (col(Job.created_at).desc(), col(Job.id).desc())
-    return _filtered(select(Job), job_filter).order_by(*newest_first).limit(job_filter.limit)
+    newest_first = (JOB.c.created_at.desc(), JOB.c.id.desc())
+    return _filtered(sa.select(JOB), job_filter).order_by(*newest_first).limit(job_filter.limit)
 
 
 def count_jobs(engine: Engine, job_filter: JobFilter, *, at_most: int | None = None) -> int:
     """How many jobs match the filter, ignoring its limit; counting stops at `at_most`, which keeps
     the cost bounded on a huge history (a plain COUNT reads every matching row)."""
-    matching = _filtered(select(col(Job.id)), job_filter)
+    matching = _filtered(sa.select(JOB.c.id), job_filter)
     if at_most is not None:
         matching = matching.limit(at_most)
-    statement = select(func.count()).select_from(matching.subquery())
-    with read_session(engine) as session:
-        return int(session.exec(statement).one())
+    statement = sa.select(sa.func.count()).select_from(matching.subquery())
+    with read_transaction(engine) as connection:
+        return int(connection.execute(statement).scalar_one())
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -317,35 +317,48 @@ def _insert_job(engine: Engine, spec: JobSpec, *, attempt: int, retry_of: int | 
         request=dict(spec.request),
         attempt=attempt,
         retry_of=retry_of,
+        **(_plan_changes(spec.plan) if spec.plan is not None else {}),
     )
-    if spec.plan is not None:
-        _apply_plan(job, spec.plan)
-    with write_session(engine) as session:
-        session.add(job)
-        session.flush()  # assigns job.id
-        assert job.id is not None
-        session.add(JobEvent(job_id=job.id, at=now, from_status=None, to_status=INITIAL_STATUS, message=message))
+    with write_transaction(engine) as connection:
+        inserted = connection.execute(sa.insert(JOB).values(column_values(job)))
+        job = replace(job, id=inserted.inserted_primary_key[0])
+        event = JobEvent(job_id=job.id, at=now, from_status=None, to_status=INITIAL_STATUS, message=message)
+        connection.execute(sa.insert(JOB_EVENT).values(column_values(event)))
     return job
 
 
 def retry_of_job(engine: Engine, job_id: int) -> int | None:
     """The id of the job that retries `job_id`, if any."""
-    with read_session(engine) as session:
-        return session.exec(select(Job.id).where(col(Job.retry_of) == job_id)).first()
+    with read_transaction(engine) as connection:
+        return connection.execute(sa.select(JOB.c.id).where(JOB.c.retry_of == job_id)).scalar()
 
 
-def _locked_job(session: Session, job_id: int, *, shared: bool = False) -> Job:
+def _job_of(connection: Connection, job_id: int) -> Job:
+    found = connection.execute(sa.select(JOB).where(JOB.c.id == job_id)).mappings().first()
+    if found is None:
+        raise UnknownJobError(job_id)
+    return row_from(Job, found)
+
+
+def _locked_job(connection: Connection, job_id: int, *, shared: bool = False) -> Job:
     """The job row, locked until commit (PostgreSQL row lock; SQLite already holds the write lock).
 
     `shared` (FOR SHARE) lets metric writers run side by side while still waiting for a transition;
     transitions take FOR NO KEY UPDATE, which does not block inserts of events and metrics.
     """
-    statement = select(Job).where(col(Job.id) == job_id)
+    statement = sa.select(JOB).where(JOB.c.id == job_id)
     statement = statement.with_for_update(read=True) if shared else statement.with_for_update(key_share=True)
-    job = session.exec(statement).first()
-    if job is None:
+    found = connection.execute(statement).mappings().first()
+    if found is None:
         raise UnknownJobError(job_id)
-    return job
+    return row_from(Job, found)
+
+
+def _save_changes(connection: Connection, job: Job, changes: Mapping[str, Any]) -> Job:
+    """Write `changes` to the job's row; the job as it now is."""
+    if changes:
+        connection.execute(sa.update(JOB).where(JOB.c.id == job.id).values(dict(changes)))
+    return replace(job, **changes)
 
 
 def _check_move(job_id: int, from_status: JobStatus, to_status: JobStatus, expected: JobStatus | None) -> None:
@@ -367,18 +380,17 @@ def _check_failure_fits(to_status: JobStatus, failure: JobFailure | None) -> Non
         raise InvalidJobDataError(f"a move to {to_status.value} takes no JobFailure")
 
 
-def _enter_status(job: Job, to_status: JobStatus, now: datetime, failure: JobFailure | None) -> None:
-    job.status = to_status
+def _status_changes(job: Job, to_status: JobStatus, now: datetime, failure: JobFailure | None) -> dict[str, Any]:
+    changes: dict[str, Any] = {"status": to_status}
     if to_status is JobStatus.RUNNING and job.started_at is None:
-        job.started_at = now
+        changes["started_at"] = now
     if to_status.is_terminal():
-        job.finished_at = now
+        changes["finished_at"] = now
     if to_status is JobStatus.FAILED and failure is not None:
-        job.error_class = failure.error_class
-        job.error_message = failure.message
+        changes |= {"error_class": failure.error_class, "error_message": failure.message}
     if to_status is JobStatus.CANCELLED:
-        job.error_class = ErrorClass.CANCELLED
-        job.error_message = failure.message if failure else "cancelled"
+        changes |= {"error_class": ErrorClass.CANCELLED, "error_message": failure.message if failure else "cancelled"}
+    return changes
 
 
 def _refuse_if_terminal(job: Job, what: str) -> None:
@@ -388,39 +400,38 @@ def _refuse_if_terminal(job: Job, what: str) -> None:
         raise TerminalJobError(job.id, status, what)
 
 
-def _apply_update(job: Job, update: JobUpdate) -> None:
+def _update_changes(update: JobUpdate) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
     if update.plan is not None:
-        _apply_plan(job, update.plan)
+        changes |= _plan_changes(update.plan)
     if update.placement is not None:
-        job.placement_node = update.placement.node
-        job.placement_gpus = [int(gpu) for gpu in update.placement.gpus]
-        job.placement_node_ip = update.placement.node_ip
+        changes |= {"placement_node": update.placement.node,
+                    "placement_gpus": [int(gpu) for gpu in update.placement.gpus],
+                    "placement_node_ip": update.placement.node_ip}
     if update.ray is not None:
-        _set_given(job, ray_job_id=update.ray.job_id, ray_actor_id=update.ray.actor_id,
-                   ray_placement_group_id=update.ray.placement_group_id)
+        changes |= _given(ray_job_id=update.ray.job_id, ray_actor_id=update.ray.actor_id,
+                          ray_placement_group_id=update.ray.placement_group_id)
     if update.results is not None:
         peaks = update.results.peak_memory_per_gpu_bytes
-        _set_given(
-            job,
+        changes |= _given(
             peak_memory_per_gpu_bytes=None if peaks is None else [int(peak) for peak in peaks],
             measured_tokens_per_s=update.results.tokens_per_s,
             final_loss=update.results.final_loss,
         )
     if update.artifacts is not None:
-        _set_given(job, output_dir=update.artifacts.output_dir, adapter_path=update.artifacts.adapter_path,
-                   log_path=update.artifacts.log_path)
+        changes |= _given(output_dir=update.artifacts.output_dir, adapter_path=update.artifacts.adapter_path,
+                          log_path=update.artifacts.log_path)
+    return changes
 
 
-def _apply_plan(job: Job, plan: PlanRecord) -> None:
-    job.plan = dict(plan.plan)
-    job.planned_memory_per_gpu_bytes = plan.memory_per_gpu_bytes
-    job.planned_tokens_per_s = plan.tokens_per_s
+def _plan_changes(plan: PlanRecord) -> dict[str, Any]:
+    return {"plan": dict(plan.plan), "planned_memory_per_gpu_bytes": plan.memory_per_gpu_bytes,
+            "planned_tokens_per_s": plan.tokens_per_s}
 
 
-def _set_given(job: Job, **values: Any) -> None:
-    for name, value in values.items():
-        if value is not None:
-            setattr(job, name, value)
+def _given(**values: Any) -> dict[str, Any]:
+    """The values that are not None (None leaves a column as it is)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _plan_record_of(job: Job) -> PlanRecord | None:
@@ -442,25 +453,24 @@ def _metric_row(job_id: int, point: MetricPoint, now: datetime) -> JobMetric:
     )
 
 
-def _filtered(statement: Any, job_filter: JobFilter) -> Any:
+def _filtered(statement: sa.Select[Any], job_filter: JobFilter) -> sa.Select[Any]:
     if job_filter.statuses:
-        statement = statement.where(col(Job.status).in_([JobStatus(s) for s in job_filter.statuses]))
+        statement = statement.where(JOB.c.status.in_([JobStatus(s) for s in job_filter.statuses]))
     if job_filter.kind is not None:
-        statement = statement.where(col(Job.kind) == JobKind(job_filter.kind))
+        statement = statement.where(JOB.c.kind == JobKind(job_filter.kind))
     if job_filter.model:
-        statement = statement.where(col(Job.model).icontains(job_filter.model, autoescape=True))
+        statement = statement.where(JOB.c.model.icontains(job_filter.model, autoescape=True))
     if job_filter.since is not None:
-        statement = statement.where(col(Job.created_at) >= job_filter.since)
+        statement = statement.where(JOB.c.created_at >= job_filter.since)
     return statement
 
 
-def _events_of(session: Session, job_id: int) -> list[JobEvent]:
-    statement = select(JobEvent).where(col(JobEvent.job_id) == job_id).order_by(col(JobEvent.id))
-    return list(session.exec(statement).all())
+def _events_of(connection: Connection, job_id: int) -> list[JobEvent]:
+    statement = sa.select(JOB_EVENT).where(JOB_EVENT.c.job_id == job_id).order_by(JOB_EVENT.c.id)
+    return [row_from(JobEvent, row) for row in connection.execute(statement).mappings()]
 
 
-def _metrics_of(session: Session, job_id: int) -> list[JobMetric]:
-    statement = (
-        select(JobMetric).where(col(JobMetric.job_id) == job_id).order_by(col(JobMetric.step), col(JobMetric.id))
-    )
-    return list(session.exec(statement).all())
+def _metrics_of(connection: Connection, job_id: int) -> list[JobMetric]:
+    statement = (sa.select(JOB_METRIC).where(JOB_METRIC.c.job_id == job_id)
+                 .order_by(JOB_METRIC.c.step, JOB_METRIC.c.id))
+    return [row_from(JobMetric, row) for row in connection.execute(statement).mappings()]

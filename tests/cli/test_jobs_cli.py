@@ -1,7 +1,9 @@
-"""`llmplan jobs` and `llmplan show` against a real SQLite store (the store tests cover PostgreSQL)."""
+"""`llmplan jobs` and `llmplan show` against a real store: the tests reading the recorded history run on SQLite and
+on PostgreSQL ($LLMPLAN_TEST_POSTGRES_URL, as in the store tests)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from click.testing import CliRunner, Result
 from llmplan.cli.jobs import parse_since
 from llmplan.cli.main import cli
 from llmplan.runtime.store.db import VERSION_TABLE, open_store
-from llmplan.runtime.store.models import Job
+from llmplan.runtime.store.models import JOB, Job
 from llmplan.runtime.store.repository import (
     Artifacts,
     JobFailure,
@@ -31,6 +33,7 @@ from llmplan.runtime.store.repository import (
     transition,
 )
 from llmplan.runtime.store.status import ErrorClass, JobKind, JobStatus
+from store.conftest import BACKENDS, PostgresSchemas, postgres_server_url
 
 GiB = 2**30
 NOW = datetime.now(timezone.utc)
@@ -44,14 +47,26 @@ def spec(name: str, kind: JobKind = JobKind.FINETUNE, model: str = "meta-llama/L
 
 def backdate(engine: sa.Engine, job_id: int, moment: datetime) -> None:
     with engine.begin() as connection:
-        connection.execute(sa.update(Job).where(Job.id == job_id).values(created_at=moment))
+        connection.execute(sa.update(JOB).where(JOB.c.id == job_id).values(created_at=moment))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def history_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An empty database on each backend (a throw-away schema on PostgreSQL)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('cli') / 'history.db'}"
+        return
+    schemas = PostgresSchemas(postgres_server_url())
+    schema, url = schemas.create()
+    yield url
+    schemas.drop(schema)
+    schemas.close()
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def history(history_url: str) -> Iterator[dict[str, object]]:
     """Four jobs: an old failed inference, a succeeded fine-tune with metrics, a queued and a cancelled one."""
-    path = tmp_path_factory.mktemp("cli") / "history.db"
-    engine = open_store(str(path))
+    engine = open_store(history_url)
     old = create_job(engine, spec("qwen-serve", JobKind.INFER, "Qwen/Qwen2-7B-Instruct")).id
     transition(engine, old, JobStatus.FAILED, failure=JobFailure(ErrorClass.OOM, "CUDA out of memory"))
     backdate(engine, old, NOW - timedelta(days=10))
@@ -72,7 +87,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     transition(engine, cancelled, JobStatus.CANCELLED, message="cancelled by bob")
     backdate(engine, cancelled, NOW - timedelta(hours=1))
     engine.dispose()
-    yield {"db": str(path), "old": old, "done": done, "queued": queued, "cancelled": cancelled}
+    yield {"db": history_url, "old": old, "done": done, "queued": queued, "cancelled": cancelled}
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -139,7 +154,7 @@ def test_jobs_filters(history: dict[str, object], args: tuple[str, ...], expecte
 def test_jobs_json_has_every_column_in_iso_utc(history: dict[str, object]) -> None:
     jobs = json.loads(run_on(history, "jobs", "--json").stdout)
     done = next(job for job in jobs if job["id"] == history["done"])
-    assert set(done) == set(Job.model_fields)
+    assert list(done) == [column.name for column in dataclasses.fields(Job)]
     assert done["status"] == "succeeded" and done["placement_gpus"] == [0, 1]
     assert datetime.fromisoformat(done["created_at"].replace("Z", "+00:00")).utcoffset() == timedelta(0)
 
@@ -205,7 +220,8 @@ def test_default_database_lives_in_the_home_directory(tmp_path: Path) -> None:
 
 # ---- errors -------------------------------------------------------------------------------------
 def test_unknown_job_is_bad_input(history: dict[str, object]) -> None:
-    assert_one_line_error(run_on(history, "show", "999999"), 2, "no job 999999 in sqlite:///")
+    where = str(history["db"]).split("://")[0]
+    assert_one_line_error(run_on(history, "show", "999999"), 2, f"no job 999999 in {where}://")
     assert_one_line_error(run_on(history, "show", "abc"), 2, "JOB must be a job id")
 
 

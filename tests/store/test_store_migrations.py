@@ -49,8 +49,8 @@ def test_upgrading_again_keeps_every_row(database_url: str) -> None:
     before = get_job_details(engine, job_id)
     migrate.upgrade_to_head(engine)  # what every later llmplan does on open
     after = get_job_details(engine, job_id)
-    assert after.job.model_dump() == before.job.model_dump()
-    assert [e.model_dump() for e in after.events] == [e.model_dump() for e in before.events]
+    assert after.job == before.job
+    assert after.events == before.events
     engine.dispose()
 
 

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from llmplan.runtime.store.errors import InvalidJobDataError
-from llmplan.runtime.store.models import Job
+from llmplan.runtime.store.models import JOB
 from llmplan.runtime.store.repository import (
     JobFailure,
     JobFilter,
@@ -30,7 +30,7 @@ from .factory import GiB, bring_to, job_spec
 
 def set_created_at(engine: Engine, job_id: int, moment: datetime) -> None:
     with engine.begin() as connection:
-        connection.execute(sa.update(Job).where(Job.id == job_id).values(created_at=moment))
+        connection.execute(sa.update(JOB).where(JOB.c.id == job_id).values(created_at=moment))
 
 
 def test_create_records_everything_and_a_submission_event(engine: Engine) -> None:

@@ -88,7 +88,7 @@ def test_refused_move_changes_nothing(shared_engine: Engine, pair: tuple[JobStat
 
     assert (refused.value.from_status, refused.value.to_status) == (from_status, to_status)
     assert f"{from_status.value} -> {to_status.value}" in str(refused.value)
-    assert get_job(shared_engine, job_id).model_dump() == before.model_dump()
+    assert get_job(shared_engine, job_id) == before
     assert len(job_events(shared_engine, job_id)) == len(events_before)
 
 
@@ -157,7 +157,7 @@ def test_a_terminal_job_never_changes(shared_engine: Engine, terminal: JobStatus
         with pytest.raises(IllegalTransitionError, match="it is terminal"):
             transition(shared_engine, job_id, target, failure=failure_for(target))
     after = get_job_details(shared_engine, job_id)
-    assert after.job.model_dump() == before.job.model_dump()
+    assert after.job == before.job
     assert len(after.events) == len(before.events) and after.metrics == []
 
 
