@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +202,33 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     job = get_job(open_store(env["LLMPLAN_DB"]), 1)
     assert job.status is JobStatus.SUCCEEDED
     assert job.measured_tokens_per_s > 0
+
+
+class SlowToLoad:
+    """An actor whose construction takes `load_s`, like a replica loading its model."""
+
+    def __init__(self, load_s: float) -> None:
+        time.sleep(load_s)
+
+    def ready(self) -> str:
+        return "ready"
+
+
+def test_a_replica_that_takes_a_while_to_load_says_so_and_a_warm_one_says_nothing(local_ray, capsys) -> None:
+    import ray
+
+    from llmplan.runtime.ray_inference import LOAD_NOTICE_AFTER_S, loaded
+
+    replica = ray.remote(num_cpus=0)(SlowToLoad).remote(LOAD_NOTICE_AFTER_S + 1.0)
+    assert loaded(replica.ready.remote(), "TinyModel", staying_s=600) == "ready"
+    starting = capsys.readouterr().err.splitlines()
+    assert loaded(replica.ready.remote(), "TinyModel") == "ready"  # loaded already: what a warm replica does
+    assert capsys.readouterr().err == ""
+    ray.kill(replica)
+    assert starting[0] == "loading TinyModel in a Ray actor ..."
+    assert re.fullmatch(r"loaded TinyModel \((\d+\.\d) s\); it stays loaded for the next command until 10 min "
+                        r"without one", starting[1])
+    assert float(re.search(r"\((\d+\.\d) s\)", starting[1]).group(1)) >= LOAD_NOTICE_AFTER_S + 1.0
 
 
 @pytest.mark.slow
