@@ -29,8 +29,9 @@ WARM_SECONDS = 600.0
 WARM_PREFIX = "llmplan-warm-"
 IDLE_POLL_S = 5.0
 RELEASE_TIMEOUT_S = 5.0
-# A replica's first call that has not answered by then waits for its model to load: say so (a warm one answers at once).
-LOAD_NOTICE_AFTER_S = 1.0
+# A replica's first call that has not answered by then waits for its model to load: say so (a warm one answers at
+# once; a step that takes over 2 s gets a progress line).
+LOAD_NOTICE_AFTER_S = 2.0
 
 
 class InferenceReplica:

@@ -11,11 +11,11 @@ migration in `migrations/versions/`; `tests/store/test_store_migrations.py` fail
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -96,6 +96,7 @@ class JSONDocument(sa.types.TypeDecorator[Any]):
 JSON_DOCUMENT = JSONDocument()
 BYTES = sa.BigInteger()
 _COLUMN = "llmplan_column"  # a dataclass field's metadata key for its column
+Row = TypeVar("Row")
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,8 @@ class ColumnSpec:
     on_delete: str | None = None
 
 
-def column(sql_type: Any, *, default: Any = dataclasses.MISSING, default_factory: Callable[[], Any] | Any =
-           dataclasses.MISSING, primary_key: bool = False, references: str | None = None,
-           on_delete: str | None = None) -> Any:
+def column(sql_type: Any, *, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING,
+           primary_key: bool = False, references: str | None = None, on_delete: str | None = None) -> Any:
     """A row field that is also a table column of `sql_type`."""
     spec = ColumnSpec(sql_type, primary_key=primary_key, references=references, on_delete=on_delete)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_COLUMN: spec})
@@ -125,7 +125,7 @@ def table_of(row_type: type, name: str, *indexes: sa.Index) -> sa.Table:
     return sa.Table(name, STORE_METADATA, *columns, *indexes)
 
 
-def row_from(row_type: type[Any], values: Mapping[str, Any]) -> Any:
+def row_from(row_type: type[Row], values: Mapping[str, Any]) -> Row:
     """A row type's instance from a result row's mapping (`result.mappings()`)."""
     return row_type(**{item.name: values[item.name] for item in dataclasses.fields(row_type)})
 
