@@ -204,20 +204,19 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     assert job.measured_tokens_per_s > 0
 
 
-class SlowToLoad:
-    """An actor whose construction takes `load_s`, like a replica loading its model."""
-
-    def __init__(self, load_s: float) -> None:
-        time.sleep(load_s)
-
-    def ready(self) -> str:
-        return "ready"
-
-
 def test_a_replica_that_takes_a_while_to_load_says_so_and_a_warm_one_says_nothing(local_ray, capsys) -> None:
     import ray
 
     from llmplan.runtime.ray_inference import LOAD_NOTICE_AFTER_S, loaded
+
+    class SlowToLoad:  # defined here: Ray ships it by value (the test modules are not importable in its workers)
+        """An actor whose construction takes `load_s`, like a replica loading its model."""
+
+        def __init__(self, load_s: float) -> None:
+            time.sleep(load_s)
+
+        def ready(self) -> str:
+            return "ready"
 
     replica = ray.remote(num_cpus=0)(SlowToLoad).remote(LOAD_NOTICE_AFTER_S + 1.0)
     assert loaded(replica.ready.remote(), "TinyModel", staying_s=600) == "ready"
