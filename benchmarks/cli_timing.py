@@ -6,9 +6,12 @@
 
 Times `llmplan --help`, `fit 7B --gpus 1` (and its --json form), `estimate 7B`, and `jobs` / `show 1` on a job
 store of one finished job in a temporary folder, through the installed `llmplan` script next to this Python
-(else `python -m llmplan.cli.main`). With --generate, `llmplan generate smollm2-135m-instruct` (pulled first)
-runs --repeat times in a row: the first starts llmplan's local Ray head (if none runs) and the warm replica;
-the others find it. Prints markdown tables for BENCHMARKS.md and the machine it ran on.
+(else `python -m llmplan.cli.main`): wall time, and CPU time (user + system of the process and its children),
+which a loaded machine changes less. With --generate, `llmplan generate smollm2-135m-instruct` (pulled first, into
+$LLMPLAN_CACHE when set) runs --repeat times in a row, with a Ray head of its own (a head file in the temporary
+folder, stopped at the end): the first starts that head and the warm replica; the others find the replica. Each
+run's stderr lines are timed as they arrive, so the table says when the job was recorded and when the first
+token came. Prints markdown tables for BENCHMARKS.md and the machine it ran on.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 COMMANDS = (
@@ -42,25 +48,55 @@ def launcher() -> list[str]:
     return [found] if found else [sys.executable, "-m", "llmplan.cli.main"]
 
 
-def time_once(argv: list[str]) -> float:
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_once(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one run in a fresh process."""
+    cpu_before = children_cpu_s()
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     elapsed = time.perf_counter() - started
     if done.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return elapsed
+    return elapsed, children_cpu_s() - cpu_before
 
 
-def first_output_and_end(argv: list[str]) -> tuple[float, float]:
-    """Seconds to the first byte on stdout (the first token, streamed) and to the command's end."""
+@dataclass
+class StreamedRun:
+    first_token_s: float = 0.0
+    end_s: float = 0.0
+    stderr: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, line)
+
+
+def streamed_run(argv: list[str]) -> StreamedRun:
+    """Seconds to the first byte on stdout (the first token, streamed), to the command's end, and to each line
+    it wrote on stderr."""
+    run = StreamedRun()
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def read_stderr() -> None:
+        for line in process.stderr:
+            run.stderr.append((time.perf_counter() - started, line.rstrip()))
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
     process.stdout.read(1)
-    first = time.perf_counter() - started
+    run.first_token_s = time.perf_counter() - started
     process.stdout.read()
-    if process.wait() != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({process.returncode})")
-    return first, time.perf_counter() - started
+    code = process.wait()
+    reader.join()
+    run.end_s = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}): {[line for _, line in run.stderr]}")
+    return run
+
+
+def seconds_to(run: StreamedRun, prefix: str) -> str:
+    return next((f"{at:.2f} s" for at, line in run.stderr if line.startswith(prefix)), "-")
 
 
 def one_finished_job(db_url: str) -> None:
@@ -76,13 +112,23 @@ def one_finished_job(db_url: str) -> None:
     engine.dispose()
 
 
-def time_generate(base: list[str], repeat: int) -> None:
-    print("\n| `llmplan generate smollm2-135m-instruct ... --max-new-tokens 8` | first token | end |")
-    print("|---|---:|---:|")
+def time_generate(base: list[str], repeat: int, folder: str) -> None:
+    os.environ["LLMPLAN_RAY_HEAD_FILE"] = f"{folder}/ray-head"  # a head of its own, started by the first run
+    os.environ["LLMPLAN_JOBS_DIR"] = f"{folder}/jobs"
     subprocess.run(base + ["models", "pull", "smollm2-135m-instruct"], check=True, capture_output=True)
-    for run in range(1, repeat + 1):
-        first, end = first_output_and_end(base + GENERATE)
-        print(f"| run {run}{' (cold)' if run == 1 else ''} | {first:.2f} s | {end:.2f} s |")
+    print("\n| `llmplan generate smollm2-135m-instruct ... --max-new-tokens 8` | job recorded | first token | end |")
+    print("|---|---:|---:|---:|")
+    try:
+        for number in range(1, repeat + 1):
+            run = streamed_run(base + GENERATE)
+            print(f"| run {number}{' (cold: starts Ray and the replica)' if number == 1 else ''} | "
+                  f"{seconds_to(run, 'job ')} | {run.first_token_s:.2f} s | {run.end_s:.2f} s |", flush=True)
+            if number == 1:
+                print("\n".join(f"<!-- {at:6.2f} s  {line} -->" for at, line in run.stderr))
+    finally:
+        from llmplan.runtime.cluster import stop_local_head
+
+        stop_local_head()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     one_finished_job(os.environ["LLMPLAN_DB"])
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"best of {args.repeat} fresh processes\n")
-    print("| command | best | median |")
-    print("|---|---:|---:|")
+    print(f"load average {os.getloadavg()[0]:.1f} before\n")
+    print("| command | wall, best | wall, median | CPU, best |")
+    print("|---|---:|---:|---:|")
     for label, command in COMMANDS:
-        times = sorted(time_once(base + command) for _ in range(args.repeat))
-        print(f"| `{label}` | {times[0]:.2f} s | {times[len(times) // 2]:.2f} s |")
+        runs = [time_once(base + command) for _ in range(args.repeat)]
+        walls = sorted(wall for wall, _ in runs)
+        print(f"| `{label}` | {walls[0]:.2f} s | {walls[len(walls) // 2]:.2f} s | {min(cpu for _, cpu in runs):.2f} s |",
+              flush=True)
     if args.generate:
-        time_generate(base, args.repeat)
+        time_generate(base, args.repeat, folder)
     return 0
 
 

@@ -49,7 +49,7 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
          db_url: str | None) -> None:
     """Chat with MODEL in the terminal (formatted by its chat template, or Llama-2's [INST] format)."""
     from llmplan.runtime import inference_job
-    from llmplan.runtime.inference import GenerationSettings
+    from llmplan.runtime.generation import GenerationSettings
     from llmplan.runtime.ray_inference import stop_replicas
 
     plan = make_plan(model, batch_size=1, prompt_len=context_len, max_new_tokens=max_new_tokens,

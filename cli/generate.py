@@ -148,7 +148,7 @@ def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, out
     """The plan and the inputs of an inference job, checked before anything starts.
 
     `hardware(gpus)` says what to plan for (`llmplan submit`: the cluster's GPUs); default: this machine's."""
-    from llmplan.runtime.inference import GenerationSettings, InferenceError
+    from llmplan.runtime.generation import GenerationSettings, InferenceError
     from llmplan.runtime.inference_job import InferenceInputs
 
     items = load_items(prompts, input_path)

@@ -79,7 +79,7 @@ def answer_turn(scope: Scope, turn: ChatTurn) -> dict[str, Any]:
     """In a Ray call's process: plan, record and run the turn as `llmplan chat` does one."""
     from llmplan.runtime import inference_job
     from llmplan.runtime.cluster import ADDRESS_ENV
-    from llmplan.runtime.inference import GenerationSettings
+    from llmplan.runtime.generation import GenerationSettings
     from llmplan.runtime.store.db import open_store
 
     from .generate import detect_hardware, make_plan

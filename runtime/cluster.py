@@ -200,13 +200,15 @@ def start_local_head(path: Path) -> str:
         head = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    started = time.monotonic()
+    deadline = started + HEAD_START_TIMEOUT_S
     while not (_listening(address) and HEAD_STARTED in log.read_text()):
         if head.poll() is not None or time.monotonic() > deadline:
             head.kill()
             raise ClusterError(f"`{' '.join(command)}` failed: {log.read_text().strip()[-500:]}")
         time.sleep(0.2)
     path.write_text(json.dumps({"address": address, "pid": head.pid, "temp_dir": str(temp_dir)}))
+    print(f"started the local Ray head ({time.monotonic() - started:.1f} s)", file=sys.stderr)
     return address
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-ENGINES = ("auto", "generate", "continuous", "graphs")
 # When "auto" takes which engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
 # the compiled static-cache path decodes 64 rows in 9.5 ms a step but compiles for ~30 s first; the continuous
 # engine starts in under 2 s and decodes 8 rows in 15 ms, 64 rows in 42 ms (transformers' paged SDPA path).

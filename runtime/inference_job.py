@@ -41,7 +41,7 @@ from llmplan.runtime.store.repository import (
 
 from .chat import PromptItem, as_message
 from .failures import fail_job, mark_scheduled
-from .inference import Completion, GenerationReport, GenerationSettings
+from .generation import Completion, GenerationReport, GenerationSettings
 
 PROGRESS_S = 10.0  # seconds between progress lines (and metric points) of a running job
 
@@ -168,14 +168,12 @@ def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, te
     mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
     # The job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait. Before Ray is
-    # imported here: connect sets what Ray reads at import (its token authentication).
+    # imported (by ray_inference's calls): connect sets what Ray reads at import (its token authentication).
     connect()
-    import ray
-
-    from .ray_inference import start_replicas
+    from .ray_inference import loaded, start_replicas
 
     replicas = start_replicas(plan, str(local.path), adapter, template)
-    where = ray.get(replicas[0].node.remote())  # waits for the model to load; raises if it could not
+    where = loaded(replicas[0].node.remote(), plan.model_name)  # waits for the model to load; raises if it could not
     placed_by_scheduler = get_job(engine, job_id).placement_node is not None
     update = JobUpdate(placement=None if placed_by_scheduler else Placement(node=where["node"], gpus=tuple(where["gpus"])),
                        ray=None if placed_by_scheduler else RayIds(job_id=where["job"], actor_id=where["actor"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,16 +21,7 @@ from typing import Any
 from llmplan.planner.plan import InferencePlan
 
 from .chat import PromptItem
-from .inference import (
-    Completion,
-    GenerationReport,
-    GenerationSettings,
-    cleanup,
-    respond,
-    respond_as_finished,
-    setup,
-    stream_report,
-)
+from .generation import Completion, GenerationReport, GenerationSettings
 from .prompt_templates import apply_template, resolve_template
 
 WARM_SECONDS_ENV = "LLMPLAN_WARM_SECONDS"
@@ -37,6 +29,9 @@ WARM_SECONDS = 600.0
 WARM_PREFIX = "llmplan-warm-"
 IDLE_POLL_S = 5.0
 RELEASE_TIMEOUT_S = 5.0
+# A replica's first call that has not answered by then waits for its model to load: say so (a warm one answers at
+# once; a step that takes over 2 s gets a progress line).
+LOAD_NOTICE_AFTER_S = 2.0
 
 
 class InferenceReplica:
@@ -48,6 +43,8 @@ class InferenceReplica:
 
     def __init__(self, model_dir: str, dtype: str, quant: str, device: str, adapter: str | None,
                  template: str = "auto", idle_s: float = 0.0) -> None:
+        from .inference import setup  # in the actor only: the command that starts it never imports torch
+
         self.template = resolve_template(template, model_dir, adapter)
         self.generator = setup(model_dir, dtype=dtype, quant=quant, device=device, adapter=adapter)
         self.idle_s = idle_s
@@ -66,18 +63,24 @@ class InferenceReplica:
         return apply_template(self.template, item)
 
     def respond(self, items: Sequence[PromptItem], settings: GenerationSettings) -> GenerationReport:
+        from .inference import respond
+
         with self._in_use():
             return respond(self.generator, [self.prompt(item) for item in items], settings)
 
     def respond_as_finished(self, indices: Sequence[int], items: Sequence[PromptItem],
                             settings: GenerationSettings) -> Iterator[tuple[int, Completion] | GenerationReport]:
         """`(indices[i], completion)` as each prompt finishes (a Ray streaming generator), then the call's report."""
+        from .inference import respond_as_finished
+
         with self._in_use():
             for value in respond_as_finished(self.generator, [self.prompt(item) for item in items], settings):
                 yield value if isinstance(value, GenerationReport) else (indices[value[0]], value[1])
 
     def stream(self, item: PromptItem, settings: GenerationSettings) -> Iterator[str | GenerationReport]:
         """Text pieces as they are generated (a Ray streaming generator), then the call's report."""
+        from .inference import stream_report
+
         with self._in_use():
             yield from stream_report(self.generator, self.prompt(item), settings)
 
@@ -95,6 +98,8 @@ class InferenceReplica:
             return self.idle_s > 0
 
     def close(self) -> None:
+        from .inference import cleanup
+
         cleanup(self.generator)
 
     @contextmanager
@@ -116,7 +121,7 @@ class InferenceReplica:
                 if not self.busy and time.monotonic() - self.last_call >= self.idle_s:
                     self.closing = True
                     break
-        cleanup(self.generator)
+        self.close()
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
@@ -170,7 +175,7 @@ def warm_replica(plan: InferencePlan, model_dir: str, adapter: str | None, templ
     for _ in range(attempts):
         replica = remote.remote(model_dir, plan.dtype, plan.quant, runtime_device(plan), adapter, template, idle_s)
         try:
-            if ray.get(replica.claim.remote()):
+            if loaded(replica.claim.remote(), plan.model_name, staying_s=idle_s):
                 return replica
         except RayActorError as error:
             if error.actor_init_failed:
@@ -178,6 +183,22 @@ def warm_replica(plan: InferencePlan, model_dir: str, adapter: str | None, templ
             # else it ended between the lookup and the call: its name is free again soon
         time.sleep(1.0)
     raise RuntimeError(f"the warm replica {warm_name(plan, model_dir, adapter, template)} kept ending; run again")
+
+
+def loaded(first_call: Any, model_name: str, staying_s: float = 0.0) -> Any:
+    """The result of a replica's first call, which waits for its model to load; when that takes a while (a replica
+    started now, not a warm one found), a line on stderr as it starts and one with its time when it is done."""
+    import ray
+
+    started = time.monotonic()
+    ready, _ = ray.wait([first_call], timeout=LOAD_NOTICE_AFTER_S)
+    if ready:
+        return ray.get(first_call)
+    print(f"loading {model_name} in a Ray actor ...", file=sys.stderr, flush=True)
+    result = ray.get(first_call)
+    stays = f"; it stays loaded for the next command until {staying_s / 60:g} min without one" if staying_s else ""
+    print(f"loaded {model_name} ({time.monotonic() - started:.1f} s){stays}", file=sys.stderr, flush=True)
+    return result
 
 
 def _inside_a_job_driver() -> bool:

@@ -45,7 +45,7 @@ from llmplan.cli.web_api import LOOPBACK_HOSTS, DashboardConfig, json_body
 from llmplan.cli.web_errors import ApiError
 
 from .chat import DialogError, Dialog, PromptItem, validate_dialog
-from .inference import Completion, GenerationSettings, InferenceError
+from .generation import Completion, GenerationSettings, InferenceError
 from .prompt_templates import PromptTemplate, apply_template
 from .serve_batching import Batcher, StreamEnd
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -230,15 +232,42 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
     assert job.measured_tokens_per_s > 0
 
 
+def test_a_replica_that_takes_a_while_to_load_says_so_and_a_warm_one_says_nothing(local_ray, capsys) -> None:
+    import ray
+
+    from llmplan.runtime.ray_inference import LOAD_NOTICE_AFTER_S, loaded
+
+    class SlowToLoad:  # defined here: Ray ships it by value (the test modules are not importable in its workers)
+        """An actor whose construction takes `load_s`, like a replica loading its model."""
+
+        def __init__(self, load_s: float) -> None:
+            time.sleep(load_s)
+
+        def ready(self) -> str:
+            return "ready"
+
+    replica = ray.remote(num_cpus=0)(SlowToLoad).remote(LOAD_NOTICE_AFTER_S + 1.0)
+    assert loaded(replica.ready.remote(), "TinyModel", staying_s=600) == "ready"
+    starting = capsys.readouterr().err.splitlines()
+    assert loaded(replica.ready.remote(), "TinyModel") == "ready"  # loaded already: what a warm replica does
+    assert capsys.readouterr().err == ""
+    ray.kill(replica)
+    assert starting[0] == "loading TinyModel in a Ray actor ..."
+    assert re.fullmatch(r"loaded TinyModel \((\d+\.\d) s\); it stays loaded for the next command until 10 min "
+                        r"without one", starting[1])
+    assert float(re.search(r"\((\d+\.\d) s\)", starting[1]).group(1)) >= LOAD_NOTICE_AFTER_S + 1.0
+
+
 @pytest.mark.slow
 def test_a_second_generate_on_the_same_model_finds_its_replica_warm(cluster_env, monkeypatch) -> None:
     """`generate` leaves its one replica loaded in a named actor; the next `generate` of the model (another
-    process) runs on that same actor, without starting or loading anything; both answers are the model's."""
+    process) runs on that same actor, without starting or loading anything; both answers are the model's. The
+    second runs where torch and transformers cannot be imported: the command itself never needs them (seconds)."""
     monkeypatch.setenv("LLMPLAN_WARM_SECONDS", "300")
     jobs = []
     try:
-        for _ in range(2):
-            done = run_llmplan("generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json")
+        for run_llmplan_here in (run_llmplan, run_llmplan_without_the_model_stack):
+            done = run_llmplan_here("generate", MODEL, "The capital of France is", "--max-new-tokens", "8", "--json")
             assert done.returncode == 0, done.stderr
             assert "Paris" in json.loads(done.stdout)["completions"][0]["text"]
             jobs.append(json.loads(done.stdout)["job"])
@@ -247,6 +276,18 @@ def test_a_second_generate_on_the_same_model_finds_its_replica_warm(cluster_env,
     engine = open_store(cluster_env["LLMPLAN_DB"])
     first, second = (get_job(engine, job_id) for job_id in jobs)
     assert first.ray_actor_id is not None and second.ray_actor_id == first.ray_actor_id
+
+
+def run_llmplan_without_the_model_stack(*args: str):
+    """`llmplan ARGS` in a process where importing torch or transformers fails (its Ray actors import them)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules.update(torch=None, transformers=None)\n"
+            "from llmplan.cli.main import main\nsys.argv[0] = 'llmplan'\nmain()\n")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
 
 
 def stop_warm_replicas(address: str) -> None:
