@@ -81,6 +81,14 @@ class Kernels(str, Enum):
 # Architectures Liger Kernel patches (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN);
 # the runtime applies it to these only, and the estimator models it for these only.
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
+# Liger's kernels are Triton kernels, and Triton compiles for NVIDIA compute capability 7.0 and newer (Volta on;
+# Unsloth, built on Triton kernels too, states the same minimum): a Pascal card (P40, P100) trains without them.
+LIGER_MIN_COMPUTE_CAPABILITY = (7, 0)
+
+
+def liger_runs_on(compute_capability: tuple[int, int] | None) -> bool:
+    """Whether Liger's Triton kernels run on a GPU of this compute capability (None: not known, assumed new)."""
+    return compute_capability is None or tuple(compute_capability) >= LIGER_MIN_COMPUTE_CAPABILITY
 
 ALL_LINEAR = "all-linear"
 

@@ -39,6 +39,7 @@ from .request import (
     Quant,
     RequestError,
     Task,
+    liger_runs_on,
 )
 from .throughput import Throughput, finetune_throughput, generation_throughput
 from .units import GiB, format_gib
@@ -457,7 +458,7 @@ def _request(fit: FitRequest, family: _Family, batch: int) -> EstimateRequest:
         lora=fit.lora,
         gradient_checkpointing=family.checkpointing,
         parallel=family.strategy.parallel,
-        kernels=fit.kernels,
+        kernels=fit.kernels if fit.gpu is None or liger_runs_on(fit.gpu.compute_capability) else Kernels.NONE,
         lora_dropout=fit.lora_dropout,
         activation_offload=family.activation_offload,
     )

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmplan.planner.models import ModelSpec, attention_implementation
-from llmplan.planner.request import LIGER_MODEL_TYPES, Kernels
+from llmplan.planner.request import LIGER_MODEL_TYPES, Kernels, liger_runs_on
 
 from .architectures import hf_config_dict
 
@@ -144,12 +144,15 @@ def checkpoint_offloading_inputs(function: Any, *args: Any, **kwargs: Any) -> An
 KERNELS = tuple(kind.value for kind in Kernels)
 
 
-def kernels_that_run(requested: str | None, model_type: str, device_type: str) -> str:
-    """The kernels a run really uses: Liger where asked (default: on CUDA) and supported, else none."""
+def kernels_that_run(requested: str | None, model_type: str, device_type: str,
+                     compute_capability: tuple[int, int] | None = None) -> str:
+    """The kernels a run really uses: Liger where asked (default: on CUDA) and supported (the architecture, and
+    the card: Triton needs compute capability 7.0+), else none."""
     if requested not in (None, *KERNELS):
         raise ValueError(f"unknown kernels {requested!r}: use {' or '.join(KERNELS)}")
     wanted = requested or ("liger" if device_type == "cuda" else "none")
-    if wanted == "liger" and device_type == "cuda" and model_type in LIGER_MODEL_TYPES:
+    if (wanted == "liger" and device_type == "cuda" and model_type in LIGER_MODEL_TYPES
+            and liger_runs_on(compute_capability)):
         return "liger"
     return "none"
 

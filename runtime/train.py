@@ -246,7 +246,8 @@ def build_model(config: TrainConfig, precision: Precision, device: torch.device 
     if config.method in ("lora", "qlora"):
         targets = config.lora_targets[0] if config.lora_targets == ("all-linear",) else config.lora_targets
         lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
-    kernels = kernels_that_run(config.kernels, model.config.model_type, config.device)
+    capability = torch.cuda.get_device_capability() if config.device == "cuda" else None
+    kernels = kernels_that_run(config.kernels, model.config.model_type, config.device, capability)
     return prepare_for_training(model, config.method, config.gradient_checkpointing, lora, kernels,
                                 activation_offload=config.activation_offload)
 

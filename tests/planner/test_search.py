@@ -16,7 +16,7 @@ from llmplan.planner.hardware import (
     find_nvcc,
     plan_hardware,
 )
-from llmplan.planner.request import EstimateRequest, Method, Offload, Precision, Quant, Task
+from llmplan.planner.request import EstimateRequest, Kernels, Method, Offload, Precision, Quant, Task
 from llmplan.planner.resolve import find_model
 from llmplan.planner.search import (
     Backend,
@@ -135,6 +135,13 @@ def test_p40_never_gets_bf16_and_plans_fp32_compute() -> None:
         assert not any(c.precision.uses_bf16 for c in result.candidates)
         assert result.best.precision is Precision.FP32
     assert search(fit(gpu="P40")).best.method is Method.QLORA  # 7B fp32 weights do not fit 24 GB
+
+
+def test_liger_is_planned_only_on_cards_whose_compute_capability_triton_compiles_for() -> None:
+    """Liger's kernels are Triton (compute capability 7.0+): a P40 (6.1) plans without them, a T4 (7.5) with."""
+    for gpu, kernels in (("P40", Kernels.NONE), ("T4", Kernels.LIGER)):
+        best = search(fit(gpu=gpu, kernels=Kernels.LIGER, methods=(Method.QLORA,))).best
+        assert best.request.kernels is kernels, gpu
 
 
 def test_p40_time_estimate_reflects_its_slow_fp16() -> None:

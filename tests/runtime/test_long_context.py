@@ -102,6 +102,8 @@ def test_liger_runs_only_on_cuda_and_supported_architectures() -> None:
     assert kernels_that_run(None, "llama", "cuda") == "liger"
     assert kernels_that_run(None, "phi3", "cuda") == "none"
     assert kernels_that_run("none", "qwen2", "cuda") == "none"
+    assert kernels_that_run("liger", "llama", "cuda", (6, 1)) == "none"  # a P40: Triton needs 7.0+
+    assert kernels_that_run("liger", "llama", "cuda", (7, 5)) == "liger"
     with pytest.raises(ValueError, match="liger or none"):
         kernels_that_run("triton", "llama", "cuda")
 
