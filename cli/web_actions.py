@@ -146,30 +146,31 @@ def wake_scheduler(scope: Scope) -> None:
 
 def submit_json(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
     """Queue the job a spec describes, as `llmplan submit SPEC.yaml` does, once its paths are checked: the
-    spec is read here (bad input answers at once, Ray up or not), planned and queued in a Ray call."""
-    from .submit import parse_spec
+    spec is read into a submission here (bad input answers at once, Ray up or not), planned and queued in a
+    Ray call."""
+    from .submit import spec_submission
     from .web_ray import call_with_ray
 
-    task, options = parse_spec(checked_paths(body, scope.roots), where="job spec", withheld=WITHHELD_KEYS)
-    return call_with_ray(scope.address, queue_spec, scope, task, options)
+    task, submission = spec_submission(checked_paths(body, scope.roots), where="job spec", withheld=WITHHELD_KEYS)
+    return call_with_ray(scope.address, queue_spec, scope, task, submission)
 
 
-def queue_spec(scope: Scope, task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """In a Ray call's process: plan the job for the cluster, check it, record it queued (the CLI's functions)."""
+def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
+    """In a Ray call's process: plan the job for the cluster, check it, record it queued (`runtime.submission`);
+    a refused field is named by its job spec key."""
     from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
+    from llmplan.runtime.train_config import TrainConfigError
 
-    from .scheduling import Cluster, queued_document
-    from .submit import queue_finetune, queue_inference
+    from .submit import spec_key
 
     engine = open_store(scope.db_url)
     try:
         cluster = Cluster(engine, scope.address)
-        queue = {"priority": options.pop("priority"), "max_retries": options.pop("max_retries")}
-        if task == "finetune":
-            job, plan = queue_finetune(cluster, options.pop("model"), options.pop("data"), options, **queue)
-        else:
-            job, plan = queue_inference(cluster, options.pop("model"), options.pop("prompts"), options, **queue)
+        job, plan = (queue_finetune if task == "finetune" else queue_inference)(cluster, submission)
         return queued_document(job.id, plan, cluster.jobs_root)
+    except (SubmissionError, TrainConfigError) as error:
+        raise FieldError(spec_key(task, error.field), str(error)) from None
     finally:
         engine.dispose()
 
@@ -180,7 +181,7 @@ def checked_paths(spec: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, An
     from .submit import SPEC_TASKS
 
     if spec.get("task") not in SPEC_TASKS:
-        return spec  # parse_spec says what a spec is
+        return spec  # spec_submission says what a spec is
     checked = dict(spec)
     for key, must_exist in path_keys(spec["task"]).items():
         value = spec.get(key)

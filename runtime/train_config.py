@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from llmplan.planner.defaults import lora_alpha
+
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
@@ -18,6 +20,9 @@ BACKENDS = ("single", "ddp", "deepspeed")
 OFFLOADS = ("none", "optimizer", "params")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
+# The fields a FinetunePlan decides (`TrainConfig.from_plan`); lora_alpha follows lora_r.
+PLANNED = ("method", "precision", "micro_batch", "grad_accum", "seq_len", "gradient_checkpointing", "optimizer",
+           "lora_r", "lora_targets", "kernels", "lora_dropout", "device", "workers", "backend", "zero", "offload")
 # Where a run keeps its checkpoints: <output_dir>/checkpoints/step-N/trainer_state.pt (train.py writes them;
 # the scheduler looks for them without importing torch).
 CHECKPOINTS = "checkpoints"
@@ -25,7 +30,12 @@ STATE_FILE = "trainer_state.pt"
 
 
 class TrainConfigError(ValueError):
-    """A configuration that cannot run as written; the message says what to change."""
+    """A configuration that cannot run as written; the message says what to change, `field` which field is
+    at fault when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _option(field_name: str) -> str:
@@ -118,16 +128,29 @@ class TrainConfig:
         for name in ("lr", "epochs", "weight_decay", "max_grad_norm", "lora_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainConfigError(f"{_option(name)} must be a finite number, got {value!r}")
+                raise TrainConfigError(f"{_option(name)} must be a finite number, got {value!r}", name)
         for name in ("lr", "epochs"):
             if getattr(self, name) <= 0:
-                raise TrainConfigError(f"{_option(name)} must be positive, got {getattr(self, name)}")
+                raise TrainConfigError(f"{_option(name)} must be positive, got {getattr(self, name)}", name)
         for name in ("warmup_steps", "eval_every", "max_grad_norm", "weight_decay", "lora_dropout"):
             if getattr(self, name) < 0:
-                raise TrainConfigError(f"{_option(name)} must be 0 or more, got {getattr(self, name)}")
+                raise TrainConfigError(f"{_option(name)} must be 0 or more, got {getattr(self, name)}", name)
         fraction = self.data.val_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise TrainConfigError(f"--val-fraction must be at least 0 and below 1, got {fraction!r}")
+            raise TrainConfigError(f"--val-fraction must be at least 0 and below 1, got {fraction!r}", "val_fraction")
+
+    @classmethod
+    def from_plan(cls, plan: Any, *, data: DataConfig, output_dir: str, **run: Any) -> "TrainConfig":
+        """The config a `FinetunePlan` fixes (every field in PLANNED), with the user's data, output and `run`
+        settings (schedule, seed, ...): what a submission records and what an OOM re-plan records again."""
+        planned = {name: getattr(plan, name) for name in PLANNED}
+        return cls(model=plan.model, data=data, output_dir=output_dir, lora_alpha=lora_alpha(plan.lora_r),
+                   **planned, **run)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields the user sets, not the plan (all but the model, data, output and PLANNED ones)."""
+        fixed = {"model", "data", "output_dir", "lora_alpha", *PLANNED}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed}
 
     @property
     def global_batch(self) -> int:

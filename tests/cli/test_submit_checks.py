@@ -52,20 +52,21 @@ def test_a_missing_model_directory_is_refused_naming_the_option(store: str, tmp_
 
 
 def test_two_submissions_in_one_second_get_different_default_outputs(store: str, tmp_path: Path) -> None:
-    from llmplan.cli.submit import check_training_request, plan_training, submit_finetune
+    from llmplan.cli.submit import submit_finetune
+    from llmplan.runtime.submission import FinetuneSubmission, check_training_request, plan_training, submission_from
 
     options = submit_finetune.make_context("finetune", ["--model", "SmolLM2-135M", "--data", str(DATA)]).params
-    check_training_request(str(DATA), options)
+    submission = submission_from(FinetuneSubmission, options)
+    check_training_request(submission)
     root = tmp_path / "jobs" / "store"
-    outputs = [Path(plan_training("SmolLM2-135M", str(DATA), options, lambda gpus: None, None, root)[1].output_dir)
-               for _ in range(2)]
+    outputs = [Path(plan_training(submission, lambda gpus: None, None, root)[1].output_dir) for _ in range(2)]
     assert outputs[0] != outputs[1]
     assert all(output.parent == root / "finetune" and output.name.startswith("SmolLM2-135M-") for output in outputs)
 
 
 @pytest.mark.parametrize("kind", ["finetune", "infer"])
 def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind: str) -> None:
-    from llmplan.cli.scheduling import smaller_cpu_plan
+    from llmplan.runtime.submission import smaller_cpu_plan
     from llmplan.cli.submit import spec_command
 
     options = {option for param in spec_command(kind).params for option in param.opts}
