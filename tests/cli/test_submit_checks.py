@@ -73,3 +73,17 @@ def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind
     for workers_that_fit in (0, 2):
         named = set(re.findall(r"--[a-z-]+", smaller_cpu_plan(kind, workers_that_fit)))
         assert named and named <= options, (kind, named - options)
+
+
+def test_the_config_a_plan_fixes_copies_every_planned_field(tmp_path: Path) -> None:
+    """One TrainConfig.from_plan for submission and the OOM re-plan: every field the plan decides is the plan's."""
+    from llmplan.cli.submit import submit_finetune
+    from llmplan.runtime.submission import FinetuneSubmission, plan_training, submission_from
+    from llmplan.runtime.train_config import PLANNED
+
+    words = ["--model", "SmolLM2-135M", "--data", str(DATA), "--workers", "2", "--lora-r", "4", "--lr", "1e-3"]
+    submission = submission_from(FinetuneSubmission, submit_finetune.make_context("finetune", words).params)
+    plan, config = plan_training(submission, lambda gpus: None, None, tmp_path)
+    for name in PLANNED:
+        assert getattr(config, name) == getattr(plan, name), name
+    assert (config.lora_alpha, config.lr, config.workers, config.backend) == (8, 1e-3, 2, "ddp")
