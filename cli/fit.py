@@ -18,7 +18,9 @@ from typing import Any
 import click
 
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
-from llmplan.planner.request import ALL_LINEAR, Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
+from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MARGIN, DEFAULT_MAX_NEW_TOKENS,
+                                      DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
+from llmplan.planner.request import Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
 from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, FitRequest, FitResult, search
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
@@ -126,11 +128,6 @@ def _methods(method: str) -> tuple[Method, ...]:
     return ALL_METHODS if method == "auto" else (Method(method),)
 
 
-def _parse_targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    return (ALL_LINEAR,) if targets in ((), (ALL_LINEAR,)) else targets
-
-
 # ---- commands and job specs -----------------------------------------------------------------------------
 def model_reference(resolved: ResolvedModel, typed: str) -> str:
     """What to pass as --model: the path the user typed for a checkpoint, the catalog name of a model llmplan
@@ -152,11 +149,11 @@ def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) 
         if req.quant is not Quant.NONE:
             spec["quant"] = req.quant.value
         # --gpus is the total: the runtime's planner makes the same replicas-or-sharding choice from it.
-        spec |= {"batch-size": req.batch_size, "prompt-len": req.prompt_len, "max-new-tokens": req.max_new_tokens,
+        spec |= {"batch-size": req.micro_batch_size, "prompt-len": req.prompt_len, "max-new-tokens": req.max_new_tokens,
                  "gpus": strategy.gpus}
         return spec
     spec = {"model": model, "method": req.method.value, "precision": req.precision.value,
-            "micro-batch": req.batch_size, "grad-accum": candidate.grad_accum}
+            "micro-batch": req.micro_batch_size, "grad-accum": candidate.grad_accum}
     if req.method is not Method.FULL:
         if req.lora.r != LoraSpec().r:
             spec["lora-r"] = req.lora.r
@@ -432,17 +429,17 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--task", type=choice_of(Task), default="finetune", show_default=True)
 @click.option("--method", type=click.Choice(["auto", *(m.value for m in Method)], case_sensitive=False), default="auto",
               show_default=True, help="auto: full, LoRA and QLoRA, whichever is fastest.")
-@click.option("--seq-len", type=TOKENS, default=512, show_default=True, help="Fine-tuning sequence length.")
+@click.option("--seq-len", type=TOKENS, default=DEFAULT_SEQ_LEN, show_default=True, help="Fine-tuning sequence length.")
 @click.option("--batch-size", type=BATCH, default=16, show_default=True,
               help="Global: sequences per optimizer step (fine-tuning) or generated at once (inference).")
-@click.option("--prompt-len", type=TOKENS, default=512, show_default=True, help="Inference prompt tokens.")
-@click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True)
+@click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True, help="Inference prompt tokens.")
+@click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
 @click.option("--dataset", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
 @click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --dataset).")
 @click.option("--epochs", type=EPOCHS, default=1.0, show_default=True)
-@click.option("--margin", type=FRACTION, default=0.10, show_default=True, help="Share of GPU memory left free.")
+@click.option("--margin", type=FRACTION, default=DEFAULT_MARGIN, show_default=True, help="Share of GPU memory left free.")
 @click.option("--top", type=ROWS, default=5, show_default=True, help="Rows to show.")
-@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
+@click.option("--lora-r", type=LORA_RANK, default=DEFAULT_LORA_R, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--deepspeed/--no-deepspeed", default=None, help="Plan with or without DeepSpeed [default: if nvcc is found].")
 @click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
@@ -491,7 +488,7 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
         tokens, data_note = dataset_tokens(dataset, sizes["seq_len"])
     fit_request = FitRequest(
         model=resolved.spec, hardware=hardware, task=task_, methods=_methods(method), lora=LoraSpec(
-            r=lora_r, alpha=2 * lora_r, targets=_parse_targets(lora_targets)),
+            r=lora_r, alpha=lora_alpha(lora_r), targets=parse_lora_targets(lora_targets)),
         tokens=tokens, epochs=epochs, margin=margin, deepspeed=preflight.deepspeed, **sizes)
     result = search(fit_request)
     inference = search(_inference_request(fit_request), advise=False) if task_ is Task.FINETUNE else None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from llmplan.planner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Precision, Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
@@ -98,13 +99,13 @@ def generation_options(command):
         click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
                      help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line."),
         click.option("--output", type=click.Path(dir_okay=False), help="Write the completions here (JSONL)."),
-        click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True),
+        click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True),
         click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0: greedy."),
         click.option("--top-p", type=TOP_P, default=1.0, show_default=True),
         click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--batch-size", type=BATCH, default=8, show_default=True,
                      help="Prompts generated together (capped by what the plan says fits)."),
-        click.option("--prompt-len", type=TOKENS, default=512, show_default=True,
+        click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True,
                      help="Longest prompt to plan memory for."),
         click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter directory."),
         template_option(TEMPLATE_CHOICES),

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from llmplan.planner.plan import PlanError
-from llmplan.planner.defaults import DEFAULT_LORA_R, DEFAULT_SEQ_LEN
+from llmplan.planner.defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_SEQ_LEN
 from llmplan.planner.request import Kernels, Method, Offload, Precision, RequestError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
 from llmplan.runtime.submission import FinetuneSubmission, InferenceSubmission, submission_from
@@ -79,7 +79,7 @@ def submit_infer(address: str | None, wait: bool, db_url: str | None, as_json: b
 @click.option("--workers", type=WORKERS, default=1, show_default=True,
               help="Data-parallel processes when training on the CPU (on GPUs: one per GPU).")
 @click.option("--lora-r", type=LORA_RANK, default=DEFAULT_LORA_R, show_default=True, callback=lora_needs_lora)
-@click.option("--lora-targets", default="all-linear", show_default=True, callback=lora_needs_lora,
+@click.option("--lora-targets", default=ALL_LINEAR, show_default=True, callback=lora_needs_lora,
               help="Comma list or all-linear.")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--kernels", type=choice_of(Kernels), default=Kernels.LIGER.value, show_default=True,

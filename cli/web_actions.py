@@ -55,6 +55,8 @@ def option_choices() -> dict[str, dict[str, list[str]]]:
 
 def plan_json(form: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
     """`llmplan fit --json` for the plan form's fields (already validated: web_api.PlanForm)."""
+    from llmplan.planner.defaults import (DEFAULT_GLOBAL_BATCH, DEFAULT_MARGIN, DEFAULT_MAX_NEW_TOKENS,
+                                          DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN)
     from llmplan.planner.hardware import deepspeed_preflight, find_nvcc
     from llmplan.planner.nvml_probe import probe_gpus
 
@@ -62,12 +64,13 @@ def plan_json(form: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
 
     values = {name: value for name, value in form.items() if value is not None}
     sizes = {name: values.pop(name, default) for name, default in
-             (("seq_len", 512), ("batch_size", 16), ("prompt_len", 512), ("max_new_tokens", 256))}
+             (("seq_len", DEFAULT_SEQ_LEN), ("batch_size", DEFAULT_GLOBAL_BATCH), ("prompt_len", DEFAULT_PROMPT_LEN),
+              ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))}
     report = build_report(checked_model(values.pop("model"), roots), probe=probe_gpus,
                           preflight=deepspeed_preflight(None, find_nvcc()),
                           gpus=values.get("gpus"), gpu_name=values.get("gpu"), gpu_mem=values.get("gpu_mem"),
                           task=values.get("task", "finetune"), method=values.get("method", "auto"),
-                          margin=values.get("margin", 0.10), top=values.get("top", 5), sizes=sizes)
+                          margin=values.get("margin", DEFAULT_MARGIN), top=values.get("top", 5), sizes=sizes)
     document = report.to_dict()
     for shown, candidate in zip(document["candidates"], report.result.candidates):
         shown["job"] = candidate_spec(report, candidate)

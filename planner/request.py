@@ -9,11 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha
 from .models import ModelSpec
 
 
 class RequestError(ValueError):
     """A request that cannot be estimated as asked; the message says what to change."""
+
+
+def values_of(enum: type[Enum]) -> tuple[str, ...]:
+    """An enum's values as users type them, in its order: what a command's choices and a config accept."""
+    return tuple(member.value for member in enum)
 
 
 class Task(str, Enum):
@@ -82,15 +88,12 @@ class Kernels(str, Enum):
 # the runtime applies it to these only, and the estimator models it for these only.
 LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
 
-ALL_LINEAR = "all-linear"
-
-
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA adapters; `targets` is a tuple of module names or ("all-linear",) (PEFT's spelling)."""
 
-    r: int = 8
-    alpha: int = 16
+    r: int = DEFAULT_LORA_R
+    alpha: int = lora_alpha(DEFAULT_LORA_R)
     targets: tuple[str, ...] = (ALL_LINEAR,)
 
     def __post_init__(self) -> None:
@@ -149,10 +152,10 @@ class EstimateRequest:
     method: Method = Method.LORA
     precision: Precision = Precision.BF16_TRUE
     quant: Quant = Quant.NONE
-    batch_size: int = 1  # per GPU (the micro-batch for fine-tuning)
-    seq_len: int = 512  # fine-tuning
-    prompt_len: int = 512  # inference
-    max_new_tokens: int = 256  # inference
+    micro_batch_size: int = 1  # sequences per GPU in one pass: fine-tuning's micro-batch, one model copy's batch
+    seq_len: int = DEFAULT_SEQ_LEN  # fine-tuning
+    prompt_len: int = DEFAULT_PROMPT_LEN  # inference
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # inference
     lora: LoraSpec = field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
     optimizer: Optimizer = Optimizer.ADAMW
@@ -163,7 +166,7 @@ class EstimateRequest:
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
-        sizes = {"--batch-size": self.batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
+        sizes = {"--batch-size": self.micro_batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
                  "--max-new-tokens": self.max_new_tokens}
         for option, value in sizes.items():
             if value <= 0:
@@ -210,4 +213,4 @@ class EstimateRequest:
     def tokens(self) -> int:
         """Tokens in flight per GPU: one micro-batch of sequences, or prompts plus generated tokens."""
         length = self.seq_len if self.task is Task.FINETUNE else self.prompt_len + self.max_new_tokens
-        return self.batch_size * length
+        return self.micro_batch_size * length

@@ -19,7 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from llmplan.planner.defaults import DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets
+from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_GLOBAL_BATCH, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS,
+                                      DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
 
 DEFAULT_MAX_RETRIES = 2  # re-planned retries after running out of memory
 
@@ -83,8 +84,8 @@ class FinetuneSubmission:
     fsdp: str | None = None
     fsdp_offload: bool = False
     workers: int = 1
-    lora_r: int = 8
-    lora_targets: str = "all-linear"
+    lora_r: int = DEFAULT_LORA_R
+    lora_targets: str = ALL_LINEAR
     lora_dropout: float = 0.0
     kernels: str = "liger"
     epochs: float | None = None
@@ -103,7 +104,7 @@ class FinetuneSubmission:
             return self.batch_size
         if self.micro_batch and self.grad_accum:
             return self.micro_batch * self.grad_accum * (self.gpus or self.workers)
-        return 16
+        return DEFAULT_GLOBAL_BATCH
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,12 @@ class InferenceSubmission:
     prompts: tuple[str, ...] = ()
     input_path: str | None = None
     output: str | None = None
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
-    prompt_len: int = DEFAULT_SEQ_LEN
+    prompt_len: int = DEFAULT_PROMPT_LEN
     adapter: str | None = None
     template: str = "auto"
     precision: str | None = None
@@ -414,10 +415,16 @@ def learned_margin_in(engine: Any) -> Callable[[str, str], float]:
 def resumed(engine: Any, job_id: int) -> tuple[Any, Any]:
     """The plan and config of a failed or cancelled job, set to continue from its latest checkpoint."""
     from llmplan.planner.plan import FinetunePlan
+    from llmplan.runtime.store.db import display_url
+    from llmplan.runtime.store.errors import UnknownJobError
     from llmplan.runtime.store.repository import get_job
     from llmplan.runtime.train_config import TrainConfig
 
-    job = get_job(engine, job_id)
+    try:
+        job = get_job(engine, job_id)
+    except UnknownJobError:
+        raise SubmissionError(f"--resume {job_id}: no job {job_id} in {display_url(engine.url)}: `llmplan jobs` "
+                              "lists the recorded jobs", "resume_job") from None
     if job.kind.value != FINETUNE:
         raise SubmissionError(f"job {job_id} is an inference job: only fine-tuning resumes from checkpoints",
                               "resume_job")

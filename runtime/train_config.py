@@ -11,13 +11,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from llmplan.planner.defaults import lora_alpha
+from llmplan.planner.defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_SEQ_LEN, lora_alpha
+from llmplan.planner.request import Kernels, Method, Offload, Optimizer, Precision, values_of
+from llmplan.planner.search import Backend
 
-METHODS = ("full", "lora", "qlora")
-PRECISIONS = ("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")
-OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
-BACKENDS = ("single", "ddp", "deepspeed")
-OFFLOADS = ("none", "optimizer", "params")
+METHODS = values_of(Method)
+PRECISIONS = values_of(Precision)
+OPTIMIZERS = values_of(Optimizer)
+BACKENDS = tuple(backend.value for backend in Backend if backend is not Backend.FSDP)  # the runtime has no FSDP
+OFFLOADS = values_of(Offload)
+KERNELS = values_of(Kernels)
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
 # The fields a FinetunePlan decides (`TrainConfig.from_plan`); lora_alpha follows lora_r.
@@ -61,7 +64,7 @@ class TrainConfig:
     precision: str = "bf16-true"
     micro_batch: int = 1
     grad_accum: int = 1
-    seq_len: int = 512
+    seq_len: int = DEFAULT_SEQ_LEN
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     lr: float = 2e-4
@@ -70,10 +73,10 @@ class TrainConfig:
     warmup_steps: int = 10
     max_steps: int | None = None  # optimizer steps; None: run `epochs`
     epochs: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = DEFAULT_LORA_R
+    lora_alpha: int = lora_alpha(DEFAULT_LORA_R)
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("all-linear",)
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
     seed: int = 0
     log_every: int = 1
@@ -101,7 +104,7 @@ class TrainConfig:
             raise TrainConfigError("several workers need backend ddp or deepspeed")
         if self.backend == "deepspeed" and self.zero not in (1, 2, 3):
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
-        if self.kernels not in (None, "liger", "none"):
+        if self.kernels is not None and self.kernels not in KERNELS:
             raise TrainConfigError(f"kernels must be liger or none, got {self.kernels!r}")
         if self.offload not in OFFLOADS:
             raise TrainConfigError(f"offload must be one of {', '.join(OFFLOADS)}, got {self.offload!r}")
@@ -169,5 +172,5 @@ class TrainConfig:
             raise TrainConfigError(f"unknown keys: {', '.join(unknown)}")
         values = dict(data)
         values["data"] = DataConfig(**values["data"]) if isinstance(values.get("data"), dict) else values["data"]
-        values["lora_targets"] = tuple(values.get("lora_targets", ("all-linear",)))
+        values["lora_targets"] = tuple(values.get("lora_targets", (ALL_LINEAR,)))
         return cls(**values)
