@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from llmplan.runtime.submission import DEFAULT_MAX_RETRIES
+from llmplan.runtime.job_request import DEFAULT_MAX_RETRIES
 
 from .cluster import reachable_address
 from .options import PRIORITY, UserError

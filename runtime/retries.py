@@ -24,7 +24,7 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import ErrorClass
 
-from .submission import JobRequest
+from .job_request import JobRequest
 from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig
 
 CHECKPOINT_GLOB = f"{CHECKPOINTS}/step-*/{STATE_FILE}"

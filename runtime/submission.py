@@ -22,7 +22,7 @@ from typing import Any
 from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_GLOBAL_BATCH, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS,
                                       DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
 
-DEFAULT_MAX_RETRIES = 2  # re-planned retries after running out of memory
+from .job_request import DEFAULT_MAX_RETRIES, JobRequest
 
 FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: install DeepSpeed with a CUDA toolkit "
                 "(nvcc) and plan with `llmplan fit --deepspeed`, or use --method qlora")
@@ -136,45 +136,6 @@ def submission_from(kind: type, values: Mapping[str, Any]) -> Any:
     queue_names = {field.name for field in dataclasses.fields(Queueing)}
     queueing = Queueing(**{name: values[name] for name in queue_names if values.get(name) is not None})
     return kind(**{name: value for name, value in values.items() if name in names}, queueing=queueing)
-
-
-# ---- what a job's record keeps ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobRequest:
-    """A job's request as the store keeps it, besides its plan: who runs it, how often it is retried, the
-    hardware it was planned for, a fine-tuning's config and the memory margin it was planned with, where
-    its folder and the model cache are. An inference job's inputs are stored beside these keys."""
-
-    runner: str | None = None  # scheduler.SCHEDULER_RUNNER when the scheduler runs it
-    max_retries: int = DEFAULT_MAX_RETRIES
-    hardware: dict[str, Any] | None = None  # planner.hardware.Hardware.to_dict(); None: the CPU
-    config: dict[str, Any] | None = None  # TrainConfig.to_dict()
-    margin: float | None = None
-    jobs_dir: str | None = None
-    model_cache: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        stored = {"runner": self.runner, "max_retries": self.max_retries, "jobs_dir": self.jobs_dir,
-                  "model_cache": self.model_cache, "hardware": self.hardware}
-        optional = {"config": self.config, "margin": self.margin}
-        return {**stored, **{key: value for key, value in optional.items() if value is not None}}
-
-    @classmethod
-    def from_dict(cls, request: Mapping[str, Any]) -> "JobRequest":
-        """The request's known keys (an inference job's inputs and the task are not among them)."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        values = {key: value for key, value in request.items() if key in known and value is not None}
-        return cls(**values)
-
-    @property
-    def card(self) -> str:
-        """The GPU it was planned for, or "cpu"."""
-        return self.hardware["gpu"] if self.hardware else "cpu"
-
-    def planned_hardware(self) -> Any:
-        from llmplan.planner.hardware import hardware_from_dict
-
-        return hardware_from_dict(self.hardware) if self.hardware else None
 
 
 # ---- the cluster a job goes to ------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from llmplan.cli.submit import SpecError, spec_key, spec_submission, submit_finetune, submit_infer
-from llmplan.runtime.submission import (FinetuneSubmission, InferenceSubmission, JobRequest, Queueing,
-                                        SubmissionError, load_items, submission_from)
+from llmplan.runtime.job_request import JobRequest
+from llmplan.runtime.submission import (FinetuneSubmission, InferenceSubmission, Queueing, SubmissionError, load_items,
+                                        submission_from)
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
 
