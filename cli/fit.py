@@ -29,15 +29,14 @@ from llmplan.planner.units import format_gib
 from .commands import DATA_PLACEHOLDER, PROMPT_PLACEHOLDER, command_line as llmplan_command, plain, weights_placeholder
 from .memory_view import breakdown_table
 from .options import (BATCH, DATA_TOKENS, EPOCHS, EXIT_INFEASIBLE, FRACTION, GPUS, LORA_RANK, ROWS, SIZE, TOKENS,
-                      UserError,
-                      choice_of, json_option, model_argument, print_json, user_errors)
+                      UserError, choice_of, former_spelling, json_option, model_argument, print_json, user_errors)
 
 # A data set file larger than this is sampled: its first SAMPLE_BYTES, scaled by the file size.
 SAMPLE_BYTES = 64 * 2**20
 
 
 class DatasetError(ValueError):
-    """A --dataset that cannot be sized; the message says what to pass instead."""
+    """A --data file that cannot be sized; the message says what to pass instead."""
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -79,12 +78,12 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
     `seq_len` (the trainer truncates); anything else is plain text, packed into sequences.
     """
     if not path.exists():
-        raise DatasetError(f"--dataset {path}: no such file (or give the size with --tokens N)")
+        raise DatasetError(f"--data {path}: no such file (or give the size with --tokens N)")
     if path.is_dir():
-        raise DatasetError(f"--dataset {path} is a directory: point to a .jsonl, .json or text file, or give --tokens N")
+        raise DatasetError(f"--data {path} is a directory: point to a .jsonl, .json or text file, or give --tokens N")
     size = path.stat().st_size
     if size == 0:
-        raise DatasetError(f"--dataset {path} is empty")
+        raise DatasetError(f"--data {path} is empty")
     with path.open("rb") as handle:
         sample = handle.read(SAMPLE_BYTES)
     scale = size / len(sample)
@@ -98,15 +97,15 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
         try:
             records = [json.loads(line) for line in lines if line.strip()]
         except (ValueError, RecursionError) as error:  # also nested too deeply, or a number of 5,000 digits
-            raise DatasetError(f"--dataset {path}: not JSON Lines ({_json_problem(error)})") from error
+            raise DatasetError(f"--data {path}: not JSON Lines ({_json_problem(error)})") from error
     elif suffix == ".json":
         if scale > 1:
-            raise DatasetError(f"--dataset {path} is a JSON file over {SAMPLE_BYTES // 2**20} MiB: convert it to "
+            raise DatasetError(f"--data {path} is a JSON file over {SAMPLE_BYTES // 2**20} MiB: convert it to "
                                "JSON Lines or give --tokens N")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as error:
-            raise DatasetError(f"--dataset {path}: not JSON ({_json_problem(error)})") from error
+            raise DatasetError(f"--data {path}: not JSON ({_json_problem(error)})") from error
         records = data if isinstance(data, list) else [data]
     how = f"~{CHARS_PER_TOKEN:g} characters per token"
     if records is None:
@@ -434,8 +433,9 @@ def _render_infeasible(report: Report, console) -> None:
               help="Global: sequences per optimizer step (fine-tuning) or generated at once (inference).")
 @click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True, help="Inference prompt tokens.")
 @click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
-@click.option("--dataset", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
-@click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --dataset).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
+@former_spelling("--dataset", "data", type=click.Path(path_type=Path))
+@click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --data).")
 @click.option("--epochs", type=EPOCHS, default=1.0, show_default=True)
 @click.option("--margin", type=FRACTION, default=DEFAULT_MARGIN, show_default=True, help="Share of GPU memory left free.")
 @click.option("--top", type=ROWS, default=5, show_default=True, help="Rows to show.")
@@ -449,7 +449,7 @@ def _render_infeasible(report: Report, console) -> None:
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)
 def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, gpu_mem: str | None, task: str,
-        method: str, dataset: Path | None, tokens: int | None, epochs: float, margin: float, top: int, lora_r: int,
+        method: str, data: Path | None, tokens: int | None, epochs: float, margin: float, top: int, lora_r: int,
         lora_targets: str, deepspeed: bool | None, as_json: bool, **sizes: int) -> None:
     """Find the configurations of MODEL that fit the GPUs at hand, ranked by estimated throughput.
 
@@ -458,7 +458,7 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
     Exit status 1 when nothing fits (the output says what would), 2 for bad input.
     """
     report = build_report(model, probe=_probe(ctx), preflight=_preflight(ctx, deepspeed), gpus=gpus, gpu_name=gpu_name,
-                          gpu_mem=gpu_mem, task=task, method=method, dataset=dataset, tokens=tokens, epochs=epochs,
+                          gpu_mem=gpu_mem, task=task, method=method, dataset=data, tokens=tokens, epochs=epochs,
                           margin=margin, top=top, lora_r=lora_r, lora_targets=lora_targets, sizes=sizes)
     result = report.result
     if as_json:
@@ -477,7 +477,7 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
                  lora_targets: str = ALL_LINEAR, sizes: dict[str, int]) -> Report:
     """What `llmplan fit` answers (and the dashboard's plan form shows): the search and everything to print."""
     if dataset is not None and tokens is not None:
-        raise UserError("--dataset and --tokens both size the run: give one")
+        raise UserError("--data and --tokens both size the run: give one")
     task_ = Task(task)
     if task_ is Task.INFER and method != "auto":
         raise UserError(f"--method {method} describes fine-tuning: drop it or use --task finetune")

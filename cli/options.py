@@ -252,6 +252,12 @@ SIZE = SizeType()
 OUTPUT_DIR = OutputDirType()
 
 
+def former_spelling(old: str, name: str, **attributes: Any) -> Callable:
+    """The option's former spelling (`--dataset` for `--data`), hidden and deprecated, kept for the scripts that
+    use it: it sets the same value as the option named `name` (the later of the two on a command line wins)."""
+    return click.option(old, name, hidden=True, default=None, **attributes)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 model_argument = click.argument("model", metavar="MODEL")
 

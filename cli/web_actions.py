@@ -287,7 +287,7 @@ MERGE_TIMEOUT_S = 1800.0  # loading the base model and saving it merged
 
 
 def merge_json(scope: Scope, engine: Any, job_id: int, body: dict[str, Any]) -> dict[str, Any]:
-    """As `llmplan merge JOB'S-MODEL JOB'S-ADAPTER --out OUTPUT`, for a succeeded LoRA job (409 otherwise),
+    """As `llmplan merge JOB'S-MODEL JOB'S-ADAPTER --output OUTPUT`, for a succeeded LoRA job (409 otherwise),
     into a new folder inside the roots; the merge runs in a process of its own: {"id", "output"}."""
     from llmplan.runtime.store.repository import JobKind, JobStatus, get_job
 
