@@ -146,6 +146,8 @@ def param_keys(param: click.Parameter) -> set[str]:
 
 def spec_key(task: str, name: str | None) -> str | None:
     """The job spec key of a submission's field (`input_path` -> `input`); None for none."""
+    if name is None:
+        return None
     for param in spec_command(task).params:
         if param.name == name:
             return param.opts[0].lstrip("-")

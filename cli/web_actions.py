@@ -161,6 +161,8 @@ def submit_json(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
 def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
     """In a Ray call's process: plan the job for the cluster, check it, record it queued (`runtime.submission`);
     a refused field is named by its job spec key."""
+    from llmplan.planner.plan import PlanError
+    from llmplan.planner.request import RequestError
     from llmplan.runtime.store.db import open_store
     from llmplan.runtime.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
     from llmplan.runtime.train_config import TrainConfigError
@@ -172,8 +174,8 @@ def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
         cluster = Cluster(engine, scope.address)
         job, plan = (queue_finetune if task == "finetune" else queue_inference)(cluster, submission)
         return queued_document(job.id, plan, cluster.jobs_root)
-    except (SubmissionError, TrainConfigError) as error:
-        raise FieldError(spec_key(task, error.field), str(error)) from None
+    except (SubmissionError, TrainConfigError, RequestError, PlanError) as error:
+        raise ApiError(HTTPStatus.BAD_REQUEST, str(error), spec_key(task, error.field)) from None
     finally:
         engine.dispose()
 

@@ -22,7 +22,11 @@ DTYPE_OF_PRECISION = {Precision.BF16_TRUE: "bf16", Precision.FP16_TRUE: "fp16", 
 
 
 class PlanError(ValueError):
-    """Nothing the planner can run fits; the message says what would."""
+    """Nothing the planner can run fits; the message says what would (`field`: the field at fault, when one is)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def plan_to_dict(plan: Any) -> dict[str, Any]:
@@ -221,7 +225,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
     per_gpu = ask.batch_size // hardware.count
     if ask.micro_batch and (ask.batch_size % hardware.count or per_gpu % ask.micro_batch):
         raise PlanError(f"--batch-size {ask.batch_size} over {hardware.count} GPU(s) is not a multiple of "
-                        f"--micro-batch {ask.micro_batch}")
+                        f"--micro-batch {ask.micro_batch}", "batch_size")
     result = search(fit)
     wanted = [c for c in result.candidates if _honours(c, ask)]
     if not wanted:
@@ -269,7 +273,7 @@ def _cpu_finetune(ask: FinetuneAsk) -> FinetunePlan:
     micro = ask.micro_batch or min(per_worker, 4)
     if per_worker % micro:
         raise PlanError(f"--batch-size {ask.batch_size} over {ask.workers} worker(s) is not a multiple of "
-                        f"--micro-batch {micro}")
+                        f"--micro-batch {micro}", "batch_size")
     req = EstimateRequest(model=ask.spec, task=Task.FINETUNE, method=method, precision=precision, micro_batch_size=micro,
                           seq_len=ask.seq_len, lora=ask.lora, gradient_checkpointing=bool(ask.gradient_checkpointing),
                           lora_dropout=ask.lora_dropout)

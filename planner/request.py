@@ -14,7 +14,12 @@ from .models import ModelSpec
 
 
 class RequestError(ValueError):
-    """A request that cannot be estimated as asked; the message says what to change."""
+    """A request that cannot be estimated as asked; the message says what to change, `field` the field (of
+    the request, named as the submission's) at fault, when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def values_of(enum: type[Enum]) -> tuple[str, ...]:
@@ -98,9 +103,9 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise RequestError(f"--lora-r must be positive, got {self.r}")
+            raise RequestError(f"--lora-r must be positive, got {self.r}", "lora_r")
         if not self.targets:
-            raise RequestError("--lora-targets is empty: name modules (q_proj,v_proj) or use all-linear")
+            raise RequestError("--lora-targets is empty: name modules (q_proj,v_proj) or use all-linear", "lora_targets")
 
     def target_shapes(self, model: ModelSpec) -> dict[str, tuple[int, int]]:
         """(in, out) of each targeted linear in one block; unknown names are an error."""
@@ -111,7 +116,7 @@ class LoraSpec:
         if unknown:
             raise RequestError(
                 f"--lora-targets: {model.name} has no linear layer named {', '.join(unknown)}; its layers are "
-                f"{', '.join(linears)} (or use all-linear)"
+                f"{', '.join(linears)} (or use all-linear)", "lora_targets"
             )
         return {name: linears[name] for name in self.targets}
 
@@ -136,13 +141,15 @@ class Parallelism:
 
     def __post_init__(self) -> None:
         if self.gpus <= 0:
-            raise RequestError(f"--gpus must be at least 1, got {self.gpus}")
+            raise RequestError(f"--gpus must be at least 1, got {self.gpus}", "gpus")
         if self.zero not in (0, 1, 2, 3):
-            raise RequestError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise RequestError(f"--zero must be 0, 1, 2 or 3, got {self.zero}", "zero")
         if self.offload is not Offload.NONE and self.zero == 0:
-            raise RequestError("--offload needs DeepSpeed: add --zero 2 (optimizer) or --zero 3 (optimizer or params)")
+            raise RequestError("--offload needs DeepSpeed: add --zero 2 (optimizer) or --zero 3 (optimizer or params)",
+                               "offload")
         if self.offload is Offload.PARAMS and self.zero != 3:
-            raise RequestError("--offload params needs --zero 3 (DeepSpeed offloads parameters only in stage 3)")
+            raise RequestError("--offload params needs --zero 3 (DeepSpeed offloads parameters only in stage 3)",
+                               "offload")
 
 
 @dataclass(frozen=True)
@@ -165,12 +172,13 @@ class EstimateRequest:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
+            raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}",
+                               "lora_dropout")
         sizes = {"--batch-size": self.micro_batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
                  "--max-new-tokens": self.max_new_tokens}
         for option, value in sizes.items():
             if value <= 0:
-                raise RequestError(f"{option} must be positive, got {value}")
+                raise RequestError(f"{option} must be positive, got {value}", option[2:].replace("-", "_"))
         if self.task is Task.INFER:
             self._check_inference()
         else:
@@ -178,22 +186,24 @@ class EstimateRequest:
 
     def _check_inference(self) -> None:
         if self.parallel.zero or self.parallel.offload is not Offload.NONE:
-            raise RequestError("--zero and --offload apply to fine-tuning; inference shards the model over --gpus")
+            raise RequestError("--zero and --offload apply to fine-tuning; inference shards the model over --gpus", "zero")
         if self.precision.is_mixed:
-            raise RequestError(f"--precision {self.precision.value} is a training mode: use bf16-true, fp16-true or fp32 for inference")
+            raise RequestError(f"--precision {self.precision.value} is a training mode: use bf16-true, fp16-true or fp32 for "
+                               "inference", "precision")
 
     def _check_finetuning(self) -> None:
         if self.method is Method.FULL and self.quant is not Quant.NONE:
             raise RequestError(
                 f"--quant {self.quant.value} freezes the weights, so full fine-tuning cannot update them: "
-                "use --method qlora (4-bit base + LoRA) or --quant none"
+                "use --method qlora (4-bit base + LoRA) or --quant none", "quant"
             )
         if self.method is Method.QLORA and self.quant is Quant.INT8:
-            raise RequestError("--method qlora loads the base in nf4: use --quant nf4 (or --method lora --quant int8)")
+            raise RequestError("--method qlora loads the base in nf4: use --quant nf4 (or --method lora --quant int8)",
+                               "quant")
         if self.method is not Method.FULL and self.precision.is_mixed:
             raise RequestError(
                 f"--precision {self.precision.value} keeps fp32 master weights, which a frozen LoRA base does not need: "
-                "use bf16-true (adapters stay fp32) or fp16-true"
+                "use bf16-true (adapters stay fp32) or fp16-true", "precision"
             )
         if self.max_new_tokens and self.task is Task.FINETUNE:
             pass  # generation lengths are ignored when fine-tuning

@@ -65,3 +65,14 @@ def test_a_job_request_round_trips_and_reads_what_older_records_lack() -> None:
     old = JobRequest.from_dict({"task": "infer", "prompts": ["Hi"], "hardware": None})
     assert (old.card, old.max_retries, old.config, old.margin) == ("cpu", 2, None, None)
     assert "margin" not in old.to_dict() and "config" not in old.to_dict()
+
+
+def test_a_planner_refusal_names_its_field_and_the_spec_key_of_it() -> None:
+    """What the dashboard reports as the field at fault comes from the error, not from its message."""
+    from llmplan.planner.request import RequestError
+    from llmplan.runtime.submission import finetune_ask
+
+    submission = FinetuneSubmission(model="SmolLM2-135M", data=str(DATA), lora_targets="q_proj,bogus_proj")
+    with pytest.raises(RequestError) as refused:
+        finetune_ask(submission)
+    assert refused.value.field == "lora_targets" and spec_key("finetune", refused.value.field) == "lora-targets"
