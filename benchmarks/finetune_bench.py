@@ -141,7 +141,7 @@ def estimate_for(method: str) -> int:
     from llmplan.planner.resolve import resolve_model
 
     request = EstimateRequest(model=resolve_model(str(MODEL_DIR)).spec, task=Task.FINETUNE, method=Method(method),
-                              quant=Quant.NF4 if method == "qlora" else Quant.NONE, batch_size=MICRO_BATCH,
+                              quant=Quant.NF4 if method == "qlora" else Quant.NONE, micro_batch_size=MICRO_BATCH,
                               seq_len=SEQ_LEN, lora=LoraSpec(r=LORA_R, alpha=2 * LORA_R, targets=TARGETS))
     return estimate(request).peak_bytes
 

@@ -83,7 +83,7 @@ def estimate_for(quant: str, batch: int, prompt: int, new: int) -> int:
     from llmplan.planner.resolve import resolve_model
 
     spec = resolve_model(str(MODEL_DIR)).spec
-    req = EstimateRequest(model=spec, task=Task.INFER, quant=Quant(quant), batch_size=batch, prompt_len=prompt,
+    req = EstimateRequest(model=spec, task=Task.INFER, quant=Quant(quant), micro_batch_size=batch, prompt_len=prompt,
                           max_new_tokens=new)
     return estimate(req).peak_bytes
 

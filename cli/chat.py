@@ -11,19 +11,18 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
+from llmplan.runtime.submission import inference_plan, store_jobs_root
 
 from .generate import (
     INFERENCE_PRECISIONS,
     announce_model,
     detect_hardware,
     empty_answer_hint,
-    make_plan,
     prompt_template,
     template_option,
 )
 from .jobs import db_option, open_engine
 from .options import choice_of, positive, user_errors
-from .scheduling import store_jobs_root
 
 COMMANDS = "/system TEXT sets the system prompt (and starts over), /reset starts over, /exit (or Ctrl-D) ends"
 HELP = f"type a message; {COMMANDS}"
@@ -52,7 +51,7 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
     from llmplan.runtime.generation import GenerationSettings
     from llmplan.runtime.ray_inference import stop_replicas
 
-    plan = make_plan(model, batch_size=1, prompt_len=context_len, max_new_tokens=max_new_tokens,
+    plan = inference_plan(model, batch_size=1, prompt_len=context_len, max_new_tokens=max_new_tokens,
                      precision=precision, quant=quant, hardware=detect_hardware(1))
     prompts_in = prompt_template(announce_model(plan.model), adapter, template)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,

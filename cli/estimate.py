@@ -7,8 +7,9 @@ import click
 from llmplan.planner.estimator import MemoryEstimate
 from llmplan.planner.estimator import estimate as estimate_memory
 from llmplan.planner.models import ModelSpec
+from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN,
+                                      DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
 from llmplan.planner.request import (
-    ALL_LINEAR,
     EstimateRequest,
     Kernels,
     LoraSpec,
@@ -40,11 +41,6 @@ from .options import (
 LORA_OPTIONS = ("lora_r", "lora_targets")
 
 
-def parse_targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    return (ALL_LINEAR,) if targets in ((), (ALL_LINEAR,)) else targets
-
-
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
@@ -73,12 +69,12 @@ def render(result: MemoryEstimate, model: ModelSpec, how: str) -> None:
 def _describe(req: EstimateRequest) -> str:
     gpus = f", {req.parallel.gpus} GPUs" if req.parallel.gpus > 1 else ""
     if req.task is Task.INFER:
-        return (f"inference, {req.precision.value}, quant {req.quant.value}, batch {req.batch_size}, "
+        return (f"inference, {req.precision.value}, quant {req.quant.value}, batch {req.micro_batch_size}, "
                 f"{req.prompt_len}+{req.max_new_tokens} tokens{gpus}")
     zero = f", ZeRO-{req.parallel.zero}" if req.parallel.zero else ""
     offload = f", offload {req.parallel.offload.value}" if req.parallel.offload is not Offload.NONE else ""
     gc = ", gradient checkpointing" if req.gradient_checkpointing else ""
-    return (f"{req.method.value} fine-tuning, {req.precision.value}, micro-batch {req.batch_size} x {req.seq_len} tokens, "
+    return (f"{req.method.value} fine-tuning, {req.precision.value}, micro-batch {req.micro_batch_size} x {req.seq_len} tokens, "
             f"{req.optimizer.value}{gc}{gpus}{zero}{offload}")
 
 
@@ -109,10 +105,10 @@ def to_json(result: MemoryEstimate, model: ModelSpec, how: str) -> dict:
 @click.option("--precision", type=choice_of(Precision), default="bf16-true", show_default=True)
 @click.option("--quant", type=choice_of(Quant), default="none", show_default=True, help="Weights in int8 (LLM.int8) or nf4.")
 @click.option("--batch-size", type=BATCH, default=1, show_default=True, help="Per GPU (micro-batch).")
-@click.option("--seq-len", type=TOKENS, default=512, show_default=True, help="Fine-tuning sequence length.")
-@click.option("--prompt-len", type=TOKENS, default=512, show_default=True, help="Inference prompt tokens.")
-@click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True)
-@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
+@click.option("--seq-len", type=TOKENS, default=DEFAULT_SEQ_LEN, show_default=True, help="Fine-tuning sequence length.")
+@click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True, help="Inference prompt tokens.")
+@click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
+@click.option("--lora-r", type=LORA_RANK, default=DEFAULT_LORA_R, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
 @click.option("--optimizer", type=choice_of(Optimizer), default="adamw", show_default=True)
@@ -137,11 +133,11 @@ def estimate(ctx: click.Context, model: str, task: str, method: str, lora_r: int
         method=method_,
         precision=Precision(sizes["precision"]),
         quant=Quant(sizes["quant"]),
-        batch_size=sizes["batch_size"],
+        micro_batch_size=sizes["batch_size"],
         seq_len=sizes["seq_len"],
         prompt_len=sizes["prompt_len"],
         max_new_tokens=sizes["max_new_tokens"],
-        lora=LoraSpec(r=lora_r, alpha=2 * lora_r, targets=parse_targets(lora_targets)),
+        lora=LoraSpec(r=lora_r, alpha=lora_alpha(lora_r), targets=parse_lora_targets(lora_targets)),
         gradient_checkpointing=sizes["gradient_checkpointing"],
         optimizer=Optimizer(sizes["optimizer"]),
         parallel=Parallelism(gpus=gpus, zero=zero, offload=Offload(offload)),

@@ -18,7 +18,9 @@ from typing import Any
 import click
 
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
-from llmplan.planner.request import ALL_LINEAR, Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
+from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MARGIN, DEFAULT_MAX_NEW_TOKENS,
+                                      DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
+from llmplan.planner.request import Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
 from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, FitRequest, FitResult, search
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
@@ -27,15 +29,14 @@ from llmplan.planner.units import format_gib
 from .commands import DATA_PLACEHOLDER, PROMPT_PLACEHOLDER, command_line as llmplan_command, plain, weights_placeholder
 from .memory_view import breakdown_table
 from .options import (BATCH, DATA_TOKENS, EPOCHS, EXIT_INFEASIBLE, FRACTION, GPUS, LORA_RANK, ROWS, SIZE, TOKENS,
-                      UserError,
-                      choice_of, json_option, model_argument, print_json, user_errors)
+                      UserError, choice_of, former_spelling, json_option, model_argument, print_json, user_errors)
 
 # A data set file larger than this is sampled: its first SAMPLE_BYTES, scaled by the file size.
 SAMPLE_BYTES = 64 * 2**20
 
 
 class DatasetError(ValueError):
-    """A --dataset that cannot be sized; the message says what to pass instead."""
+    """A --data file that cannot be sized; the message says what to pass instead."""
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -77,12 +78,12 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
     `seq_len` (the trainer truncates); anything else is plain text, packed into sequences.
     """
     if not path.exists():
-        raise DatasetError(f"--dataset {path}: no such file (or give the size with --tokens N)")
+        raise DatasetError(f"--data {path}: no such file (or give the size with --tokens N)")
     if path.is_dir():
-        raise DatasetError(f"--dataset {path} is a directory: point to a .jsonl, .json or text file, or give --tokens N")
+        raise DatasetError(f"--data {path} is a directory: point to a .jsonl, .json or text file, or give --tokens N")
     size = path.stat().st_size
     if size == 0:
-        raise DatasetError(f"--dataset {path} is empty")
+        raise DatasetError(f"--data {path} is empty")
     with path.open("rb") as handle:
         sample = handle.read(SAMPLE_BYTES)
     scale = size / len(sample)
@@ -96,15 +97,15 @@ def dataset_tokens(path: Path, seq_len: int) -> tuple[int, str]:
         try:
             records = [json.loads(line) for line in lines if line.strip()]
         except (ValueError, RecursionError) as error:  # also nested too deeply, or a number of 5,000 digits
-            raise DatasetError(f"--dataset {path}: not JSON Lines ({_json_problem(error)})") from error
+            raise DatasetError(f"--data {path}: not JSON Lines ({_json_problem(error)})") from error
     elif suffix == ".json":
         if scale > 1:
-            raise DatasetError(f"--dataset {path} is a JSON file over {SAMPLE_BYTES // 2**20} MiB: convert it to "
+            raise DatasetError(f"--data {path} is a JSON file over {SAMPLE_BYTES // 2**20} MiB: convert it to "
                                "JSON Lines or give --tokens N")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as error:
-            raise DatasetError(f"--dataset {path}: not JSON ({_json_problem(error)})") from error
+            raise DatasetError(f"--data {path}: not JSON ({_json_problem(error)})") from error
         records = data if isinstance(data, list) else [data]
     how = f"~{CHARS_PER_TOKEN:g} characters per token"
     if records is None:
@@ -124,11 +125,6 @@ def _json_problem(error: Exception) -> str:
 
 def _methods(method: str) -> tuple[Method, ...]:
     return ALL_METHODS if method == "auto" else (Method(method),)
-
-
-def _parse_targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    return (ALL_LINEAR,) if targets in ((), (ALL_LINEAR,)) else targets
 
 
 # ---- commands and job specs -----------------------------------------------------------------------------
@@ -152,11 +148,11 @@ def job_spec(candidate: Candidate, model: str, data: str, epochs: float | None) 
         if req.quant is not Quant.NONE:
             spec["quant"] = req.quant.value
         # --gpus is the total: the runtime's planner makes the same replicas-or-sharding choice from it.
-        spec |= {"batch-size": req.batch_size, "prompt-len": req.prompt_len, "max-new-tokens": req.max_new_tokens,
+        spec |= {"batch-size": req.micro_batch_size, "prompt-len": req.prompt_len, "max-new-tokens": req.max_new_tokens,
                  "gpus": strategy.gpus}
         return spec
     spec = {"model": model, "method": req.method.value, "precision": req.precision.value,
-            "micro-batch": req.batch_size, "grad-accum": candidate.grad_accum}
+            "micro-batch": req.micro_batch_size, "grad-accum": candidate.grad_accum}
     if req.method is not Method.FULL:
         if req.lora.r != LoraSpec().r:
             spec["lora-r"] = req.lora.r
@@ -435,17 +431,18 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--task", type=choice_of(Task), default="finetune", show_default=True)
 @click.option("--method", type=click.Choice(["auto", *(m.value for m in Method)], case_sensitive=False), default="auto",
               show_default=True, help="auto: full, LoRA and QLoRA, whichever is fastest.")
-@click.option("--seq-len", type=TOKENS, default=512, show_default=True, help="Fine-tuning sequence length.")
+@click.option("--seq-len", type=TOKENS, default=DEFAULT_SEQ_LEN, show_default=True, help="Fine-tuning sequence length.")
 @click.option("--batch-size", type=BATCH, default=16, show_default=True,
               help="Global: sequences per optimizer step (fine-tuning) or generated at once (inference).")
-@click.option("--prompt-len", type=TOKENS, default=512, show_default=True, help="Inference prompt tokens.")
-@click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True)
-@click.option("--dataset", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
-@click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --dataset).")
+@click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True, help="Inference prompt tokens.")
+@click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
+@former_spelling("--dataset", "data", type=click.Path(path_type=Path))
+@click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --data).")
 @click.option("--epochs", type=EPOCHS, default=1.0, show_default=True)
-@click.option("--margin", type=FRACTION, default=0.10, show_default=True, help="Share of GPU memory left free.")
+@click.option("--margin", type=FRACTION, default=DEFAULT_MARGIN, show_default=True, help="Share of GPU memory left free.")
 @click.option("--top", type=ROWS, default=5, show_default=True, help="Rows to show.")
-@click.option("--lora-r", type=LORA_RANK, default=8, show_default=True)
+@click.option("--lora-r", type=LORA_RANK, default=DEFAULT_LORA_R, show_default=True)
 @click.option("--lora-targets", default=ALL_LINEAR, show_default=True, help="Comma list (q_proj,v_proj) or all-linear.")
 @click.option("--deepspeed/--no-deepspeed", default=None, help="Plan with or without DeepSpeed [default: if nvcc is found].")
 @click.option("--kernels", type=choice_of(Kernels), default="liger", show_default=True, callback=lambda _c, _p, v: Kernels(v),
@@ -457,7 +454,7 @@ def _render_infeasible(report: Report, console) -> None:
 @click.pass_context
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)
 def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, gpu_mem: str | None, task: str,
-        method: str, dataset: Path | None, tokens: int | None, epochs: float, margin: float, top: int, lora_r: int,
+        method: str, data: Path | None, tokens: int | None, epochs: float, margin: float, top: int, lora_r: int,
         lora_targets: str, deepspeed: bool | None, as_json: bool, **sizes: int) -> None:
     """Find the configurations of MODEL that fit the GPUs at hand, ranked by estimated throughput.
 
@@ -466,7 +463,7 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
     Exit status 1 when nothing fits (the output says what would), 2 for bad input.
     """
     report = build_report(model, probe=_probe(ctx), preflight=_preflight(ctx, deepspeed), gpus=gpus, gpu_name=gpu_name,
-                          gpu_mem=gpu_mem, task=task, method=method, dataset=dataset, tokens=tokens, epochs=epochs,
+                          gpu_mem=gpu_mem, task=task, method=method, dataset=data, tokens=tokens, epochs=epochs,
                           margin=margin, top=top, lora_r=lora_r, lora_targets=lora_targets, sizes=sizes)
     result = report.result
     if as_json:
@@ -485,7 +482,7 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
                  lora_targets: str = ALL_LINEAR, sizes: dict[str, int]) -> Report:
     """What `llmplan fit` answers (and the dashboard's plan form shows): the search and everything to print."""
     if dataset is not None and tokens is not None:
-        raise UserError("--dataset and --tokens both size the run: give one")
+        raise UserError("--data and --tokens both size the run: give one")
     task_ = Task(task)
     if task_ is Task.INFER and method != "auto":
         raise UserError(f"--method {method} describes fine-tuning: drop it or use --task finetune")
@@ -496,7 +493,7 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
         tokens, data_note = dataset_tokens(dataset, sizes["seq_len"])
     fit_request = FitRequest(
         model=resolved.spec, hardware=hardware, task=task_, methods=_methods(method), lora=LoraSpec(
-            r=lora_r, alpha=2 * lora_r, targets=_parse_targets(lora_targets)),
+            r=lora_r, alpha=lora_alpha(lora_r), targets=parse_lora_targets(lora_targets)),
         tokens=tokens, epochs=epochs, margin=margin, deepspeed=preflight.deepspeed, **sizes)
     result = search(fit_request)
     inference = search(_inference_request(fit_request), advise=False) if task_ is Task.FINETUNE else None

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import click
 
-from llmplan.planner.plan import InferenceAsk, InferencePlan, PlanError, plan_inference
+from llmplan.planner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN
+from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Precision, Quant
-from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
+from llmplan.planner.resolve import ModelConfigError, UnknownModelError
+from llmplan.runtime.submission import InferenceSubmission, SubmissionError, prepare_inference, submission_from
 
 from .jobs import db_option, open_engine
 from .options import (BATCH, GPUS, SEED, TEMPERATURE, TOKENS, TOP_P, UserError, choice_of, json_option, model_argument,
                       print_json, user_errors)
 
-INFERENCE_PRECISIONS = ("bf16-true", "fp16-true", "fp32")
+INFERENCE_PRECISIONS = tuple(precision.value for precision in Precision if not precision.is_mixed)
 
 
 def detect_hardware(gpus: int | None):
@@ -27,15 +29,6 @@ def detect_hardware(gpus: int | None):
     if not probe.found:
         return None
     return plan_hardware(gpus, None, None, lambda: probe)
-
-
-def make_plan(model: str, *, batch_size: int, prompt_len: int, max_new_tokens: int, precision: str | None,
-              quant: str | None, hardware) -> InferencePlan:
-    spec = resolve_model(model).spec
-    ask = InferenceAsk(model=model, spec=spec, batch_size=batch_size, prompt_len=prompt_len,
-                       max_new_tokens=max_new_tokens, precision=Precision(precision) if precision else None,
-                       quant=Quant(quant) if quant else None)
-    return plan_inference(ask, hardware)
 
 
 def announce_model(model: str) -> Path | None:
@@ -89,20 +82,6 @@ def warn_empty(items, completions, template, model: str) -> None:
         click.echo(f"note: {which} empty ({stopped}): {empty_answer_hint(sent_in, model)}", err=True)
 
 
-def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
-    from llmplan.runtime.chat import DialogError, load_prompts
-
-    if prompts and input_path:
-        raise UserError("give prompts as arguments or --input FILE.jsonl, not both")
-    try:
-        items = tuple(load_prompts(input_path)) if input_path else prompts
-    except DialogError as error:  # names the file and line
-        raise UserError(str(error)) from None
-    if not items:
-        raise UserError("nothing to generate: give a prompt, or --input FILE.jsonl with one prompt or dialog a line")
-    return items
-
-
 TEMPLATE_CHOICES = ("auto", "alpaca", "chat", "none")  # runtime.prompt_templates.CHOICES (not imported: light)
 
 
@@ -120,13 +99,13 @@ def generation_options(command):
         click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
                      help="JSONL: one {\"prompt\": ...} or {\"messages\": [...]} per line."),
         click.option("--output", type=click.Path(dir_okay=False), help="Write the completions here (JSONL)."),
-        click.option("--max-new-tokens", type=TOKENS, default=256, show_default=True),
+        click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True),
         click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0: greedy."),
         click.option("--top-p", type=TOP_P, default=1.0, show_default=True),
         click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--batch-size", type=BATCH, default=8, show_default=True,
                      help="Prompts generated together (capped by what the plan says fits)."),
-        click.option("--prompt-len", type=TOKENS, default=512, show_default=True,
+        click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True,
                      help="Longest prompt to plan memory for."),
         click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter directory."),
         template_option(TEMPLATE_CHOICES),
@@ -141,28 +120,7 @@ def generation_options(command):
     return command
 
 
-def prepare(model: str, prompts: tuple[str, ...], *, input_path: str | None, output: str | None,
-            max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int, prompt_len: int,
-            adapter: str | None, template: str, precision: str | None, quant: str | None, gpus: int | None,
-            hardware=None):
-    """The plan and the inputs of an inference job, checked before anything starts.
-
-    `hardware(gpus)` says what to plan for (`llmplan submit`: the cluster's GPUs); default: this machine's."""
-    from llmplan.runtime.generation import GenerationSettings, InferenceError
-    from llmplan.runtime.inference_job import InferenceInputs
-
-    items = load_items(prompts, input_path)
-    plan = make_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                     precision=precision, quant=quant, hardware=(hardware or detect_hardware)(gpus))
-    try:
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                      seed=seed, batch_size=plan.batch_size)
-    except InferenceError as error:
-        raise UserError(str(error)) from error
-    return plan, InferenceInputs(items=items, settings=settings, adapter=adapter, output=output, template=template)
-
-
-def run_on_a_server(engine, job_id: int, plan: InferencePlan, inputs, template, options: dict, on_text,
+def run_on_a_server(engine, job_id: int, plan, inputs, template, options: dict, on_text,
                     jobs_dir: Path):
     """The job answered by a running `llmplan serve` of the same model (runtime/serve_client.py); None when
     there is none (or the model is not runnable here)."""
@@ -182,14 +140,15 @@ def run_on_a_server(engine, job_id: int, plan: InferencePlan, inputs, template, 
 @model_argument
 @click.argument("prompts", nargs=-1)
 @generation_options
-@user_errors(PlanError, UnknownModelError, ModelConfigError)
+@user_errors(PlanError, UnknownModelError, ModelConfigError, SubmissionError)
 def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: bool, **options) -> None:
     """Complete text prompts or chat dialogs with MODEL, planned, run in Ray actors and recorded as a job."""
     from llmplan.runtime import inference_job
 
-    from .scheduling import store_jobs_root
+    from llmplan.runtime.submission import store_jobs_root
 
-    plan, inputs = prepare(model, prompts, **options)
+    submission = submission_from(InferenceSubmission, {"model": model, "prompts": prompts, **options})
+    plan, inputs = prepare_inference(submission, detect_hardware)
     template = prompt_template(announce_model(plan.model), inputs.adapter, inputs.template)
     streamed = not as_json and len(inputs.items) == 1
     with open_engine(db_url) as (engine, _):

@@ -1,4 +1,4 @@
-"""`llmplan merge BASE ADAPTER --out DIR`: fold a LoRA adapter into its base model."""
+"""`llmplan merge BASE ADAPTER --output DIR`: fold a LoRA adapter into its base model."""
 
 from __future__ import annotations
 
@@ -8,23 +8,24 @@ import click
 
 from llmplan.runtime.model_store import ModelStoreError
 
-from .options import UserError, user_errors
+from .options import UserError, former_spelling, user_errors
 
 
 @click.command("merge")
 @click.argument("base", metavar="BASE")
 @click.argument("adapter", metavar="ADAPTER", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="A new directory for the merged model.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="A new directory for the merged model.")
+@former_spelling("--out", "output", type=click.Path(path_type=Path))
 @user_errors(ModelStoreError)
-def merge(base: str, adapter: Path, out: Path) -> None:
-    """Merge the PEFT LoRA adapter in ADAPTER into BASE and save a plain Hugging Face directory at --out.
+def merge(base: str, adapter: Path, output: Path) -> None:
+    """Merge the PEFT LoRA adapter in ADAPTER into BASE and save a plain Hugging Face directory at --output.
 
     BASE is what the adapter was trained on: a Hugging Face directory, a Meta checkpoint directory or
     smollm2-135m-instruct. The merged model loads without PEFT and runs at the base model's speed, and
     keeps the prompt template the adapter was trained with. What the libraries print goes to a log file
     (~/.llmplan/logs/merge.log), not the terminal.
     """
-    click.echo(merge_keeping_template(base, adapter, out))
+    click.echo(merge_keeping_template(base, adapter, output))
 
 
 def merge_keeping_template(base: str, adapter: Path, out: Path) -> Path:

@@ -29,9 +29,14 @@ _LONGEST_NUMBER = 40  # characters: enough for any bound below, far below int()'
 
 
 class UserError(click.ClickException):
-    """Bad input: one line on stderr ("Error: ..."), exit code 2, no usage dump, no traceback."""
+    """Bad input: one line on stderr ("Error: ..."), exit code 2, no usage dump, no traceback. `param`: the
+    parameter at fault, when the error is about one (what a job spec's reader names as its field)."""
 
     exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, param: click.Parameter | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def user_errors(*error_types: type[Exception]) -> Callable:
@@ -77,9 +82,9 @@ class BoundedInt(click.ParamType):
         number = _whole_number(value, param)
         if number < self.low:
             least = {0: "0 or more", 1: "positive"}.get(self.low, f"at least {self.low:,}")
-            raise UserError(f"{parameter_name(param)} must be {least}, got {number}")
+            raise UserError(f"{parameter_name(param)} must be {least}, got {number}", param)
         if number > self.high:
-            raise UserError(f"{parameter_name(param)} must be at most {self.high:,}, got {number}")
+            raise UserError(f"{parameter_name(param)} must be at most {self.high:,}, got {number}", param)
         return number
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
@@ -99,7 +104,7 @@ class FiniteFloat(click.ParamType):
         above = number > self.low if self.low_open else number >= self.low
         below = number < self.high if self.high_open else number <= self.high
         if not (above and below):
-            raise UserError(f"{parameter_name(param)} must be {self.describe()}, got {number:g}")
+            raise UserError(f"{parameter_name(param)} must be {self.describe()}, got {number:g}", param)
         return number
 
     def describe(self) -> str:
@@ -121,7 +126,10 @@ class JobIdType(click.ParamType):
     name = "job"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        return parse_job_id(value, parameter_name(param) if param is not None else "JOB")
+        try:
+            return parse_job_id(value, parameter_name(param) if param is not None else "JOB")
+        except UserError as error:
+            raise UserError(error.message, param) from None
 
 
 class SizeType(click.ParamType):
@@ -135,7 +143,7 @@ class SizeType(click.ParamType):
         try:
             return parse_size(value)
         except ValueError as error:
-            raise UserError(f"{parameter_name(param)}: {error}") from None
+            raise UserError(f"{parameter_name(param)}: {error}", param) from None
 
 
 class OutputDirType(click.Path):
@@ -152,14 +160,14 @@ class OutputDirType(click.Path):
         name = parameter_name(param)
         text = os.fspath(value) if isinstance(value, os.PathLike) else value
         if not isinstance(text, str) or not text.strip() or "\x00" in text:
-            raise UserError(f"{name}: give a directory path, got {shown(value)}")
+            raise UserError(f"{name}: give a directory path, got {shown(value)}", param)
         path = Path(text).expanduser().absolute()
         existing = next(folder for folder in (path, *path.parents) if folder.exists() or folder == folder.parent)
         if not existing.is_dir():
             where = "is a file" if existing == path else f"lies under the file {existing}"
-            raise UserError(f"{name}: {text} {where}: give a directory")
+            raise UserError(f"{name}: {text} {where}: give a directory", param)
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{name}: {existing} is not writable: give a directory you can write to")
+            raise UserError(f"{name}: {existing} is not writable: give a directory you can write to", param)
         return text
 
 
@@ -172,7 +180,8 @@ def lora_needs_lora(ctx: click.Context, param: click.Parameter, value: Any) -> A
     given = [f"--{name.replace('_', '-')}" for name in lora_names
              if (name == param.name or name in ctx.params) and _given(ctx, name)]
     if method == "full" and given:
-        raise UserError(f"{', '.join(given)}: LoRA options need --method lora, qlora or auto, not full fine-tuning")
+        raise UserError(f"{', '.join(given)}: LoRA options need --method lora, qlora or auto, not full fine-tuning",
+                        param)
     return value
 
 
@@ -198,7 +207,7 @@ def _whole_number(value: Any, param: click.Parameter | None) -> int:
         return value
     text = value.strip() if isinstance(value, str) else value
     if not _is_whole_number(text):
-        raise UserError(f"{parameter_name(param)}: {shown(value)} is not a whole number")
+        raise UserError(f"{parameter_name(param)}: {shown(value)} is not a whole number", param)
     return int(text)
 
 
@@ -208,10 +217,10 @@ def _decimal(value: Any, param: click.Parameter | None) -> float:
     else:
         text = value.strip() if isinstance(value, str) else value
         if not (isinstance(text, str) and len(text) <= _LONGEST_NUMBER and _DECIMAL.fullmatch(text)):
-            raise UserError(f"{parameter_name(param)} must be a number such as 0.5 or 2e-4, got {shown(value)}")
+            raise UserError(f"{parameter_name(param)} must be a number such as 0.5 or 2e-4, got {shown(value)}", param)
         number = float(text)
     if not math.isfinite(number):
-        raise UserError(f"{parameter_name(param)} must be a finite number, got {shown(value)}")
+        raise UserError(f"{parameter_name(param)} must be a finite number, got {shown(value)}", param)
     return number
 
 
@@ -243,13 +252,19 @@ SIZE = SizeType()
 OUTPUT_DIR = OutputDirType()
 
 
+def former_spelling(old: str, name: str, **attributes: Any) -> Callable:
+    """The option's former spelling (`--dataset` for `--data`), hidden and deprecated, kept for the scripts that
+    use it: it sets the same value as the option named `name` (the later of the two on a command line wins)."""
+    return click.option(old, name, hidden=True, default=None, **attributes)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 model_argument = click.argument("model", metavar="MODEL")
 
 
 def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value <= 0:
-        raise UserError(f"--{param.name.replace('_', '-')} must be positive, got {value}")
+        raise UserError(f"--{param.name.replace('_', '-')} must be positive, got {value}", param)
     return value
 
 

@@ -13,14 +13,13 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
+from llmplan.runtime.http_guards import LOOPBACK_HOSTS
 
-from .generate import (INFERENCE_PRECISIONS, TEMPLATE_CHOICES, announce_model, make_plan, prompt_template,
-                       template_option)
+from .generate import INFERENCE_PRECISIONS, TEMPLATE_CHOICES, announce_model, prompt_template, template_option
 from .cluster import reachable_address
 from .jobs import db_option, open_engine
 from .options import BATCH, GPUS, PRIORITY, TOKENS, UserError, choice_of, json_option, print_json, user_errors
-from .scheduling import PRIORITY_HELP, Cluster, prepare_model, say_if_device_changed
-from .web_api import LOOPBACK_HOSTS
+from .scheduling import PRIORITY_HELP, submission_errors
 
 DEFAULT_PORT = 8000  # vLLM's and LLaMA-Factory's
 POLL_SECONDS = 0.3
@@ -49,6 +48,7 @@ POLL_SECONDS = 0.3
 @db_option
 @json_option
 @user_errors(PlanError, UnknownModelError, ModelConfigError)
+@submission_errors
 def serve(model: str, adapter: str | None, template: str, host: str, port: int, token: str | None,
           max_new_tokens: int, prompt_len: int, batch_size: int, precision: str | None, quant: str | None,
           gpus: int | None, priority: int, address: str | None, no_wait: bool, db_url: str | None,
@@ -56,23 +56,29 @@ def serve(model: str, adapter: str | None, template: str, host: str, port: int, 
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), as a
     job on the cluster that runs until `llmplan cancel JOB`."""
     from llmplan.runtime import serve as server
+    from llmplan.runtime.submission import (Cluster, InferenceSubmission, Queueing, inference_plan, prepare_model,
+                                            say_if_device_changed)
+
+    def notify(text: str) -> None:
+        click.echo(text, err=True)
 
     if host not in LOOPBACK_HOSTS and not token:
         token = secrets.token_urlsafe(24)
     with open_engine(db_url) as (engine, _):
         cluster = Cluster(engine, address)
-        prepare_model(model)
-        plan = make_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+        prepare_model(model, notify)
+        plan = inference_plan(model, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
                          precision=precision, quant=quant, hardware=cluster.hardware(gpus or 1))
         if plan.replicas > 1:
             raise UserError(f"--gpus {gpus or 1}: a server runs one replica; pass --gpus {plan.gpus_per_replica}")
-        say_if_device_changed(gpus, plan)
+        say_if_device_changed(gpus, plan, notify)
         prompt_template(announce_model(plan.model), adapter, template)  # a template that cannot be used: exit 2
         cluster.refuse_if_never_fits("serve", plan)
         options = server.ServeOptions(host=host, port=port, adapter=adapter, template=template,
                                       token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None)
         job = server.submit(engine, plan, options, name=f"serve {plan.model_name}", submitter=getpass.getuser(),
-                            priority=priority, scheduling=cluster.request_fields(plan, 0, gpus or 1))
+                            priority=priority, scheduling=cluster.job_request(plan, InferenceSubmission(
+                                model, gpus=gpus or 1, queueing=Queueing(priority, max_retries=0))).to_dict())
         cluster.wake()
         click.echo(f"job {job.id} queued: {plan.summary()}", err=True)
         if token:

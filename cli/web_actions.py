@@ -55,6 +55,8 @@ def option_choices() -> dict[str, dict[str, list[str]]]:
 
 def plan_json(form: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
     """`llmplan fit --json` for the plan form's fields (already validated: web_api.PlanForm)."""
+    from llmplan.planner.defaults import (DEFAULT_GLOBAL_BATCH, DEFAULT_MARGIN, DEFAULT_MAX_NEW_TOKENS,
+                                          DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN)
     from llmplan.planner.hardware import deepspeed_preflight, find_nvcc
     from llmplan.planner.nvml_probe import probe_gpus
 
@@ -62,12 +64,13 @@ def plan_json(form: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
 
     values = {name: value for name, value in form.items() if value is not None}
     sizes = {name: values.pop(name, default) for name, default in
-             (("seq_len", 512), ("batch_size", 16), ("prompt_len", 512), ("max_new_tokens", 256))}
+             (("seq_len", DEFAULT_SEQ_LEN), ("batch_size", DEFAULT_GLOBAL_BATCH), ("prompt_len", DEFAULT_PROMPT_LEN),
+              ("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))}
     report = build_report(checked_model(values.pop("model"), roots), probe=probe_gpus,
                           preflight=deepspeed_preflight(None, find_nvcc()),
                           gpus=values.get("gpus"), gpu_name=values.get("gpu"), gpu_mem=values.get("gpu_mem"),
                           task=values.get("task", "finetune"), method=values.get("method", "auto"),
-                          margin=values.get("margin", 0.10), top=values.get("top", 5), sizes=sizes)
+                          margin=values.get("margin", DEFAULT_MARGIN), top=values.get("top", 5), sizes=sizes)
     document = report.to_dict()
     for shown, candidate in zip(document["candidates"], report.result.candidates):
         shown["job"] = candidate_spec(report, candidate)
@@ -146,30 +149,33 @@ def wake_scheduler(scope: Scope) -> None:
 
 def submit_json(scope: Scope, body: dict[str, Any]) -> dict[str, Any]:
     """Queue the job a spec describes, as `llmplan submit SPEC.yaml` does, once its paths are checked: the
-    spec is read here (bad input answers at once, Ray up or not), planned and queued in a Ray call."""
-    from .submit import parse_spec
+    spec is read into a submission here (bad input answers at once, Ray up or not), planned and queued in a
+    Ray call."""
+    from .submit import spec_submission
     from .web_ray import call_with_ray
 
-    task, options = parse_spec(checked_paths(body, scope.roots), where="job spec", withheld=WITHHELD_KEYS)
-    return call_with_ray(scope.address, queue_spec, scope, task, options)
+    task, submission = spec_submission(checked_paths(body, scope.roots), where="job spec", withheld=WITHHELD_KEYS)
+    return call_with_ray(scope.address, queue_spec, scope, task, submission)
 
 
-def queue_spec(scope: Scope, task: str, options: dict[str, Any]) -> dict[str, Any]:
-    """In a Ray call's process: plan the job for the cluster, check it, record it queued (the CLI's functions)."""
+def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
+    """In a Ray call's process: plan the job for the cluster, check it, record it queued (`runtime.submission`);
+    a refused field is named by its job spec key."""
+    from llmplan.planner.plan import PlanError
+    from llmplan.planner.request import RequestError
     from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
+    from llmplan.runtime.train_config import TrainConfigError
 
-    from .scheduling import Cluster, queued_document
-    from .submit import queue_finetune, queue_inference
+    from .submit import spec_key
 
     engine = open_store(scope.db_url)
     try:
         cluster = Cluster(engine, scope.address)
-        queue = {"priority": options.pop("priority"), "max_retries": options.pop("max_retries")}
-        if task == "finetune":
-            job, plan = queue_finetune(cluster, options.pop("model"), options.pop("data"), options, **queue)
-        else:
-            job, plan = queue_inference(cluster, options.pop("model"), options.pop("prompts"), options, **queue)
+        job, plan = (queue_finetune if task == "finetune" else queue_inference)(cluster, submission)
         return queued_document(job.id, plan, cluster.jobs_root)
+    except (SubmissionError, TrainConfigError, RequestError, PlanError) as error:
+        raise ApiError(HTTPStatus.BAD_REQUEST, str(error), spec_key(task, error.field)) from None
     finally:
         engine.dispose()
 
@@ -180,7 +186,7 @@ def checked_paths(spec: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, An
     from .submit import SPEC_TASKS
 
     if spec.get("task") not in SPEC_TASKS:
-        return spec  # parse_spec says what a spec is
+        return spec  # spec_submission says what a spec is
     checked = dict(spec)
     for key, must_exist in path_keys(spec["task"]).items():
         value = spec.get(key)
@@ -283,7 +289,7 @@ MERGE_TIMEOUT_S = 1800.0  # loading the base model and saving it merged
 
 
 def merge_json(scope: Scope, engine: Any, job_id: int, body: dict[str, Any]) -> dict[str, Any]:
-    """As `llmplan merge JOB'S-MODEL JOB'S-ADAPTER --out OUTPUT`, for a succeeded LoRA job (409 otherwise),
+    """As `llmplan merge JOB'S-MODEL JOB'S-ADAPTER --output OUTPUT`, for a succeeded LoRA job (409 otherwise),
     into a new folder inside the roots; the merge runs in a process of its own: {"id", "output"}."""
     from llmplan.runtime.store.repository import JobKind, JobStatus, get_job
 

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParameter
 from fastapi.exceptions import RequestValidationError
@@ -63,21 +62,16 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .web_actions import (Scope, cancel_json, job_json, list_jobs_json, list_models, local_gpus, log_tail,
                           merge_json, option_choices, plan_json, submit_json)
 from .web_chat import chat_json
 from .web_data import preview_json
+from llmplan.runtime.http_guards import (IDLE_TIMEOUT_S, LOOPBACK_HOSTS, MAX_CONNECTIONS, MAX_HEAD_BYTES,
+                                         HeadDeadlineProtocol, host_headers, json_body, listening_socket)
+
 from .web_errors import ApiError, error_answer, error_document
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
-MAX_BODY_BYTES = 1 << 20
-BODY_TIMEOUT_S = 30.0
-IDLE_TIMEOUT_S = 15.0
-MAX_CONNECTIONS = 500
-MAX_HEAD_BYTES = 64 << 10
 MAX_ID = (1 << 63) - 1  # the store's ids and a log's offsets are 64-bit
 JobId = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
@@ -105,13 +99,7 @@ class DashboardConfig:
         return Scope(db_url=self.db_url, roots=self.roots, address=self.address)
 
     def host_headers(self) -> frozenset[str] | None:
-        """The Host headers answered: the loopback names and --host, with the port (None: any, when bound to
-        every address, where the token guards each call)."""
-        if self.host in ANY_ADDRESS:
-            return None
-        names = {name if ":" not in name else f"[{name}]" for name in (*LOOPBACK_HOSTS, self.host.lower())}
-        bare = names if self.port == 80 else set()
-        return frozenset({f"{name}:{self.port}" for name in names} | bare)
+        return host_headers(self.host, self.port)
 
 
 def make_config(db_url: str, host: str, port: int, token: str | None, roots: tuple[Path, ...],
@@ -244,36 +232,6 @@ async def same_origin(request: Request) -> None:
         raise ApiError(HTTPStatus.FORBIDDEN, f"cross-site request from {origin} refused")
 
 
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object: 415 unless sent as JSON, 413 past MAX_BODY_BYTES, 408 when it does not
-    arrive within BODY_TIMEOUT_S, 400 unless it parses (NaN, deep nesting and huge numbers do not)."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send a JSON body (Content-Type: application/json)")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:  # h11 let only digits through
-        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
-    raw = bytearray()
-    try:
-        with anyio.fail_after(BODY_TIMEOUT_S):
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > MAX_BODY_BYTES:
-                    raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
-    except TimeoutError:
-        raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
-    try:
-        body = json.loads(bytes(raw) or b"{}", parse_constant=_no_constant)
-    except (ValueError, RecursionError) as error:
-        reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error).splitlines()[0] or "too deep"
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {reason}") from None
-    if not isinstance(body, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    return body
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 Body = Annotated[dict[str, Any], Depends(json_body)]
 
 
@@ -363,29 +321,8 @@ def create_app(config: DashboardConfig) -> FastAPI:
 
 
 # ---- serving --------------------------------------------------------------------------------------------------
-class HeadDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol, its keep-alive timer also run from the connection's start and kept while a
-    request head trickles in: a connection that sends no whole request head within timeout_keep_alive is
-    closed (uvicorn alone waits for ever for a first request, and restarts the timer on every byte)."""
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self.handle_events()  # a whole request head stops the timer; the response's end starts it again
-
-
 def bind(config: DashboardConfig) -> socket.socket:
-    """The socket, listening (IPv4 preferred for a name that has both), so that the port is known before serving."""
-    found = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = min(found, key=lambda entry: entry[0] != socket.AF_INET)
-    listener = socket.socket(family, kind, proto)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(address)
-    listener.listen(128)  # connections made once the address is printed wait for the server
-    return listener
+    return listening_socket(config.host, config.port)
 
 
 def server_for(config: DashboardConfig, listener: socket.socket) -> Any:

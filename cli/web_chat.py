@@ -81,13 +81,13 @@ def answer_turn(scope: Scope, turn: ChatTurn) -> dict[str, Any]:
     from llmplan.runtime.cluster import ADDRESS_ENV
     from llmplan.runtime.generation import GenerationSettings
     from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.submission import inference_plan, store_jobs_root
 
-    from .generate import detect_hardware, make_plan
-    from .scheduling import store_jobs_root
+    from .generate import detect_hardware
 
     if scope.address:
         os.environ[ADDRESS_ENV] = scope.address  # where the replica's actor is placed
-    plan = make_plan(turn.model, batch_size=1, prompt_len=CONTEXT_TOKENS, max_new_tokens=turn.max_new_tokens,
+    plan = inference_plan(turn.model, batch_size=1, prompt_len=CONTEXT_TOKENS, max_new_tokens=turn.max_new_tokens,
                      precision=None, quant=None, hardware=detect_hardware(1))
     settings = GenerationSettings(max_new_tokens=turn.max_new_tokens, temperature=0.0, top_p=1.0, seed=0, batch_size=1)
     inputs = inference_job.InferenceInputs(items=(turn.messages,), settings=settings, adapter=turn.adapter)

@@ -3,18 +3,10 @@ the system failed), never a stack trace."""
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 from typing import Any
 
-# An error about one option names it first ("--max-steps must be positive") or quoted ("Invalid value for '--lr'").
-OPTION_AT_FAULT = re.compile(r"^--([a-z][a-z0-9-]*)|'--([a-z][a-z0-9-]*)'")
-
-
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.field = status, field
+from llmplan.runtime.http_guards import ApiError
 
 
 class FieldError(ApiError):
@@ -33,23 +25,21 @@ def error_answer(error: BaseException) -> tuple[int, str, str | None]:
     if isinstance(error, ApiError):
         return error.status, str(error), error.field
     status, message = user_facing(error)
-    return status, message, getattr(error, "field", None) or option_named(message)
-
-
-def option_named(message: str) -> str | None:
-    """The field an error is about, when its message names the option at fault."""
-    match = OPTION_AT_FAULT.search(message)
-    return (match.group(1) or match.group(2)) if match else None
+    return status, message, getattr(error, "field", None)
 
 
 def user_facing(error: BaseException) -> tuple[HTTPStatus, str]:
     """Errors the planner and store raise for bad input, as one line; anything else as a server error."""
     import click
 
+    from llmplan.runtime.cluster import ClusterError
     from llmplan.runtime.store.errors import UnknownJobError
+    from llmplan.runtime.submission import NeverFits
 
     if isinstance(error, UnknownJobError):
         return HTTPStatus.NOT_FOUND, str(error)
+    if isinstance(error, (NeverFits, ClusterError)):  # what the cluster cannot run, or a cluster not joined
+        return HTTPStatus.BAD_REQUEST, first_line(str(error))
     if isinstance(error, click.ClickException):
         return HTTPStatus.BAD_REQUEST, first_line(error.format_message())
     if isinstance(error, (ValueError, LookupError, TypeError, ArithmeticError, RecursionError)):

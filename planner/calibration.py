@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from .estimator import estimate
-from .request import ALL_LINEAR, EstimateRequest, Kernels, LoraSpec, Method, Optimizer, Precision, Quant, Task
+from .defaults import ALL_LINEAR, lora_alpha, parse_lora_targets
+from .request import EstimateRequest, Kernels, LoraSpec, Method, Optimizer, Precision, Quant, Task
 from .resolve import find_model
 
 
@@ -32,12 +33,12 @@ def request_from_case(case: dict) -> EstimateRequest:
         method=Method(method) if method != "none" else Method.LORA,
         precision=Precision(case.get("precision", "bf16-true")),
         quant=Quant(case.get("quant", "nf4" if method == "qlora" else "none")),
-        batch_size=case["batch_size"],
+        micro_batch_size=case["batch_size"],
         seq_len=case["seq_len"],
         prompt_len=case.get("prompt_len") or 1,
         max_new_tokens=case.get("max_new_tokens") or 1,
-        lora=LoraSpec(r=case["lora_r"], alpha=2 * case["lora_r"],
-                      targets=(ALL_LINEAR,) if targets == ALL_LINEAR else tuple(targets.split(","))),
+        lora=LoraSpec(r=case["lora_r"], alpha=lora_alpha(case["lora_r"]),
+                      targets=parse_lora_targets(targets)),
         gradient_checkpointing=case["gradient_checkpointing"],
         optimizer=Optimizer(case.get("optimizer", "adamw")),
         kernels=Kernels(case.get("kernels", "none")),

@@ -317,7 +317,7 @@ def layer_bytes_per_token(req: EstimateRequest) -> float:
 def _eager_attention_bytes_per_layer(req: EstimateRequest) -> float:
     if req.model.attention != "eager":
         return 0.0
-    return EAGER_ATTENTION_BYTES * req.batch_size * req.model.num_heads * req.seq_len**2
+    return EAGER_ATTENTION_BYTES * req.micro_batch_size * req.model.num_heads * req.seq_len**2
 
 
 # Backward through a LoRA-adapted linear briefly holds the gradient of its input twice: fp32 from lora_A
@@ -464,21 +464,21 @@ def kv_cache_term(req: EstimateRequest, tokens_per_sequence: int) -> Term:
     window_layers = m.num_layers // 2 if m.model_type == "gemma2" else (m.num_layers if m.sliding_window else 0)
     full_layers = m.num_layers - window_layers
     windowed = min(cached, m.sliding_window) if m.sliding_window else cached
-    per_layer_token = 2 * m.kv_dim * req.precision.compute_bytes * req.batch_size
+    per_layer_token = 2 * m.kv_dim * req.precision.compute_bytes * req.micro_batch_size
     total = per_layer_token * (full_layers * cached + window_layers * windowed)
     total += KV_CONCAT_COPIES * per_layer_token * cached / 2  # one K or V being concatenated
     shards = req.parallel.gpus
-    return Term("kv cache", int(total / shards), f"2 x {m.num_layers} layers x {m.kv_dim} (K,V width) x {cached} tokens x batch {req.batch_size}"
+    return Term("kv cache", int(total / shards), f"2 x {m.num_layers} layers x {m.kv_dim} (K,V width) x {cached} tokens x batch {req.micro_batch_size}"
                 + (f" / {shards} GPUs" if shards > 1 else ""))
 
 
 def prefill_term(req: EstimateRequest) -> Term:
     m = req.model
-    tokens = req.batch_size * req.prompt_len
+    tokens = req.micro_batch_size * req.prompt_len
     per_token = req.precision.compute_bytes * (PREFILL_MLP_WIDTHS * m.intermediate_size + PREFILL_HIDDEN_WIDTHS * m.hidden_size / 2)
     eager = 0.0
     if m.attention == "eager":
-        eager = EAGER_ATTENTION_BYTES * req.batch_size * m.num_heads * req.prompt_len**2
+        eager = EAGER_ATTENTION_BYTES * req.micro_batch_size * m.num_heads * req.prompt_len**2
     return Term("prefill activations", int(tokens * per_token + eager), f"one layer's temporaries over {tokens} prompt tokens")
 
 
@@ -497,7 +497,7 @@ def engine_workspace_term(req: EstimateRequest) -> Term:
 
 
 def generate_logits_term(req: EstimateRequest) -> Term:
-    return Term("logits", int(req.batch_size * req.model.vocab_size * GENERATE_LOGIT_BYTES), "last position only, copied to fp32")
+    return Term("logits", int(req.micro_batch_size * req.model.vocab_size * GENERATE_LOGIT_BYTES), "last position only, copied to fp32")
 
 
 # ---- allocator ---------------------------------------------------------------------------------------

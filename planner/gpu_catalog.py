@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from .gpus import GpuSpec
+from .gpu_spec import GpuSpec
 
 _PCIE3, _PCIE4, _PCIE5 = 32.0, 64.0, 128.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN
 from .estimator import estimate
 from .hardware import Hardware
 from .models import ModelSpec
@@ -21,7 +22,11 @@ DTYPE_OF_PRECISION = {Precision.BF16_TRUE: "bf16", Precision.FP16_TRUE: "fp16", 
 
 
 class PlanError(ValueError):
-    """Nothing the planner can run fits; the message says what would."""
+    """Nothing the planner can run fits; the message says what would (`field`: the field at fault, when one is)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def plan_to_dict(plan: Any) -> dict[str, Any]:
@@ -79,8 +84,8 @@ class InferenceAsk:
     model: str
     spec: ModelSpec
     batch_size: int = 8
-    prompt_len: int = 512
-    max_new_tokens: int = 256
+    prompt_len: int = DEFAULT_PROMPT_LEN
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     precision: Precision | None = None
     quant: Quant | None = None
     margin: float = 0.10
@@ -97,7 +102,7 @@ def _cpu_plan(ask: InferenceAsk) -> InferencePlan:
     precision = ask.precision or Precision.FP32
     quant = ask.quant or Quant.NONE
     req = EstimateRequest(model=ask.spec, task=Task.INFER, precision=precision, quant=quant,
-                          batch_size=ask.batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens)
+                          micro_batch_size=ask.batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens)
     memory = estimate(req)
     return InferencePlan(
         model=ask.model, model_name=ask.spec.name, device="cpu", dtype=DTYPE_OF_PRECISION[precision],
@@ -122,7 +127,7 @@ def _gpu_plan(ask: InferenceAsk, hardware: Hardware) -> InferencePlan:
     return InferencePlan(
         model=ask.model, model_name=ask.spec.name, device="cuda", dtype=DTYPE_OF_PRECISION[best.request.precision],
         quant=best.quant.value, replicas=strategy.replicas, gpus_per_replica=strategy.shard,
-        batch_size=best.request.batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens,
+        batch_size=best.request.micro_batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens,
         estimated_peak_bytes=best.memory.peak_bytes, estimated_device_bytes=best.memory.device_bytes,
         estimated_tokens_per_s=best.throughput.tokens_per_s, breakdown=best.memory.breakdown(),
         notes=(*hardware.notes, f"{strategy.label} on {hardware.count} x {hardware.gpu.name}"),
@@ -199,8 +204,8 @@ class FinetuneAsk:
     model: str
     spec: ModelSpec
     methods: tuple[Method, ...] = (Method.LORA, Method.QLORA, Method.FULL)
-    seq_len: int = 512
-    batch_size: int = 16  # global: sequences per optimizer step
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_GLOBAL_BATCH  # global: sequences per optimizer step
     lora: LoraSpec = field(default_factory=LoraSpec)
     precision: Precision | None = None
     micro_batch: int | None = None
@@ -226,7 +231,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
     per_gpu = ask.batch_size // hardware.count
     if ask.micro_batch and (ask.batch_size % hardware.count or per_gpu % ask.micro_batch):
         raise PlanError(f"--batch-size {ask.batch_size} over {hardware.count} GPU(s) is not a multiple of "
-                        f"--micro-batch {ask.micro_batch}")
+                        f"--micro-batch {ask.micro_batch}", "batch_size")
     result = search(fit)
     wanted = [c for c in result.candidates if _honours(c, ask)]
     if not wanted:
@@ -241,7 +246,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
     req, strategy = best.request, best.strategy
     return FinetunePlan(
         model=ask.model, model_name=ask.spec.name, device="cuda", method=req.method.value, precision=req.precision.value,
-        micro_batch=req.batch_size, grad_accum=best.grad_accum, workers=strategy.gpus, backend=strategy.backend.value,
+        micro_batch=req.micro_batch_size, grad_accum=best.grad_accum, workers=strategy.gpus, backend=strategy.backend.value,
         zero=strategy.zero, offload=strategy.offload.value, gradient_checkpointing=req.gradient_checkpointing,
         optimizer=req.optimizer.value, seq_len=ask.seq_len, lora_r=req.lora.r, lora_targets=req.lora.targets,
         estimated_peak_bytes=best.memory.peak_bytes, estimated_device_bytes=best.memory.device_bytes,
@@ -255,7 +260,7 @@ def plan_finetune(ask: FinetuneAsk, hardware: Hardware | None) -> FinetunePlan:
 def _honours(candidate: Any, ask: FinetuneAsk) -> bool:
     req, strategy = candidate.request, candidate.strategy
     checks = (
-        (ask.precision, req.precision), (ask.micro_batch, req.batch_size),
+        (ask.precision, req.precision), (ask.micro_batch, req.micro_batch_size),
         (ask.gradient_checkpointing, req.gradient_checkpointing), (ask.zero, strategy.zero),
         (ask.offload, strategy.offload), (ask.activation_offload, req.activation_offload),
     )
@@ -278,8 +283,8 @@ def _cpu_finetune(ask: FinetuneAsk) -> FinetunePlan:
     micro = ask.micro_batch or min(per_worker, 4)
     if per_worker % micro:
         raise PlanError(f"--batch-size {ask.batch_size} over {ask.workers} worker(s) is not a multiple of "
-                        f"--micro-batch {micro}")
-    req = EstimateRequest(model=ask.spec, task=Task.FINETUNE, method=method, precision=precision, batch_size=micro,
+                        f"--micro-batch {micro}", "batch_size")
+    req = EstimateRequest(model=ask.spec, task=Task.FINETUNE, method=method, precision=precision, micro_batch_size=micro,
                           seq_len=ask.seq_len, lora=ask.lora, gradient_checkpointing=bool(ask.gradient_checkpointing),
                           lora_dropout=ask.lora_dropout)
     memory = estimate(req)

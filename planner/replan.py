@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .defaults import lora_alpha
 from .hardware import Hardware
 from .models import ModelSpec
 from .plan import FinetuneAsk, FinetunePlan, PlanError, plan_finetune
-from .request import LoraSpec, Method, Offload, Precision
+from .request import Kernels, LoraSpec, Method, Offload, Precision
 
 BASE_MARGIN = 0.10  # the planner's default headroom (request.DEFAULT_MARGIN)
 MARGIN_PER_OOM = 0.05  # each recorded OOM of a model on a card adds this much headroom to its next plans
@@ -68,11 +69,11 @@ def replan_after_oom(plan: FinetunePlan, spec: ModelSpec, hardware: Hardware | N
     for rung in rungs(plan):
         ask = FinetuneAsk(
             model=plan.model, spec=spec, methods=(Method(rung.method),), seq_len=plan.seq_len, batch_size=global_batch,
-            lora=LoraSpec(r=plan.lora_r, alpha=2 * plan.lora_r, targets=plan.lora_targets),
+            lora=LoraSpec(r=plan.lora_r, alpha=lora_alpha(plan.lora_r), targets=plan.lora_targets),
             precision=Precision(plan.precision), micro_batch=rung.micro_batch,
             gradient_checkpointing=rung.gradient_checkpointing, zero=plan.zero if plan.device == "cuda" else None,
             offload=Offload(rung.offload), workers=plan.workers, margin=margin,
-            deepspeed=plan.backend == "deepspeed",
+            deepspeed=plan.backend == "deepspeed", kernels=Kernels(plan.kernels), lora_dropout=plan.lora_dropout,
         )
         try:
             replanned = plan_finetune(ask, hardware)

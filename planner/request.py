@@ -9,11 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha
 from .models import ModelSpec
 
 
 class RequestError(ValueError):
-    """A request that cannot be estimated as asked; the message says what to change."""
+    """A request that cannot be estimated as asked; the message says what to change, `field` the field (of
+    the request, named as the submission's) at fault, when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def values_of(enum: type[Enum]) -> tuple[str, ...]:
+    """An enum's values as users type them, in its order: what a command's choices and a config accept."""
+    return tuple(member.value for member in enum)
 
 
 class Task(str, Enum):
@@ -90,22 +101,19 @@ def liger_runs_on(compute_capability: tuple[int, int] | None) -> bool:
     """Whether Liger's Triton kernels run on a GPU of this compute capability (None: not known, assumed new)."""
     return compute_capability is None or tuple(compute_capability) >= LIGER_MIN_COMPUTE_CAPABILITY
 
-ALL_LINEAR = "all-linear"
-
-
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA adapters; `targets` is a tuple of module names or ("all-linear",) (PEFT's spelling)."""
 
-    r: int = 8
-    alpha: int = 16
+    r: int = DEFAULT_LORA_R
+    alpha: int = lora_alpha(DEFAULT_LORA_R)
     targets: tuple[str, ...] = (ALL_LINEAR,)
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise RequestError(f"--lora-r must be positive, got {self.r}")
+            raise RequestError(f"--lora-r must be positive, got {self.r}", "lora_r")
         if not self.targets:
-            raise RequestError("--lora-targets is empty: name modules (q_proj,v_proj) or use all-linear")
+            raise RequestError("--lora-targets is empty: name modules (q_proj,v_proj) or use all-linear", "lora_targets")
 
     def target_shapes(self, model: ModelSpec) -> dict[str, tuple[int, int]]:
         """(in, out) of each targeted linear in one block; unknown names are an error."""
@@ -116,7 +124,7 @@ class LoraSpec:
         if unknown:
             raise RequestError(
                 f"--lora-targets: {model.name} has no linear layer named {', '.join(unknown)}; its layers are "
-                f"{', '.join(linears)} (or use all-linear)"
+                f"{', '.join(linears)} (or use all-linear)", "lora_targets"
             )
         return {name: linears[name] for name in self.targets}
 
@@ -141,13 +149,15 @@ class Parallelism:
 
     def __post_init__(self) -> None:
         if self.gpus <= 0:
-            raise RequestError(f"--gpus must be at least 1, got {self.gpus}")
+            raise RequestError(f"--gpus must be at least 1, got {self.gpus}", "gpus")
         if self.zero not in (0, 1, 2, 3):
-            raise RequestError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise RequestError(f"--zero must be 0, 1, 2 or 3, got {self.zero}", "zero")
         if self.offload is not Offload.NONE and self.zero == 0:
-            raise RequestError("--offload needs DeepSpeed: add --zero 2 (optimizer) or --zero 3 (optimizer or params)")
+            raise RequestError("--offload needs DeepSpeed: add --zero 2 (optimizer) or --zero 3 (optimizer or params)",
+                               "offload")
         if self.offload is Offload.PARAMS and self.zero != 3:
-            raise RequestError("--offload params needs --zero 3 (DeepSpeed offloads parameters only in stage 3)")
+            raise RequestError("--offload params needs --zero 3 (DeepSpeed offloads parameters only in stage 3)",
+                               "offload")
 
 
 @dataclass(frozen=True)
@@ -157,10 +167,10 @@ class EstimateRequest:
     method: Method = Method.LORA
     precision: Precision = Precision.BF16_TRUE
     quant: Quant = Quant.NONE
-    batch_size: int = 1  # per GPU (the micro-batch for fine-tuning)
-    seq_len: int = 512  # fine-tuning
-    prompt_len: int = 512  # inference
-    max_new_tokens: int = 256  # inference
+    micro_batch_size: int = 1  # sequences per GPU in one pass: fine-tuning's micro-batch, one model copy's batch
+    seq_len: int = DEFAULT_SEQ_LEN  # fine-tuning
+    prompt_len: int = DEFAULT_PROMPT_LEN  # inference
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # inference
     lora: LoraSpec = field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
     optimizer: Optimizer = Optimizer.ADAMW
@@ -171,15 +181,16 @@ class EstimateRequest:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}")
+            raise RequestError(f"--lora-dropout must be at least 0 and below 1, got {self.lora_dropout}",
+                               "lora_dropout")
         if self.activation_offload and not (self.task is Task.FINETUNE and self.gradient_checkpointing):
             raise RequestError("--activation-offload moves the checkpointed layer inputs to CPU memory: it needs "
-                               "fine-tuning with --gradient-checkpointing")
-        sizes = {"--batch-size": self.batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
+                               "fine-tuning with --gradient-checkpointing", "activation_offload")
+        sizes = {"--batch-size": self.micro_batch_size, "--seq-len": self.seq_len, "--prompt-len": self.prompt_len,
                  "--max-new-tokens": self.max_new_tokens}
         for option, value in sizes.items():
             if value <= 0:
-                raise RequestError(f"{option} must be positive, got {value}")
+                raise RequestError(f"{option} must be positive, got {value}", option[2:].replace("-", "_"))
         if self.task is Task.INFER:
             self._check_inference()
         else:
@@ -187,22 +198,24 @@ class EstimateRequest:
 
     def _check_inference(self) -> None:
         if self.parallel.zero or self.parallel.offload is not Offload.NONE:
-            raise RequestError("--zero and --offload apply to fine-tuning; inference shards the model over --gpus")
+            raise RequestError("--zero and --offload apply to fine-tuning; inference shards the model over --gpus", "zero")
         if self.precision.is_mixed:
-            raise RequestError(f"--precision {self.precision.value} is a training mode: use bf16-true, fp16-true or fp32 for inference")
+            raise RequestError(f"--precision {self.precision.value} is a training mode: use bf16-true, fp16-true or fp32 for "
+                               "inference", "precision")
 
     def _check_finetuning(self) -> None:
         if self.method is Method.FULL and self.quant is not Quant.NONE:
             raise RequestError(
                 f"--quant {self.quant.value} freezes the weights, so full fine-tuning cannot update them: "
-                "use --method qlora (4-bit base + LoRA) or --quant none"
+                "use --method qlora (4-bit base + LoRA) or --quant none", "quant"
             )
         if self.method is Method.QLORA and self.quant is Quant.INT8:
-            raise RequestError("--method qlora loads the base in nf4: use --quant nf4 (or --method lora --quant int8)")
+            raise RequestError("--method qlora loads the base in nf4: use --quant nf4 (or --method lora --quant int8)",
+                               "quant")
         if self.method is not Method.FULL and self.precision.is_mixed:
             raise RequestError(
                 f"--precision {self.precision.value} keeps fp32 master weights, which a frozen LoRA base does not need: "
-                "use bf16-true (adapters stay fp32) or fp16-true"
+                "use bf16-true (adapters stay fp32) or fp16-true", "precision"
             )
         if self.max_new_tokens and self.task is Task.FINETUNE:
             pass  # generation lengths are ignored when fine-tuning
@@ -222,4 +235,4 @@ class EstimateRequest:
     def tokens(self) -> int:
         """Tokens in flight per GPU: one micro-batch of sequences, or prompts plus generated tokens."""
         length = self.seq_len if self.task is Task.FINETUNE else self.prompt_len + self.max_new_tokens
-        return self.batch_size * length
+        return self.micro_batch_size * length

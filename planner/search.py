@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from .defaults import DEFAULT_GLOBAL_BATCH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN
 from .estimator import MemoryEstimate, estimate
 from .gpus import GpuSpec
 from .hardware import Hardware
@@ -131,10 +132,10 @@ class FitRequest:
     hardware: Hardware
     task: Task = Task.FINETUNE
     methods: tuple[Method, ...] = ALL_METHODS
-    seq_len: int = 512
-    batch_size: int = 16
-    prompt_len: int = 512
-    max_new_tokens: int = 256
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_GLOBAL_BATCH
+    prompt_len: int = DEFAULT_PROMPT_LEN
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     lora: LoraSpec = field(default_factory=LoraSpec)
     tokens: int | None = None
     epochs: float = 1.0
@@ -243,7 +244,7 @@ class Candidate:
 
     @property
     def micro_batch(self) -> int:
-        return self.request.batch_size
+        return self.request.micro_batch_size
 
     @property
     def checkpointing(self) -> bool:
@@ -451,7 +452,7 @@ def _request(fit: FitRequest, family: _Family, batch: int) -> EstimateRequest:
         method=family.method,
         precision=family.precision,
         quant=family.quant,
-        batch_size=batch,
+        micro_batch_size=batch,
         seq_len=fit.seq_len,
         prompt_len=fit.prompt_len,
         max_new_tokens=fit.max_new_tokens,
@@ -506,7 +507,7 @@ def _largest_fitting(fit: FitRequest, family: _Family, counter: _Counter) -> tup
 
 def _candidate(fit: FitRequest, family: _Family, req: EstimateRequest, memory: MemoryEstimate) -> Candidate:
     if fit.task is Task.FINETUNE:
-        accum = (fit.batch_size // fit.hardware.count) // req.batch_size
+        accum = (fit.batch_size // fit.hardware.count) // req.micro_batch_size
         throughput = finetune_throughput(req, fit.gpu, accum)
     else:
         accum = 1

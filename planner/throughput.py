@@ -272,7 +272,7 @@ def _weight_passes(req: EstimateRequest) -> int:
 
 def training_work(req: EstimateRequest) -> TrainingWork:
     m = req.model
-    tokens = req.batch_size * req.seq_len
+    tokens = req.micro_batch_size * req.seq_len
     adapter_elements = 0.0
     if req.method is not Method.FULL:
         mlp = set(m.mlp_linears())
@@ -282,7 +282,7 @@ def training_work(req: EstimateRequest) -> TrainingWork:
     saved = layer_bytes_per_token(req) * tokens
     eager = m.attention == "eager"
     if eager:
-        saved += EAGER_ATTENTION_BYTES * req.batch_size * m.num_heads * req.seq_len**2
+        saved += EAGER_ATTENTION_BYTES * req.micro_batch_size * m.num_heads * req.seq_len**2
     quantized = req.method is Method.QLORA
     dequant = 0.0
     if quantized:
@@ -408,7 +408,7 @@ def _offload_terms(req: EstimateRequest, rates: Rates, accum: int) -> list[TimeT
 
 
 def finetune_throughput(req: EstimateRequest, gpu: GpuSpec, grad_accum: int = 1) -> Throughput:
-    """Training tokens per second over `req.parallel.gpus` data-parallel GPUs, `req.batch_size` per
+    """Training tokens per second over `req.parallel.gpus` data-parallel GPUs, `req.micro_batch_size` per
     micro-batch, `grad_accum` micro-batches per optimizer step."""
     if req.task is not Task.FINETUNE:
         raise ValueError("finetune_throughput needs a fine-tuning request")
@@ -418,7 +418,7 @@ def finetune_throughput(req: EstimateRequest, gpu: GpuSpec, grad_accum: int = 1)
     terms = (*_micro_batch_terms(req, rates, grad_accum), _optimizer_term(req, rates),
              *_communication_terms(req, rates, grad_accum), *_offload_terms(req, rates, grad_accum))
     step = sum(term.seconds for term in terms)
-    tokens = req.batch_size * req.seq_len * grad_accum * req.parallel.gpus
+    tokens = req.micro_batch_size * req.seq_len * grad_accum * req.parallel.gpus
     return Throughput(
         tokens_per_s=tokens / step,
         step_s=step,
@@ -455,10 +455,10 @@ def touched_params_fraction(model: ModelSpec, batch: int) -> float:
 
 def _weights_read_per_step(req: EstimateRequest) -> float:
     full = replace(req, parallel=Parallelism())  # all shards: a sharded model still reads every weight once
-    read = weight_bytes(full).bytes * touched_params_fraction(req.model, req.batch_size)
-    if req.quant is Quant.NF4 and req.batch_size > 1:
+    read = weight_bytes(full).bytes * touched_params_fraction(req.model, req.micro_batch_size)
+    if req.quant is Quant.NF4 and req.micro_batch_size > 1:
         # bitsandbytes uses its 4-bit GEMV for a single token; otherwise it dequantizes, then matmuls.
-        linear = req.model.linear_params * touched_params_fraction(req.model, req.batch_size)
+        linear = req.model.linear_params * touched_params_fraction(req.model, req.micro_batch_size)
         read += linear * 2 * req.precision.compute_bytes
     return read
 
@@ -478,7 +478,7 @@ class DecodeWork:
 
 
 def decode_work(req: EstimateRequest) -> DecodeWork:
-    m, batch = req.model, req.batch_size
+    m, batch = req.model, req.micro_batch_size
     n = matmul_params(m)
     context = req.prompt_len + req.max_new_tokens / 2
     kv_read = batch * context * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
@@ -507,7 +507,7 @@ def _quant_bytes(quant: Quant) -> str:
 
 
 def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1) -> Throughput:
-    """Generated tokens per second: `req.batch_size` sequences per model copy, `replicas` copies
+    """Generated tokens per second: `req.micro_batch_size` sequences per model copy, `replicas` copies
     (each on its own GPU or GPUs). A model sharded over `req.parallel.gpus` GPUs runs them one after
     another (HF device_map pipeline), so it reads its weights at one card's bandwidth."""
     if req.task is not Task.INFER:
@@ -522,18 +522,18 @@ def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1)
     bound = "memory bound" if memory_s >= compute_s else "compute bound"
     terms = (
         TimeTerm("prefill", work.prefill_flops / (rates.flops * MATMUL_EFFICIENCY),
-                 f"{req.batch_size} x {req.prompt_len} prompt tokens at {MATMUL_EFFICIENCY:.0%} of peak"),
+                 f"{req.micro_batch_size} x {req.prompt_len} prompt tokens at {MATMUL_EFFICIENCY:.0%} of peak"),
         TimeTerm("decode: weights and KV cache", work.steps * max(memory_s, compute_s),
                  f"{work.steps} steps, {bound}: weights in {_quant_bytes(req.quant)} and the KV cache, every step"),
         TimeTerm("decode: host overhead", work.steps * host_s, f"{host_s * 1e3:.0f} ms per step, measured (HF generate)"),
     )
     total = sum(term.seconds for term in terms)
-    tokens = req.batch_size * work.steps * replicas
+    tokens = req.micro_batch_size * work.steps * replicas
     notes = ()
     if req.parallel.gpus > 1:
         notes = (f"sharded over {req.parallel.gpus} GPUs: they work in turn, so it runs at one card's speed",)
     return Throughput(tokens_per_s=tokens / total, step_s=total, tokens_per_step=tokens, terms=terms,
-                      flops_per_token=work.flops_per_step / req.batch_size, known=rates.known, notes=notes)
+                      flops_per_token=work.flops_per_step / req.micro_batch_size, known=rates.known, notes=notes)
 
 
 def approx_tokens(chars: int) -> int:

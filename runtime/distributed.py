@@ -1,5 +1,5 @@
-"""Data parallelism for the training recipe: one engine interface over a single process, DDP and DeepSpeed,
-and Ray Train to start the processes.
+"""Data parallelism for the training recipe: one engine interface over a single process, DDP and DeepSpeed
+(`runtime.ray_train` starts the processes).
 
     engine = prepare(model, optimizer, config, world_size=2, device=device, precision=precision)
     with engine.accumulating(last=False), engine.autocast():
@@ -7,7 +7,6 @@ and Ray Train to start the processes.
         engine.backward(loss)
     ...
     engine.step()                                   # clip, optimizer step, zero the gradients
-    result = run_ray_train(config, on_metrics)      # the whole run in `config.workers` Ray Train workers
 
 Loss convention: the recipe hands `backward` this process's share of the global batch's token-mean loss
 (the sum of its token losses over the number of loss tokens in the whole global batch, every rank and
@@ -28,35 +27,46 @@ batch is split into ranks and micro-batches, which is what lets 2 workers match 
   partitions on the CPU. DeepSpeed's bf16 / fp16 modes keep fp32 master weights in the ZeRO optimizer and
   cast the model itself, so the recipe's autocast is off under DeepSpeed; `bf16-true` and `bf16-mixed` both
   run as DeepSpeed's bf16.
-
-Metrics from Ray workers reach the driver through a small actor (`MetricsSink`): rank 0 sends each
-`StepMetrics` to it without waiting, a driver thread drains it every `POLL_SECONDS` and calls `on_metrics`
-in step order while `TorchTrainer.fit()` runs; rank 0 leaves its `TrainResult` there at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from llmplan.planner.estimator import ZERO3_GATHERED_LAYERS
+from llmplan.planner.request import Precision
 
 from .train_config import TrainConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .train import Precision, StepMetrics, TrainResult
-
-POLL_SECONDS = 0.5
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a checkpoint that DeepSpeed writes
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass(frozen=True)
+class PrecisionSetup:
+    """How a precision mode (planner.request.Precision) runs: the weights' dtype, autocast, loss scaling."""
+
+    weights: str  # the dtype the model is loaded in (runtime.modeling names: bf16, fp16, fp32)
+    autocast: torch.dtype | None  # the forward's autocast dtype (mixed precision)
+    loss_scaling: bool  # fp16: a GradScaler keeps small gradients from flushing to zero
+
+
+PRECISIONS = {
+    Precision.BF16_TRUE: PrecisionSetup("bf16", None, False),
+    Precision.BF16_MIXED: PrecisionSetup("fp32", torch.bfloat16, False),
+    Precision.FP16_TRUE: PrecisionSetup("fp16", None, True),
+    Precision.FP16_MIXED: PrecisionSetup("fp32", torch.float16, True),
+    Precision.FP32: PrecisionSetup("fp32", None, False),
+}
+
 
 
 # ---- the DeepSpeed configuration ------------------------------------------------------------------
@@ -304,7 +314,7 @@ def _unpickler_reason(error: Exception) -> str:
 
 
 def prepare(model: Any, optimizer: Any, config: TrainConfig, *, world_size: int, device: torch.device,
-            precision: "Precision") -> Engine:
+            precision: PrecisionSetup) -> Engine:
     """Wrap the model and optimizer for `config.backend`; the process group must exist when world_size > 1
     (Ray Train creates it; under torchrun, `init_process_group` first)."""
     if config.backend != "single" and not dist.is_initialized():
@@ -381,137 +391,3 @@ def gather_across(value: Any) -> list[Any]:
 def barrier() -> None:
     if distributed():
         dist.barrier()
-
-
-# ---- Ray Train -----------------------------------------------------------------------------------
-@dataclass
-class MetricsSink:
-    """A Ray actor between rank 0 and the driver: metrics in, in order; the result at the end."""
-
-    pending: list[Any] = field(default_factory=list)
-    result: Any = None
-
-    def put(self, metrics: Any) -> None:
-        self.pending.append(metrics)
-
-    def drain(self) -> list[Any]:
-        taken, self.pending = self.pending, []
-        return taken
-
-    def finish(self, result: Any) -> None:
-        self.result = result
-
-    def outcome(self) -> Any:
-        return self.result
-
-
-def run_ray_train(config: TrainConfig, on_metrics: Callable[["StepMetrics"], None] | None = None) -> "TrainResult":
-    """Train in `config.workers` Ray Train workers (one per GPU, or per CPU slot on the CPU) and return rank 0's
-    result. Each logged step reaches `on_metrics` on this process (from a forwarding thread, in step order)
-    while the workers train. A worker's exception is raised here as itself (Ray's wrapper as its cause)."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .cluster import ensure_ray
-
-    ensure_ray()
-    sink = ray.remote(num_cpus=0)(MetricsSink).remote()
-    env = {"DS_ACCELERATOR": "cpu"} if config.device == "cpu" and config.backend == "deepspeed" else {}
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"config": config.to_dict(), "sink": sink},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.device == "cuda"),
-        run_config=RunConfig(name="train", storage_path=str(Path(config.output_dir).resolve() / "ray"),
-                             worker_runtime_env={"env_vars": env} if env else None),
-    )
-    try:
-        _fit(trainer, _Forwarder(sink, on_metrics))
-        result = ray.get(sink.outcome.remote())
-    finally:
-        ray.kill(sink)
-    if result is None:
-        raise RuntimeError("the training workers ended without a result: see the Ray worker logs")
-    return result
-
-
-def _fit(trainer: Any, forwarder: "_Forwarder") -> None:
-    forwarder.start()
-    try:
-        trainer.fit()
-    except Exception as error:
-        cause = _worker_error(error)
-        if cause is error:
-            raise
-        raise cause from error
-    finally:
-        forwarder.stop()
-    forwarder.raise_error()
-
-
-def _worker_loop(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: the recipe, with its rank and device from Ray Train's context."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from .train import run_rank
-
-    config = TrainConfig.from_dict(loop_config["config"])
-    sink = loop_config["sink"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    result = run_rank(config, rank=rank, world_size=context.get_world_size(), device=str(ray.train.torch.get_device()),
-                      on_metrics=sink.put.remote if rank == 0 else None)
-    if rank == 0:
-        ray.get(sink.finish.remote(result))
-
-
-class _Forwarder:
-    """A driver thread handing the sink's metrics to `on_metrics`; its first error is raised after the run."""
-
-    def __init__(self, sink: Any, on_metrics: Callable[[Any], None] | None) -> None:
-        self.sink = sink
-        self.on_metrics = on_metrics
-        self.error: BaseException | None = None
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="llmplan-train-metrics")
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join()
-        self._forward()  # what arrived after the last poll
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        while not self.stopping.wait(POLL_SECONDS):
-            self._forward()
-
-    def _forward(self) -> None:
-        import ray
-
-        if self.error is not None:
-            return
-        try:
-            for metrics in ray.get(self.sink.drain.remote()):
-                if self.on_metrics is not None:
-                    self.on_metrics(metrics)
-        except Exception as error:  # noqa: BLE001 - raised on the driver once training has ended
-            self.error = error
-
-
-def _worker_error(error: Exception) -> Exception:
-    """The lowest rank's own exception out of Ray Train's WorkerGroupError (the error itself otherwise)."""
-    from .failures import root_cause
-
-    failures = getattr(error, "worker_failures", None) or {}
-    if not failures:
-        return error
-    first = failures[min(failures)]
-    return root_cause(first)

@@ -4,7 +4,7 @@
     outcome = run(engine, job.id, config)                 # scheduled -> running -> succeeded | failed
     # `llmplan submit finetune` queues the job; the scheduler's JobDriver runs run_recorded(engine, job.id)
 
-Training runs in Ray Train workers (`runtime.distributed.run_ray_train`), except one worker on the CPU:
+Training runs in Ray Train workers (`runtime.ray_train.run_ray_train`), except one worker on the CPU:
 that needs no process group, so the recipe runs in this process (`train.run_rank`), without Ray Train's
 start-up. Each logged step reaches the job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
 and the adapter or model directory, against the plan.
@@ -98,7 +98,7 @@ def _train(engine: Any, job_id: int, config: TrainConfig) -> Any:
         from .train import run_rank
 
         return run_rank(config, on_metrics=on_metrics)
-    from .distributed import run_ray_train
+    from .ray_train import run_ray_train
 
     return run_ray_train(config, on_metrics)
 

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 from llmplan.planner.resolve import spec_from_meta_params
 
 from .architectures import hf_config_dict
-from .model_store import (
+from .model_files import (
     CONVERTER_VERSION,
     LLAMA2_CHAT_TEMPLATE,
     ModelStoreError,
-    _building,
-    _gist,
-    _Steps,
-    _write_provenance,
+    Steps,
+    building,
+    gist,
     require_new_directory,
+    write_provenance,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,14 +91,14 @@ def convert_meta_checkpoint(src: Path, dst: Path, *, progress: bool = False) -> 
     require_new_directory(dst)
     checkpoint = read_meta_checkpoint(src)
     sentencepiece = _load_sentencepiece(checkpoint.tokenizer)
-    steps = _Steps(progress)
-    with _building(dst) as tmp:
+    steps = Steps(progress)
+    with building(dst) as tmp:
         with steps.step(f"converting the weights of {checkpoint.folder.name} ({len(checkpoint.shards)} shards)"):
             dtype, vocab, ffn = write_meta_weights(checkpoint, tmp)
         with steps.step("writing config.json and the tokenizer"):
             _write_meta_config(checkpoint, tmp, dtype, vocab, ffn, sentencepiece)
             _write_meta_tokenizer(checkpoint, tmp)
-            _write_provenance(tmp, name=checkpoint.folder.name, source="meta checkpoint",
+            write_provenance(tmp, name=checkpoint.folder.name, source="meta checkpoint",
                               origin=str(checkpoint.folder))
     return dst
 
@@ -180,7 +180,7 @@ def _load_shard(path: Path) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError) as error:
-        raise ModelStoreError(f"cannot read {path} ({_gist(error)}): is the download complete?") from error
+        raise ModelStoreError(f"cannot read {path} ({gist(error)}): is the download complete?") from error
 
 
 def _meta_tensor_plan(checkpoint: MetaCheckpoint, shards: list[dict]) -> list[_Tensor]:

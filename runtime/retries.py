@@ -24,9 +24,9 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import ErrorClass
 
+from .job_request import JobRequest
 from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig
 
-DEFAULT_MAX_RETRIES = 2
 CHECKPOINT_GLOB = f"{CHECKPOINTS}/step-*/{STATE_FILE}"
 
 
@@ -39,24 +39,22 @@ def retry_after_oom(engine: Any, job_id: int) -> Any | None:
     job = get_job(engine, job_id)
     if job.status is not JobStatus.FAILED or job.error_class is not ErrorClass.OOM or job.kind.value != "finetune":
         return None
-    if job.attempt > int(job.request.get("max_retries", DEFAULT_MAX_RETRIES)):
+    request = JobRequest.from_dict(job.request)
+    if job.attempt > request.max_retries:
         return None
     plan = FinetunePlan.from_dict(job.plan)
-    margin = learned_margin(out_of_memory_count(engine, job.model, card_of(job.request)))
-    found = replan_after_oom(plan, resolve_model(plan.model).spec, hardware_of(job.request), margin)
+    margin = learned_margin(out_of_memory_count(engine, job.model, request.card))
+    found = replan_after_oom(plan, resolve_model(plan.model).spec, request.planned_hardware(), margin)
     if found is None:
         print(f"job {job_id}: no plan with more headroom fits; not retried", flush=True)
         return None
     replanned, rung = found
-    config = TrainConfig.from_dict(job.request["config"])
-    config = dataclasses.replace(
-        config, method=replanned.method, micro_batch=replanned.micro_batch, grad_accum=replanned.grad_accum,
-        gradient_checkpointing=replanned.gradient_checkpointing, offload=replanned.offload,
-        output_dir=f"{config.output_dir.rsplit('.attempt-', 1)[0]}.attempt-{job.attempt + 1}",
-    )
-    request = {**job.request, "config": config.to_dict(), "margin": margin}
+    config = TrainConfig.from_dict(request.config)
+    output_dir = f"{config.output_dir.rsplit('.attempt-', 1)[0]}.attempt-{job.attempt + 1}"
+    config = TrainConfig.from_plan(replanned, data=config.data, output_dir=output_dir, **config.run_settings())
+    stored = {**job.request, "config": config.to_dict(), "margin": margin}
     record = PlanRecord(replanned.to_dict(), replanned.estimated_device_bytes, replanned.estimated_tokens_per_s)
-    retry = retry_job(engine, job_id, request=request, plan=record,
+    retry = retry_job(engine, job_id, request=stored, plan=record,
                       message=f"retry of job {job_id} after out of memory: {rung.reason}, margin {margin:.0%}")
     return retry
 
@@ -78,17 +76,5 @@ def resume_after_loss(engine: Any, job_id: int) -> Any | None:
 def out_of_memory_count(engine: Any, model: str, card: str) -> int:
     """How often jobs of `model` ran out of memory on `card` (the job store is the planner's memory)."""
     failed = list_jobs(engine, JobFilter(statuses=(JobStatus.FAILED,), model=model, limit=10_000))
-    return sum(1 for job in failed
-               if job.error_class is ErrorClass.OOM and job.model == model and card_of(job.request) == card)
-
-
-def card_of(request: dict[str, Any]) -> str:
-    hardware = request.get("hardware")
-    return hardware["gpu"] if hardware else "cpu"
-
-
-def hardware_of(request: dict[str, Any]) -> Any:
-    from llmplan.planner.hardware import hardware_from_dict
-
-    hardware = request.get("hardware")
-    return hardware_from_dict(hardware) if hardware else None
+    return sum(1 for job in failed if job.error_class is ErrorClass.OOM and job.model == model
+               and JobRequest.from_dict(job.request).card == card)

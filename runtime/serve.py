@@ -78,7 +78,7 @@ class ServerReplica:
     """The model, loaded once, behind the HTTP API on `options.host:options.port`, from a thread of this actor."""
 
     def __init__(self, model_dir: str, plan: dict[str, Any], options: dict[str, Any], model_id: str) -> None:
-        from llmplan.cli.web_api import HeadDeadlineProtocol
+        from .http_guards import HeadDeadlineProtocol
 
         from .inference import setup
         from .prompt_templates import resolve_template
@@ -120,10 +120,10 @@ class PortInUseError(ValueError):
 
 def listen(host: str, port: int) -> Any:
     """A listening socket on host:port (the dashboard's `bind`), or `PortInUseError` saying what to pass."""
-    from llmplan.cli.web_api import DashboardConfig, bind
+    from .http_guards import listening_socket
 
     try:
-        return bind(DashboardConfig(db_url="", host=host, port=port))
+        return listening_socket(host, port)
     except OSError as error:
         raise PortInUseError(f"cannot serve on {host}:{port}: {error.strerror or error}: pass another --port "
                              "(or stop what uses it)") from None
@@ -132,7 +132,7 @@ def listen(host: str, port: int) -> Any:
 def _uvicorn_server(app: Any, protocol: Any) -> Any:
     import uvicorn
 
-    from llmplan.cli.web_api import MAX_CONNECTIONS, MAX_HEAD_BYTES
+    from .http_guards import MAX_CONNECTIONS, MAX_HEAD_BYTES
 
     settings = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, log_level="warning",
                               access_log=False, server_header=False, timeout_keep_alive=15,

@@ -41,8 +41,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from llmplan.cli.web_api import LOOPBACK_HOSTS, DashboardConfig, json_body
-from llmplan.cli.web_errors import ApiError
+from .http_guards import LOOPBACK_HOSTS, ApiError, host_headers, json_body
 
 from .chat import DialogError, Dialog, PromptItem, validate_dialog
 from .generation import Completion, GenerationSettings, InferenceError
@@ -70,7 +69,7 @@ class ServeConfig:
 
     def host_headers(self) -> frozenset[str] | None:
         """The Host headers answered (the dashboard's rule: loopback names and the bound host, with the port)."""
-        return DashboardConfig(db_url="", host=self.host, port=self.port).host_headers()
+        return host_headers(self.host, self.port)
 
     def serves(self, model: str) -> bool:
         return model in (self.model_id, *self.aliases)

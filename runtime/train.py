@@ -9,7 +9,7 @@
 `load_pretrained`, `prepare_for_training`, `make_optimizer`, the allocator), builds
 the data (`runtime.data.build_datasets`), the cosine schedule with linear warmup and the engine
 (`runtime.distributed.prepare`: one process, DDP or DeepSpeed), and with `config.resume` restores the latest
-checkpoint. Precision (`PRECISIONS`): bf16-true trains bf16 weights (LoRA adapters stay fp32, as PEFT keeps
+checkpoint. Precision (`distributed.PRECISIONS`): bf16-true trains bf16 weights (LoRA adapters stay fp32, as PEFT keeps
 them); bf16-mixed and fp16-mixed keep fp32 weights and autocast the forward (fp16 with a GradScaler); QLoRA
 loads the base in NF4 and freezes it in the compute dtype (no fp32 upcast: attention stays on a fused SDPA
 kernel). On CUDA, Liger's kernels (`config.kernels`) replace RMSNorm, RoPE, SwiGLU and the loss.
@@ -47,9 +47,13 @@ from typing import Any
 
 import torch
 
+from llmplan.planner.defaults import ALL_LINEAR
+
 from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, model_inputs, pad_token_id
 from .distributed import (
+    PRECISIONS,
     Engine,
+    PrecisionSetup,
     barrier,
     gather_across,
     load_state,
@@ -102,22 +106,6 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class Precision:
-    weights: str  # the dtype the model is loaded in (runtime.modeling names: bf16, fp16, fp32)
-    autocast: torch.dtype | None  # the forward's autocast dtype (mixed precision)
-    loss_scaling: bool  # fp16: a GradScaler keeps small gradients from flushing to zero
-
-
-PRECISIONS = {
-    "bf16-true": Precision("bf16", None, False),
-    "bf16-mixed": Precision("fp32", torch.bfloat16, False),
-    "fp16-true": Precision("fp16", None, True),
-    "fp16-mixed": Precision("fp32", torch.float16, True),
-    "fp32": Precision("fp32", None, False),
-}
-
-
-@dataclass(frozen=True)
 class Schedule:
     steps_per_epoch: int  # whole optimizer steps in one pass over this rank's share of the data
     total_steps: int
@@ -137,7 +125,7 @@ class TrainState:
     rank: int
     world_size: int
     device: torch.device
-    precision: Precision
+    precision: PrecisionSetup
     tokenizer: Any
     engine: Engine
     scheduler: Any
@@ -236,7 +224,7 @@ def plan_schedule(config: TrainConfig, examples: int, world_size: int) -> Schedu
     return Schedule(steps_per_epoch, total)
 
 
-def build_model(config: TrainConfig, precision: Precision, device: torch.device | None) -> Any:
+def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.device | None) -> Any:
     """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base kept frozen in the compute
     dtype, `modeling.prepare_for_training`). `device` None: ZeRO-3 builds it partitioned and places the
     partitions itself."""
@@ -244,7 +232,7 @@ def build_model(config: TrainConfig, precision: Precision, device: torch.device 
     model = load_pretrained(config.model, precision.weights, quant, str(device) if device else None)
     lora = None
     if config.method in ("lora", "qlora"):
-        targets = config.lora_targets[0] if config.lora_targets == ("all-linear",) else config.lora_targets
+        targets = config.lora_targets[0] if config.lora_targets == (ALL_LINEAR,) else config.lora_targets
         lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     capability = torch.cuda.get_device_capability() if config.device == "cuda" else None
     kernels = kernels_that_run(config.kernels, model.config.model_type, config.device, capability)

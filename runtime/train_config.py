@@ -11,13 +11,22 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METHODS = ("full", "lora", "qlora")
-PRECISIONS = ("bf16-true", "bf16-mixed", "fp16-true", "fp16-mixed", "fp32")
-OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
-BACKENDS = ("single", "ddp", "deepspeed")
-OFFLOADS = ("none", "optimizer", "params")
+from llmplan.planner.defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_SEQ_LEN, lora_alpha
+from llmplan.planner.request import Kernels, Method, Offload, Optimizer, Precision, values_of
+from llmplan.planner.search import Backend
+
+METHODS = values_of(Method)
+PRECISIONS = values_of(Precision)
+OPTIMIZERS = values_of(Optimizer)
+BACKENDS = tuple(backend.value for backend in Backend if backend is not Backend.FSDP)  # the runtime has no FSDP
+OFFLOADS = values_of(Offload)
+KERNELS = values_of(Kernels)
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
+# The fields a FinetunePlan decides (`TrainConfig.from_plan`); lora_alpha follows lora_r.
+PLANNED = ("method", "precision", "micro_batch", "grad_accum", "seq_len", "gradient_checkpointing", "optimizer",
+           "lora_r", "lora_targets", "kernels", "lora_dropout", "activation_offload", "device", "workers", "backend",
+           "zero", "offload")
 # Where a run keeps its checkpoints: <output_dir>/checkpoints/step-N/trainer_state.pt (train.py writes them;
 # the scheduler looks for them without importing torch).
 CHECKPOINTS = "checkpoints"
@@ -25,7 +34,12 @@ STATE_FILE = "trainer_state.pt"
 
 
 class TrainConfigError(ValueError):
-    """A configuration that cannot run as written; the message says what to change."""
+    """A configuration that cannot run as written; the message says what to change, `field` which field is
+    at fault when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _option(field_name: str) -> str:
@@ -51,7 +65,7 @@ class TrainConfig:
     precision: str = "bf16-true"
     micro_batch: int = 1
     grad_accum: int = 1
-    seq_len: int = 512
+    seq_len: int = DEFAULT_SEQ_LEN
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     lr: float = 2e-4
@@ -60,10 +74,10 @@ class TrainConfig:
     warmup_steps: int = 10
     max_steps: int | None = None  # optimizer steps; None: run `epochs`
     epochs: float = 1.0
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = DEFAULT_LORA_R
+    lora_alpha: int = lora_alpha(DEFAULT_LORA_R)
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("all-linear",)
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient_checkpointing)
     seed: int = 0
@@ -92,7 +106,7 @@ class TrainConfig:
             raise TrainConfigError("several workers need backend ddp or deepspeed")
         if self.backend == "deepspeed" and self.zero not in (1, 2, 3):
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
-        if self.kernels not in (None, "liger", "none"):
+        if self.kernels is not None and self.kernels not in KERNELS:
             raise TrainConfigError(f"kernels must be liger or none, got {self.kernels!r}")
         if self.activation_offload and not self.gradient_checkpointing:
             raise TrainConfigError("activation_offload moves the checkpointed layer inputs to CPU memory: it needs "
@@ -122,16 +136,29 @@ class TrainConfig:
         for name in ("lr", "epochs", "weight_decay", "max_grad_norm", "lora_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainConfigError(f"{_option(name)} must be a finite number, got {value!r}")
+                raise TrainConfigError(f"{_option(name)} must be a finite number, got {value!r}", name)
         for name in ("lr", "epochs"):
             if getattr(self, name) <= 0:
-                raise TrainConfigError(f"{_option(name)} must be positive, got {getattr(self, name)}")
+                raise TrainConfigError(f"{_option(name)} must be positive, got {getattr(self, name)}", name)
         for name in ("warmup_steps", "eval_every", "max_grad_norm", "weight_decay", "lora_dropout"):
             if getattr(self, name) < 0:
-                raise TrainConfigError(f"{_option(name)} must be 0 or more, got {getattr(self, name)}")
+                raise TrainConfigError(f"{_option(name)} must be 0 or more, got {getattr(self, name)}", name)
         fraction = self.data.val_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise TrainConfigError(f"--val-fraction must be at least 0 and below 1, got {fraction!r}")
+            raise TrainConfigError(f"--val-fraction must be at least 0 and below 1, got {fraction!r}", "val_fraction")
+
+    @classmethod
+    def from_plan(cls, plan: Any, *, data: DataConfig, output_dir: str, **run: Any) -> "TrainConfig":
+        """The config a `FinetunePlan` fixes (every field in PLANNED), with the user's data, output and `run`
+        settings (schedule, seed, ...): what a submission records and what an OOM re-plan records again."""
+        planned = {name: getattr(plan, name) for name in PLANNED}
+        return cls(model=plan.model, data=data, output_dir=output_dir, lora_alpha=lora_alpha(plan.lora_r),
+                   **planned, **run)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields the user sets, not the plan (all but the model, data, output and PLANNED ones)."""
+        fixed = {"model", "data", "output_dir", "lora_alpha", *PLANNED}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in fixed}
 
     @property
     def global_batch(self) -> int:
@@ -150,5 +177,5 @@ class TrainConfig:
             raise TrainConfigError(f"unknown keys: {', '.join(unknown)}")
         values = dict(data)
         values["data"] = DataConfig(**values["data"]) if isinstance(values.get("data"), dict) else values["data"]
-        values["lora_targets"] = tuple(values.get("lora_targets", ("all-linear",)))
+        values["lora_targets"] = tuple(values.get("lora_targets", (ALL_LINEAR,)))
         return cls(**values)

@@ -133,4 +133,4 @@ def test_a_refused_submission_queues_nothing(store: Path) -> None:
 @pytest.mark.parametrize("dataset_text", ["[" * 100_000, '{"text": ' + "7" * 5000 + "}"])
 def test_fit_dataset_that_cannot_be_parsed(tmp_path: Path, dataset_text: str) -> None:
     path = data_file(tmp_path, dataset_text + "\n")
-    assert_refused(run("fit", "7B", "--dataset", str(path)), 2, "--dataset")
+    assert_refused(run("fit", "7B", "--data", str(path)), 2, "--data")

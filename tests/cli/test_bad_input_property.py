@@ -2,7 +2,7 @@
 or file:line at fault and exits 2 (or 1), with no traceback and nothing changed in the store or on disk.
 
 Generated: option values (huge, negative, NaN, inf, non-ASCII digits, empty, text) for `estimate`, `fit`,
-`submit finetune`, `show` and `jobs`, and data-file lines for `submit finetune` and `fit --dataset`. Submissions
+`submit finetune`, `show` and `jobs`, and data-file lines for `submit finetune` and `fit --data`. Submissions
 run on a real SQLite store and stop where they would join the Ray cluster (see bad_input.py)."""
 
 from __future__ import annotations
@@ -122,4 +122,4 @@ def test_data_files(lines: list[str]) -> None:
         if outcome.exit_code is not None:
             assert_the_rule(outcome, named=str(data))
             assert fingerprint(Path(folder)) == before
-        assert_the_rule(run("fit", "7B", "--gpu", "A100-80GB", "--dataset", str(data), "--json"), named="--dataset")
+        assert_the_rule(run("fit", "7B", "--gpu", "A100-80GB", "--data", str(data), "--json"), named="--data")

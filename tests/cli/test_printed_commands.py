@@ -20,7 +20,7 @@ from test_gpus_cli import NO_DRIVER
 
 from llmplan.cli.commands import DATA_PLACEHOLDER, PROGRAM
 from llmplan.cli.main import cli
-from llmplan.cli.submit import parse_spec
+from llmplan.cli.submit import spec_values
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "data" / "alpaca_llmplan.jsonl"
@@ -74,7 +74,7 @@ def yaml_spec(text: str) -> dict:
 def parse_job_spec(spec: dict) -> tuple[str, dict]:
     """As `llmplan submit SPEC.yaml` reads it: by the submit command's own options."""
     with_data = {key: str(DATA) if value == DATA_PLACEHOLDER else value for key, value in spec.items()}
-    return parse_spec(with_data, where="printed job spec")
+    return spec_values(with_data, where="printed job spec")
 
 
 @pytest.fixture(scope="module")

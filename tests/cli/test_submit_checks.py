@@ -52,23 +52,38 @@ def test_a_missing_model_directory_is_refused_naming_the_option(store: str, tmp_
 
 
 def test_two_submissions_in_one_second_get_different_default_outputs(store: str, tmp_path: Path) -> None:
-    from llmplan.cli.submit import check_training_request, plan_training, submit_finetune
+    from llmplan.cli.submit import submit_finetune
+    from llmplan.runtime.submission import FinetuneSubmission, check_training_request, plan_training, submission_from
 
     options = submit_finetune.make_context("finetune", ["--model", "SmolLM2-135M", "--data", str(DATA)]).params
-    check_training_request(str(DATA), options)
+    submission = submission_from(FinetuneSubmission, options)
+    check_training_request(submission)
     root = tmp_path / "jobs" / "store"
-    outputs = [Path(plan_training("SmolLM2-135M", str(DATA), options, lambda gpus: None, None, root)[1].output_dir)
-               for _ in range(2)]
+    outputs = [Path(plan_training(submission, lambda gpus: None, None, root)[1].output_dir) for _ in range(2)]
     assert outputs[0] != outputs[1]
     assert all(output.parent == root / "finetune" and output.name.startswith("SmolLM2-135M-") for output in outputs)
 
 
 @pytest.mark.parametrize("kind", ["finetune", "infer"])
 def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind: str) -> None:
-    from llmplan.cli.scheduling import smaller_cpu_plan
+    from llmplan.runtime.submission import smaller_cpu_plan
     from llmplan.cli.submit import spec_command
 
     options = {option for param in spec_command(kind).params for option in param.opts}
     for workers_that_fit in (0, 2):
         named = set(re.findall(r"--[a-z-]+", smaller_cpu_plan(kind, workers_that_fit)))
         assert named and named <= options, (kind, named - options)
+
+
+def test_the_config_a_plan_fixes_copies_every_planned_field(tmp_path: Path) -> None:
+    """One TrainConfig.from_plan for submission and the OOM re-plan: every field the plan decides is the plan's."""
+    from llmplan.cli.submit import submit_finetune
+    from llmplan.runtime.submission import FinetuneSubmission, plan_training, submission_from
+    from llmplan.runtime.train_config import PLANNED
+
+    words = ["--model", "SmolLM2-135M", "--data", str(DATA), "--workers", "2", "--lora-r", "4", "--lr", "1e-3"]
+    submission = submission_from(FinetuneSubmission, submit_finetune.make_context("finetune", words).params)
+    plan, config = plan_training(submission, lambda gpus: None, None, tmp_path)
+    for name in PLANNED:
+        assert getattr(config, name) == getattr(plan, name), name
+    assert (config.lora_alpha, config.lr, config.workers, config.backend) == (8, 1e-3, 2, "ddp")

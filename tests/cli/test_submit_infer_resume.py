@@ -50,7 +50,7 @@ def test_submit_infer_needs_a_model_or_a_job_to_resume() -> None:
 
 
 def test_following_an_inference_job_shows_its_tokens_per_second() -> None:
-    from llmplan.cli.submit import progress_detail
+    from llmplan.cli.follow_job import progress_detail
     from llmplan.runtime.store.repository import MetricPoint
 
     assert progress_detail(MetricPoint(step=120, tokens_per_s=5321.7)) == "5,322 tokens/s"

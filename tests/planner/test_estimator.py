@@ -54,9 +54,9 @@ def test_nf4_weights_quantize_only_the_linear_layers() -> None:
 
 
 def test_kv_cache_scales_with_kv_heads() -> None:
-    llama2 = kv_cache_term(infer(batch_size=8), 1024).bytes
+    llama2 = kv_cache_term(infer(micro_batch_size=8), 1024).bytes
     assert llama2 == 4_362_076_160  # 2 x 32 layers x 4096 x 1024 tokens x 8 x 2 bytes, plus one K being concatenated
-    llama3 = kv_cache_term(infer("Llama-3.1-8B", batch_size=8), 1024).bytes
+    llama3 = kv_cache_term(infer("Llama-3.1-8B", micro_batch_size=8), 1024).bytes
     assert llama3 * 4 == llama2  # 8 KV heads instead of 32
 
 
@@ -77,30 +77,30 @@ def test_zero_partitions_optimizer_states_and_offload_removes_them() -> None:
 
 def test_peak_phase_depends_on_what_dominates() -> None:
     assert estimate(finetune(method=Method.FULL, gradient_checkpointing=True)).peak_phase == "end of backward"
-    assert estimate(finetune(batch_size=8, seq_len=2048)).peak_phase == "loss backward"
+    assert estimate(finetune(micro_batch_size=8, seq_len=2048)).peak_phase == "loss backward"
     # Quantized (the plain generate path): the prompt's prefill; 16-bit: the fast engine's cache and workspace.
-    assert estimate(infer(batch_size=1, prompt_len=2048, max_new_tokens=16, quant=Quant.NF4)).peak_phase == "prefill"
-    assert estimate(infer(batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "last token"
+    assert estimate(infer(micro_batch_size=1, prompt_len=2048, max_new_tokens=16, quant=Quant.NF4)).peak_phase == "prefill"
+    assert estimate(infer(micro_batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "last token"
 
 
 def test_the_fast_engines_workspace_is_planned_where_they_run() -> None:
     """One GPU, 16-bit weights: the fp32 logits of a 2,048-token continuous-batching step; quantized or sharded
     models run on the plain generate path, which has none."""
-    terms = {t.name: t.bytes for t in estimate(infer(batch_size=64, prompt_len=64)).terms}
+    terms = {t.name: t.bytes for t in estimate(infer(micro_batch_size=64, prompt_len=64)).terms}
     assert terms["engine workspace"] == 2048 * find_model("Llama-2-7B").vocab_size * 4
-    for other in (infer(batch_size=64, quant=Quant.NF4), infer(batch_size=64, parallel=Parallelism(gpus=2))):
+    for other in (infer(micro_batch_size=64, quant=Quant.NF4), infer(micro_batch_size=64, parallel=Parallelism(gpus=2))):
         assert "engine workspace" not in {t.name for t in estimate(other).terms}
 
 
 def test_checkpointing_trades_activations_for_recompute() -> None:
-    plain = estimate(finetune(batch_size=8, seq_len=1024))
-    checkpointed = estimate(finetune(batch_size=8, seq_len=1024, gradient_checkpointing=True))
+    plain = estimate(finetune(micro_batch_size=8, seq_len=1024))
+    checkpointed = estimate(finetune(micro_batch_size=8, seq_len=1024, gradient_checkpointing=True))
     assert checkpointed.peak_bytes < 0.6 * plain.peak_bytes
     assert "checkpointed layer inputs" in checkpointed.breakdown()
 
 
 def test_mixed_precision_holds_fp32_master_weights_and_16_bit_copies() -> None:
-    result = estimate(finetune("Llama-3.2-1B", method=Method.FULL, precision=Precision.BF16_MIXED, batch_size=8, seq_len=1024))
+    result = estimate(finetune("Llama-3.2-1B", method=Method.FULL, precision=Precision.BF16_MIXED, micro_batch_size=8, seq_len=1024))
     assert result.breakdown()["weights"] == find_model("Llama-3.2-1B").params * 4
     assert result.breakdown()["autocast weight copies"] > 0
 
@@ -121,7 +121,7 @@ def test_device_bytes_add_the_cuda_context() -> None:
     [
         (dict(method=Method.FULL, quant=Quant.NF4), "use --method qlora"),
         (dict(method=Method.QLORA, quant=Quant.INT8), "nf4"),
-        (dict(batch_size=0), "--batch-size must be positive"),
+        (dict(micro_batch_size=0), "--batch-size must be positive"),
         (dict(seq_len=-5), "--seq-len must be positive"),
         (dict(method=Method.LORA, precision=Precision.BF16_MIXED), "bf16-true"),
         (dict(parallel=Parallelism(gpus=1, zero=0, offload=Offload.NONE), lora=LoraSpec(targets=("w_in",))), "no linear layer named w_in"),

@@ -64,3 +64,16 @@ def test_recorded_hardware_reads_back() -> None:
     assert (again.gpu.name, again.count, again.memory_bytes) == (hardware.gpu.name, 2, hardware.memory_bytes)
     custom = plan_hardware(1, None, "24GiB", lambda: None)
     assert hardware_from_dict(custom.to_dict()).memory_bytes == 24 * 2**30
+
+
+def test_a_replan_keeps_the_kernels_and_the_lora_dropout_asked_for() -> None:
+    """The retry's config is its plan's (TrainConfig.from_plan): the plan must not fall back to the defaults."""
+    from llmplan.planner.request import Kernels
+
+    plan, spec, hardware = a100_plan()
+    asked = plan_finetune(FinetuneAsk(model="Llama-2-7B", spec=spec, methods=(Method.LORA,), batch_size=16,
+                                      micro_batch=8, gradient_checkpointing=False, kernels=Kernels.NONE,
+                                      lora_dropout=0.1), hardware)
+    replanned, _ = replan_after_oom(asked, spec, hardware, learned_margin(1))
+    assert (replanned.kernels, replanned.lora_dropout) == ("none", 0.1)
+    assert plan.kernels == "liger"  # the default the re-plan used to fall back to

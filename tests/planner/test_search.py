@@ -64,7 +64,7 @@ def test_7b_lora_needs_checkpointing_or_small_micro_batches() -> None:
     assert result.feasible
     for candidate in result.candidates:
         assert candidate.checkpointing or candidate.micro_batch <= 2
-    whole_batch = EstimateRequest(model=LLAMA7, method=Method.LORA, batch_size=16, seq_len=512)
+    whole_batch = EstimateRequest(model=LLAMA7, method=Method.LORA, micro_batch_size=16, seq_len=512)
     assert estimate(whole_batch).device_bytes > result.request.budget_bytes
 
 
@@ -209,7 +209,7 @@ def test_the_largest_fitting_micro_batch_is_found_without_estimating_every_one()
     divisors = 9  # of 256
     assert result.considered < families * divisors
     best = result.best
-    bigger = replace(best.request, batch_size=best.micro_batch * 2)
+    bigger = replace(best.request, micro_batch_size=best.micro_batch * 2)
     assert best.micro_batch == 256 or estimate(bigger).device_bytes > result.request.budget_bytes
 
 

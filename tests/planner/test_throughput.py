@@ -135,16 +135,16 @@ def test_matmul_params_count_the_head_and_routed_experts_but_not_the_embedding()
 
 
 def test_qlora_adds_dequantization() -> None:
-    qlora = tp.finetune_throughput(_finetune(Method.QLORA, batch_size=4), H200)
-    lora = tp.finetune_throughput(_finetune(Method.LORA, batch_size=4), H200)
+    qlora = tp.finetune_throughput(_finetune(Method.QLORA, micro_batch_size=4), H200)
+    lora = tp.finetune_throughput(_finetune(Method.LORA, micro_batch_size=4), H200)
     names = {term.name for term in qlora.terms}
     assert "logits, loss, dequantization" in names and "fp32 output head" not in names  # the head stays bf16
     assert qlora.tokens_per_s < lora.tokens_per_s
 
 
 def test_gradient_accumulation_amortises_only_the_optimizer_step() -> None:
-    one = tp.finetune_throughput(_finetune(Method.FULL, batch_size=2, seq_len=1024), H200, grad_accum=1)
-    eight = tp.finetune_throughput(_finetune(Method.FULL, batch_size=2, seq_len=1024), H200, grad_accum=8)
+    one = tp.finetune_throughput(_finetune(Method.FULL, micro_batch_size=2, seq_len=1024), H200, grad_accum=1)
+    eight = tp.finetune_throughput(_finetune(Method.FULL, micro_batch_size=2, seq_len=1024), H200, grad_accum=8)
     assert eight.tokens_per_step == 8 * one.tokens_per_step
     assert one.tokens_per_s < eight.tokens_per_s < 1.2 * one.tokens_per_s
 
@@ -152,17 +152,17 @@ def test_gradient_accumulation_amortises_only_the_optimizer_step() -> None:
 # ---- multi-GPU -----------------------------------------------------------------------------------------
 def test_data_parallel_lora_scales_nearly_linearly_and_zero3_pays_for_gathering() -> None:
     a100 = lookup_gpu("A100 80GB")
-    single = tp.finetune_throughput(_finetune(batch_size=4), a100, grad_accum=4)
-    ddp = tp.finetune_throughput(_finetune(batch_size=4, parallel=Parallelism(gpus=8)), a100, grad_accum=4)
+    single = tp.finetune_throughput(_finetune(micro_batch_size=4), a100, grad_accum=4)
+    ddp = tp.finetune_throughput(_finetune(micro_batch_size=4, parallel=Parallelism(gpus=8)), a100, grad_accum=4)
     assert 7.5 * single.tokens_per_s < ddp.tokens_per_s <= 8 * single.tokens_per_s
-    zero3 = tp.finetune_throughput(_finetune(Method.FULL, batch_size=4, parallel=Parallelism(gpus=8, zero=3)), a100, 4)
+    zero3 = tp.finetune_throughput(_finetune(Method.FULL, micro_batch_size=4, parallel=Parallelism(gpus=8, zero=3)), a100, 4)
     assert "parameter all-gather" in {term.name for term in zero3.terms}
 
 
 def test_cpu_offload_costs_pcie_transfers_and_cpu_adam() -> None:
     rtx = lookup_gpu("RTX 4090")
     offloaded = tp.finetune_throughput(
-        _finetune(Method.FULL, batch_size=2, parallel=Parallelism(zero=2, offload=Offload.OPTIMIZER)), rtx, 8)
+        _finetune(Method.FULL, micro_batch_size=2, parallel=Parallelism(zero=2, offload=Offload.OPTIMIZER)), rtx, 8)
     terms = {term.name: term.seconds for term in offloaded.terms}
     assert terms["CPU offload: optimizer"] > 1.0  # 6.7B gradients down and parameters up over PCIe
     assert "optimizer step" not in terms
@@ -174,25 +174,25 @@ def _infer(model: str = "Llama-2-7B", **kwargs) -> EstimateRequest:
 
 
 def test_generation_is_host_bound_on_the_h200_and_memory_bound_on_a_slow_card() -> None:
-    h200 = tp.generation_throughput(_infer(batch_size=1), H200)
+    h200 = tp.generation_throughput(_infer(micro_batch_size=1), H200)
     terms = {term.name: term.seconds for term in h200.terms}
     assert terms["decode: host overhead"] > 5 * terms["decode: weights and KV cache"]
-    t4 = tp.generation_throughput(_infer("Llama-2-13B", batch_size=1, precision=Precision.FP16_TRUE), lookup_gpu("T4"))
+    t4 = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=1, precision=Precision.FP16_TRUE), lookup_gpu("T4"))
     terms = {term.name: term.seconds for term in t4.terms}
     assert terms["decode: weights and KV cache"] > terms["decode: host overhead"]  # 26 GB at 320 GB/s
 
 
 def test_int8_generation_is_much_slower_than_16_bit() -> None:
-    bf16 = tp.generation_throughput(_infer(batch_size=4), H200)
-    int8 = tp.generation_throughput(_infer(batch_size=4, quant=Quant.INT8), H200)
+    bf16 = tp.generation_throughput(_infer(micro_batch_size=4), H200)
+    int8 = tp.generation_throughput(_infer(micro_batch_size=4, quant=Quant.INT8), H200)
     assert int8.tokens_per_s < 0.5 * bf16.tokens_per_s
 
 
 def test_sharding_runs_at_one_cards_speed_and_replicas_multiply() -> None:
     a100 = lookup_gpu("A100 80GB")
-    one = tp.generation_throughput(_infer("Llama-2-13B", batch_size=8), a100)
-    sharded = tp.generation_throughput(_infer("Llama-2-13B", batch_size=8, parallel=Parallelism(gpus=2)), a100)
-    replicas = tp.generation_throughput(_infer("Llama-2-13B", batch_size=8), a100, replicas=2)
+    one = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100)
+    sharded = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8, parallel=Parallelism(gpus=2)), a100)
+    replicas = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100, replicas=2)
     assert sharded.tokens_per_s == pytest.approx(one.tokens_per_s)
     assert replicas.tokens_per_s == pytest.approx(2 * one.tokens_per_s)
 
@@ -208,7 +208,7 @@ P40_RUN_MEASURED_HOURS = 46
 
 
 def _p40_run(precision: Precision, method: Method = Method.LORA, gpu=P40) -> float:
-    req = EstimateRequest(model=LLAMA7, method=method, precision=precision, batch_size=4, seq_len=256,
+    req = EstimateRequest(model=LLAMA7, method=method, precision=precision, micro_batch_size=4, seq_len=256,
                           lora=LoraSpec(r=8, alpha=16, targets=("q_proj", "v_proj")))
     return tp.finetune_throughput(req, gpu, grad_accum=32).seconds_for(P40_RUN_TOKENS) / 3600
 
@@ -228,8 +228,8 @@ def test_p40_prediction_for_the_46_hour_run_is_pinned() -> None:
 
 
 def test_p40_fp16_is_timed_at_its_slow_rate() -> None:
-    fp16 = tp.finetune_throughput(_finetune(precision=Precision.FP16_TRUE, batch_size=4, seq_len=256), P40, 4)
-    fp32 = tp.finetune_throughput(_finetune(Method.QLORA, precision=Precision.FP32, batch_size=4, seq_len=256), P40, 4)
+    fp16 = tp.finetune_throughput(_finetune(precision=Precision.FP16_TRUE, micro_batch_size=4, seq_len=256), P40, 4)
+    fp32 = tp.finetune_throughput(_finetune(Method.QLORA, precision=Precision.FP32, micro_batch_size=4, seq_len=256), P40, 4)
     assert fp16.tokens_per_s < fp32.tokens_per_s / 20
     assert tp.compute_tflops(P40, Precision.FP16_TRUE) == pytest.approx(P40.fp32_tflops / 64, rel=0.05)
 

@@ -142,9 +142,12 @@ def ray_head():
 
 @pytest.fixture
 def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """`env`, with jobs submitted to the session's Ray cluster."""
+    """`env`, with jobs submitted to the session's Ray cluster. Its head runs without token authentication
+    (ray_nodes.start_node), so its clients do too: a client expecting tokens drops what the cluster's workers
+    send back on their own (a streaming generator's items), and waits for ever."""
     monkeypatch.setenv("LLMPLAN_RAY_ADDRESS", ray_head.address)
-    return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address, "RAY_AUTH_MODE": "disabled"}
 
 
 def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

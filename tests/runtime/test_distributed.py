@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("ray")
 
-from llmplan.runtime.distributed import deepspeed_config, run_ray_train  # noqa: E402
+from llmplan.runtime.distributed import deepspeed_config  # noqa: E402
+from llmplan.runtime.ray_train import run_ray_train  # noqa: E402
 from llmplan.runtime.train import StepMetrics, cleanup, setup, train  # noqa: E402
 from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
 

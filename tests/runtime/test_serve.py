@@ -11,7 +11,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -198,10 +197,10 @@ def test_off_loopback_every_call_needs_the_token(needs_openai) -> None:
     """The guard answers before the model is asked: the app alone (no batcher, no model) on a real socket."""
     import uvicorn
 
-    from llmplan.cli.web_api import DashboardConfig, bind
+    from llmplan.runtime.http_guards import listening_socket
     from llmplan.runtime.serve_api import ServeConfig, create_app, token_digest
 
-    listener = bind(DashboardConfig(db_url="", host="0.0.0.0", port=0))
+    listener = listening_socket("0.0.0.0", 0)
     port = listener.getsockname()[1]
     config = ServeConfig(model_id=MODEL, host="0.0.0.0", port=port, token_sha256=token_digest("s3cret"))
     app = create_app(config, batcher=None, template=None)  # type: ignore[arg-type]
