@@ -26,7 +26,7 @@ def prepare(tokenizer_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from llmplan.planner.resolve import find_model
-    from llmplan.runtime.modeling import build_random_model
+    from llmplan.runtime.models.modeling import build_random_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = dataclasses.replace(find_model("Llama-2-7B"), name="llama2-7b-shape", vocab_size=len(tokenizer))

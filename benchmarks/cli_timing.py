@@ -126,7 +126,7 @@ def time_generate(base: list[str], repeat: int, folder: str) -> None:
             if number == 1:
                 print("\n".join(f"<!-- {at:6.2f} s  {line} -->" for at, line in run.stderr))
     finally:
-        from llmplan.runtime.cluster import stop_local_head
+        from llmplan.runtime.jobs.cluster import stop_local_head
 
         stop_local_head()
 

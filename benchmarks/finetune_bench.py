@@ -57,7 +57,7 @@ CASES = [  # (path, method, packing)
 
 def train_config(method: str, packing: bool, output_dir: str, workers: int = 1, backend: str = "single",
                  zero: int = 0, max_steps: int = STEPS):
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     return TrainConfig(model=str(MODEL_DIR), data=DataConfig(path=str(DATA), packing=packing, val_fraction=0.0),
                        output_dir=output_dir, method=method, precision="bf16-true", micro_batch=MICRO_BATCH,
@@ -81,7 +81,7 @@ def measured_rate(history: list[dict]) -> tuple[float, int]:
 
 def through_llmplan(method: str, packing: bool) -> dict:
     """The recipe as a Ray Train worker runs it, in one process."""
-    from llmplan.runtime.train import cleanup, setup, train
+    from llmplan.runtime.train.train import cleanup, setup, train
 
     with tempfile.TemporaryDirectory() as output:
         state = setup(train_config(method, packing, output))
@@ -101,8 +101,8 @@ def plain(method: str) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmplan.runtime.data import build_datasets, collate, pad_token_id
-    from llmplan.runtime.modeling import quantization_config
+    from llmplan.runtime.text.data import build_datasets, collate, pad_token_id
+    from llmplan.runtime.models.modeling import quantization_config
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     examples, _, _ = build_datasets(train_config(method, False, "/tmp/unused").data, tokenizer, SEQ_LEN, seed=0)
@@ -165,7 +165,7 @@ def run_scaling(backend: str) -> dict | None:
     torch.cuda.set_device(local)
     if world > 1:
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-    from llmplan.runtime.train import cleanup, setup, train
+    from llmplan.runtime.train.train import cleanup, setup, train
 
     output = f"/tmp/llmplan-scaling-{backend}-{world}"
     name = "single" if world == 1 else backend

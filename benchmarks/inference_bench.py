@@ -41,7 +41,7 @@ def plain(quant: str, cache: str, batch: int, prompt: int, new: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmplan.runtime.modeling import quantization_config
+    from llmplan.runtime.models.modeling import quantization_config
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -65,13 +65,13 @@ def plain(quant: str, cache: str, batch: int, prompt: int, new: int) -> dict:
 def through_llmplan(quant: str, batch: int, prompt: int, new: int, device: str = "cuda") -> dict:
     """The runtime's own path: setup (expandable segments, its quantization), complete, as the actor runs it;
     device "auto" shards the model over every GPU, as a replica holding several GPUs does."""
-    from llmplan.runtime.inference import GenerationSettings, complete, setup
+    from llmplan.runtime.infer.inference import GenerationSettings, complete, setup
 
     generator = setup(MODEL_DIR, dtype="bf16", quant=quant, device=device)
     complete(generator, ["warm up"], GenerationSettings(max_new_tokens=2, batch_size=1))
     report = complete(generator, prompts(generator.tokenizer, batch, prompt),
                       GenerationSettings(max_new_tokens=new, batch_size=batch))
-    from llmplan.runtime.inference import gpus_of
+    from llmplan.runtime.infer.inference import gpus_of
 
     return {"tokens_per_s": report.tokens_per_second, "peak_reserved_bytes": report.peak_reserved_bytes,
             "generated_tokens": report.generated_tokens, "gpus_used": len(gpus_of(generator))}
@@ -168,13 +168,13 @@ def engine_case(index: int) -> dict:
 def through_engine(path: str, texts: list[str], batch: int, new: int) -> dict:
     """llmplan's recipe (setup, complete) on one engine; the continuous engine with transformers' compile level 1
     is called below the recipe (engine.continuous), as the recipe would."""
-    from llmplan.runtime.inference import GenerationSettings, complete, setup
+    from llmplan.runtime.infer.inference import GenerationSettings, complete, setup
 
     generator = setup(MODEL_DIR, dtype="bf16", quant="none", device=DEVICE)
     complete(generator, ["warm up"], GenerationSettings(max_new_tokens=2, batch_size=1))
     engine = "continuous" if path.startswith("continuous") else path
     if path == "continuous-compile1":
-        from llmplan.runtime import engine as engines
+        from llmplan.runtime.infer import engine as engines
 
         engines.COMPILE_LEVEL = 1  # this process only
     settings = GenerationSettings(max_new_tokens=new, batch_size=batch, engine=engine)
@@ -233,7 +233,7 @@ def through_generate_batch(texts: list[str], new: int) -> dict:
 
 def greedy_check(texts: list[str], new: int) -> dict:
     """Greedy tokens of the continuous engine against `generate` one prompt at a time (bf16, same prompts)."""
-    from llmplan.runtime.inference import GenerationSettings, complete, setup
+    from llmplan.runtime.infer.inference import GenerationSettings, complete, setup
 
     generator = setup(MODEL_DIR, dtype="bf16", quant="none", device=DEVICE)
     one_by_one = [complete(generator, [t], GenerationSettings(max_new_tokens=new, batch_size=1))[0].token_ids

@@ -216,7 +216,7 @@ def spec_of(case: Case):
 
 
 def _load(case: Case):
-    from llmplan.runtime.modeling import build_random_model, load_pretrained
+    from llmplan.runtime.models.modeling import build_random_model, load_pretrained
 
     spec = spec_of(case)
     if case.method != "qlora":
@@ -226,7 +226,7 @@ def _load(case: Case):
 
 def save(case: Case) -> Path:
     """The case's architecture saved once in bf16, for the NF4 loader."""
-    from llmplan.runtime.modeling import build_random_model
+    from llmplan.runtime.models.modeling import build_random_model
 
     spec = spec_of(case)
     saved = SAVED / spec.name
@@ -236,7 +236,7 @@ def save(case: Case) -> Path:
 
 
 def _prepare(model, case: Case):
-    from llmplan.runtime.modeling import (
+    from llmplan.runtime.models.modeling import (
         LoraSettings,
         apply_lora,
         enable_gradient_checkpointing,
@@ -299,7 +299,7 @@ def _fused_attention_only(case: Case):
 def _train(model, case: Case) -> dict:
     import torch
 
-    from llmplan.runtime.modeling import make_optimizer
+    from llmplan.runtime.models.modeling import make_optimizer
 
     optimizer = make_optimizer(model, "adamw")
     vocab = model.config.vocab_size

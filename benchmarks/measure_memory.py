@@ -193,14 +193,14 @@ def _spec(name: str):
 
 
 def save_random_model(name: str) -> None:
-    from llmplan.runtime.modeling import build_random_model
+    from llmplan.runtime.models.modeling import build_random_model
 
     model = build_random_model(_spec(name), "bf16", "cuda")
     model.save_pretrained(SAVED_MODELS / name)
 
 
 def _load(case: Case):
-    from llmplan.runtime.modeling import build_random_model, load_pretrained
+    from llmplan.runtime.models.modeling import build_random_model, load_pretrained
 
     if case.quant != "none":
         return load_pretrained(str(SAVED_MODELS / case.model), "bf16", case.quant, "cuda")
@@ -209,7 +209,7 @@ def _load(case: Case):
 
 
 def _prepare_for_training(model, case: Case):
-    from llmplan.runtime.modeling import LoraSettings, prepare_for_training
+    from llmplan.runtime.models.modeling import LoraSettings, prepare_for_training
 
     lora = None
     if case.method in ("lora", "qlora"):
@@ -221,7 +221,7 @@ def _prepare_for_training(model, case: Case):
 def _finetune(model, case: Case, vocab: int) -> dict:
     import torch
 
-    from llmplan.runtime.modeling import make_optimizer
+    from llmplan.runtime.models.modeling import make_optimizer
 
     model = _prepare_for_training(model, case)
     optimizer = make_optimizer(model, case.optimizer)

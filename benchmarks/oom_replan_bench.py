@@ -46,8 +46,8 @@ def run_attempt(plan_json: str, fraction: float) -> dict:
     import torch
 
     from llmplan.planner.plan import FinetunePlan
-    from llmplan.runtime.train import cleanup, setup, train
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.train.train import cleanup, setup, train
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     torch.cuda.set_per_process_memory_fraction(fraction)
     plan = FinetunePlan.from_dict(json.loads(plan_json))

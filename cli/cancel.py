@@ -23,7 +23,7 @@ POLL_SECONDS = 0.2
 @json_option
 def cancel(job_ref: str, address: str | None, no_wait: bool, db_url: str | None, as_json: bool) -> None:
     """Cancel a job: queued, it never starts; running, its driver and workers are killed and its GPUs freed."""
-    from llmplan.runtime.scheduler import cancel_job
+    from llmplan.runtime.jobs.scheduler import cancel_job
     from llmplan.runtime.store.repository import get_job
 
     job_id = parse_job_id(job_ref)

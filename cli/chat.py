@@ -11,7 +11,7 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
-from llmplan.runtime.submission import inference_plan, store_jobs_root
+from llmplan.runtime.jobs.submission import inference_plan, store_jobs_root
 
 from .generate import (
     INFERENCE_PRECISIONS,
@@ -47,9 +47,9 @@ def chat(model: str, system_prompt: str | None, max_new_tokens: int, temperature
          context_len: int, adapter: str | None, template: str, precision: str | None, quant: str | None,
          db_url: str | None) -> None:
     """Chat with MODEL in the terminal (formatted by its chat template, or Llama-2's [INST] format)."""
-    from llmplan.runtime import inference_job
-    from llmplan.runtime.generation import GenerationSettings
-    from llmplan.runtime.ray_inference import stop_replicas
+    from llmplan.runtime.infer import inference_job
+    from llmplan.runtime.infer.generation import GenerationSettings
+    from llmplan.runtime.infer.ray_inference import stop_replicas
 
     plan = inference_plan(model, batch_size=1, prompt_len=context_len, max_new_tokens=max_new_tokens,
                      precision=precision, quant=quant, hardware=detect_hardware(1))
@@ -90,7 +90,7 @@ class Conversation:
     history: list = field(default_factory=list)
 
     def dialog(self, line: str) -> list:
-        from llmplan.runtime.chat import Message
+        from llmplan.runtime.text.chat import Message
 
         return [*self.system, *self.history, Message("user", line)]
 
@@ -98,7 +98,7 @@ class Conversation:
 def run_command(line: str, conversation: Conversation) -> str | None:
     """Carry out a /command typed in the chat; the line to show, or None when the chat ends. Nothing here is
     sent to the model."""
-    from llmplan.runtime.chat import Message
+    from llmplan.runtime.text.chat import Message
 
     name, _, argument = line.strip().partition(" ")
     argument = argument.strip()
@@ -125,9 +125,9 @@ def ask_the_replica(replica):
 
 
 def ask_a_server(engine, job_id: int, plan, adapter: str | None, template: str, prompts_in, precision, quant):
-    """A turn answered by a running `llmplan serve` of the same model (runtime/serve_client.py), the job marked
+    """A turn answered by a running `llmplan serve` of the same model (runtime/infer/serve_client.py), the job marked
     running; None when there is none."""
-    from llmplan.runtime import serve_client
+    from llmplan.runtime.infer import serve_client
     from llmplan.runtime.store.repository import JobStatus, transition
 
     server = serve_client.find_server(engine, plan.model, adapter, template, dtype=plan.dtype if precision else None,
@@ -144,7 +144,7 @@ def converse(ask, settings, system_prompt: str | None, hint: str = ""):
     """Read user turns until /exit or end of input; return (dialog, completion) pairs, reports, seconds.
 
     `ask(dialog, settings)` gives the turn's report: from the job's replica, or from a running server."""
-    from llmplan.runtime.chat import DialogError, Message, validate_dialog
+    from llmplan.runtime.text.chat import DialogError, Message, validate_dialog
 
     conversation = Conversation(system=[Message("system", system_prompt)] if system_prompt else [])
     turns, reports, seconds = [], [], 0.0

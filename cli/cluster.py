@@ -17,7 +17,7 @@ GIB = 2**30
 @contextlib.contextmanager
 def cluster_errors() -> Iterator[None]:
     """A cluster that cannot be reached or started: its one line on stderr, exit 1 (the system failed)."""
-    from llmplan.runtime.cluster import ClusterError
+    from llmplan.runtime.jobs.cluster import ClusterError
 
     try:
         yield
@@ -28,7 +28,7 @@ def cluster_errors() -> Iterator[None]:
 def reachable_address(ctx: click.Context, param: click.Parameter, address: str | None) -> str | None:
     """--address's check, before anything else runs: where nothing answers, one line and exit 1 at once (Ray
     would retry it for minutes)."""
-    from llmplan.runtime.cluster import check_reachable
+    from llmplan.runtime.jobs.cluster import check_reachable
 
     if address:
         with cluster_errors():
@@ -46,8 +46,8 @@ def cluster(ctx: click.Context, address: str | None, db_url: str | None, as_json
     """Show the cluster: nodes, GPUs and their memory, the jobs placed on each, and the queue."""
     if ctx.invoked_subcommand is not None:
         return
-    from llmplan.runtime.cluster import nodes
-    from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
+    from llmplan.runtime.jobs.cluster import nodes
+    from llmplan.runtime.jobs.scheduler import ensure_scheduler, worker_database_url
 
     with open_engine(db_url) as (engine, _), cluster_errors():
         ensure_scheduler(worker_database_url(engine), address)
@@ -63,13 +63,13 @@ def cluster(ctx: click.Context, address: str | None, db_url: str | None, as_json
 @cluster.command("stop")
 def stop() -> None:
     """Stop llmplan's local Ray head (and whatever runs on it); the job store keeps every record."""
-    from llmplan.runtime.cluster import stop_local_head
+    from llmplan.runtime.jobs.cluster import stop_local_head
 
     click.echo("stopped llmplan's local Ray head" if stop_local_head() else "llmplan's local Ray head is not running")
 
 
 def placed_and_queued(engine: Any) -> tuple[list[Any], int]:
-    from llmplan.runtime.scheduler import PLACED_STATUSES
+    from llmplan.runtime.jobs.scheduler import PLACED_STATUSES
     from llmplan.runtime.store.repository import JobFilter, JobStatus, count_jobs, list_jobs
 
     placed = list_jobs(engine, JobFilter(statuses=tuple(JobStatus(s) for s in PLACED_STATUSES), limit=10_000))
@@ -77,8 +77,8 @@ def placed_and_queued(engine: Any) -> tuple[list[Any], int]:
 
 
 def cluster_document(views: list[Any], placed: list[Any], queued: int) -> dict[str, Any]:
-    from llmplan.runtime.admission import available_bytes, demand_of
-    from llmplan.runtime.scheduler import reservation_of
+    from llmplan.runtime.jobs.admission import available_bytes, demand_of
+    from llmplan.runtime.jobs.scheduler import reservation_of
 
     reservations = [reservation_of(job) for job in placed]
     available = available_bytes([slot for view in views for slot in view.gpus], reservations)

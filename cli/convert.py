@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmplan.runtime.model_store import ModelStoreError, convert_meta_checkpoint, ensure_model
+from llmplan.runtime.models.model_store import ModelStoreError, convert_meta_checkpoint, ensure_model
 
 from .options import UserError, former_spelling, user_errors
 

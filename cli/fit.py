@@ -131,7 +131,7 @@ def _methods(method: str) -> tuple[Method, ...]:
 def model_reference(resolved: ResolvedModel, typed: str) -> str:
     """What to pass as --model: the path the user typed for a checkpoint, the catalog name of a model llmplan
     pulls itself, else a placeholder for the directory of its weights (PATH/TO/Llama-2-7B)."""
-    from llmplan.runtime.model_store import find_runnable  # light: stdlib and the planner
+    from llmplan.runtime.models.model_store import find_runnable  # light: stdlib and the planner
 
     if resolved.how.startswith(("config.json", "Meta params.json")):
         return typed

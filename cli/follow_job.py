@@ -6,7 +6,7 @@ import time
 
 import click
 
-from llmplan.runtime.job_request import JobRequest
+from llmplan.runtime.jobs.job_request import JobRequest
 
 POLL_SECONDS = 0.5
 RETRY_PATIENCE_S = 10.0

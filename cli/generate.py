@@ -11,7 +11,7 @@ from llmplan.planner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Precision, Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
-from llmplan.runtime.submission import InferenceSubmission, SubmissionError, prepare_inference, submission_from
+from llmplan.runtime.jobs.submission import InferenceSubmission, SubmissionError, prepare_inference, submission_from
 
 from .jobs import db_option, open_engine
 from .options import (BATCH, GPUS, SEED, TEMPERATURE, TOKENS, TOP_P, UserError, choice_of, json_option, model_argument,
@@ -36,7 +36,7 @@ def announce_model(model: str) -> Path | None:
     return its directory.
 
     A model that cannot be made runnable is left to the job, which records the failure and its class."""
-    from llmplan.runtime.model_store import ModelStoreError, ensure_model
+    from llmplan.runtime.models.model_store import ModelStoreError, ensure_model
 
     try:
         local = ensure_model(model, progress=True)
@@ -50,7 +50,7 @@ def announce_model(model: str) -> Path | None:
 def prompt_template(model_dir: Path | None, adapter: str | None, choice: str):
     """The prompt template the prompts go to the model in (`prompt_templates.resolve_template`), checked
     before the job starts; None when the model is not runnable here (the job reports that)."""
-    from llmplan.runtime.prompt_templates import TemplateError, resolve_template
+    from llmplan.runtime.text.prompt_templates import TemplateError, resolve_template
 
     if model_dir is None:
         return None
@@ -122,9 +122,9 @@ def generation_options(command):
 
 def run_on_a_server(engine, job_id: int, plan, inputs, template, options: dict, on_text,
                     jobs_dir: Path):
-    """The job answered by a running `llmplan serve` of the same model (runtime/serve_client.py); None when
+    """The job answered by a running `llmplan serve` of the same model (runtime/infer/serve_client.py); None when
     there is none (or the model is not runnable here)."""
-    from llmplan.runtime import serve_client
+    from llmplan.runtime.infer import serve_client
 
     server = serve_client.find_server(engine, plan.model, inputs.adapter, inputs.template,
                                       dtype=plan.dtype if options.get("precision") else None,
@@ -143,9 +143,9 @@ def run_on_a_server(engine, job_id: int, plan, inputs, template, options: dict, 
 @user_errors(PlanError, UnknownModelError, ModelConfigError, SubmissionError)
 def generate(model: str, prompts: tuple[str, ...], db_url: str | None, as_json: bool, **options) -> None:
     """Complete text prompts or chat dialogs with MODEL, planned, run in Ray actors and recorded as a job."""
-    from llmplan.runtime import inference_job
+    from llmplan.runtime.infer import inference_job
 
-    from llmplan.runtime.submission import store_jobs_root
+    from llmplan.runtime.jobs.submission import store_jobs_root
 
     submission = submission_from(InferenceSubmission, {"model": model, "prompts": prompts, **options})
     plan, inputs = prepare_inference(submission, detect_hardware)

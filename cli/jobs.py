@@ -268,7 +268,7 @@ def comparison_to_json(comparison: PlanComparison) -> dict[str, Any]:
 # ---- tables -------------------------------------------------------------------------------------
 def serving_notes(engine: Engine, found: list[Job]) -> dict[int, str]:
     """Each running server's address, requests answered and tokens/s (`llmplan serve`), by job id."""
-    from llmplan.runtime.serve import serving_text
+    from llmplan.runtime.infer.serve import serving_text
     from llmplan.runtime.store.repository import latest_metric
 
     return {job.id: serving_text(job, latest_metric(engine, job.id)) for job in found
@@ -352,7 +352,7 @@ def _summary_table(job: Job, now: datetime, events: Sequence[JobEvent], metrics:
     if job.error_class is not None:
         rows.append(("error", f"{job.error_class.value}: {job.error_message or ''}".rstrip(": ")))
     if job.kind is JobKind.SERVE:
-        from llmplan.runtime.serve import serving_text
+        from llmplan.runtime.infer.serve import serving_text
 
         rows.append(("serving", serving_text(job, metrics[-1] if metrics else None)))
     rows += [(label, value) for label, value in (("output dir", job.output_dir), ("adapter", job.adapter_path),

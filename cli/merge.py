@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmplan.runtime.model_store import ModelStoreError
+from llmplan.runtime.models.model_store import ModelStoreError
 
 from .options import UserError, former_spelling, user_errors
 
@@ -31,9 +31,9 @@ def merge(base: str, adapter: Path, output: Path) -> None:
 def merge_keeping_template(base: str, adapter: Path, out: Path) -> Path:
     """Merge `adapter` into `base` at `out` (the libraries' output in the merge log), with the adapter's prompt
     template: what `llmplan merge` and the dashboard's Merge run."""
-    from llmplan.runtime.library_output import command_log, library_output_to
-    from llmplan.runtime.model_store import merge_adapter
-    from llmplan.runtime.prompt_templates import carry_template
+    from llmplan.runtime.jobs.library_output import command_log, library_output_to
+    from llmplan.runtime.models.model_store import merge_adapter
+    from llmplan.runtime.text.prompt_templates import carry_template
 
     if not adapter.expanduser().is_dir():
         raise UserError(f"no such directory: {adapter} (give the directory a PEFT adapter was saved to)")

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmplan.planner.units import format_bytes
-from llmplan.runtime.model_store import (
+from llmplan.runtime.models.model_store import (
     RUNNABLE,
     CachedItem,
     ModelStoreError,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from llmplan.runtime.job_request import DEFAULT_MAX_RETRIES
+from llmplan.runtime.jobs.job_request import DEFAULT_MAX_RETRIES
 
 from .cluster import reachable_address
 from .options import PRIORITY, UserError
@@ -36,8 +36,8 @@ def submission_errors(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from llmplan.runtime.cluster import ClusterError
-        from llmplan.runtime.submission import NeverFits, SubmissionError
+        from llmplan.runtime.jobs.cluster import ClusterError
+        from llmplan.runtime.jobs.submission import NeverFits, SubmissionError
 
         try:
             return function(*args, **kwargs)
@@ -52,7 +52,7 @@ def submission_errors(function: Callable) -> Callable:
 @submission_errors
 def queue_and_report(submission: Any, address: str | None, db_url: str | None, as_json: bool, wait: bool) -> None:
     """Queue the submission on the cluster at `address` (`runtime.submission`), then report it."""
-    from llmplan.runtime.submission import (Cluster, FinetuneSubmission, InferenceResumption, InferenceSubmission,
+    from llmplan.runtime.jobs.submission import (Cluster, FinetuneSubmission, InferenceResumption, InferenceSubmission,
                                             queue_finetune, queue_inference, queue_resumed_inference)
 
     from .jobs import open_engine
@@ -67,7 +67,7 @@ def queue_and_report(submission: Any, address: str | None, db_url: str | None, a
 
 def report_queued(engine: Any, job_id: int, plan: Any, jobs_root: Any, as_json: bool, wait: bool) -> None:
     """Print the queued job's id (or JSON), and follow it when asked."""
-    from llmplan.runtime.submission import queued_document
+    from llmplan.runtime.jobs.submission import queued_document
 
     from .follow_job import follow
     from .options import print_json

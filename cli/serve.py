@@ -1,5 +1,5 @@
 """`llmplan serve MODEL`: an OpenAI-compatible HTTP server of MODEL, run as a planned job on the cluster until
-`llmplan cancel` stops it (runtime/serve.py, runtime/serve_api.py)."""
+`llmplan cancel` stops it (runtime/infer/serve.py, runtime/infer/serve_api.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import click
 from llmplan.planner.plan import PlanError
 from llmplan.planner.request import Quant
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
-from llmplan.runtime.http_guards import LOOPBACK_HOSTS
+from llmplan.runtime.web.http_guards import LOOPBACK_HOSTS
 
 from .generate import INFERENCE_PRECISIONS, TEMPLATE_CHOICES, announce_model, prompt_template, template_option
 from .cluster import reachable_address
@@ -55,8 +55,8 @@ def serve(model: str, adapter: str | None, template: str, host: str, port: int, 
           as_json: bool) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models), as a
     job on the cluster that runs until `llmplan cancel JOB`."""
-    from llmplan.runtime import serve as server
-    from llmplan.runtime.submission import (Cluster, InferenceSubmission, Queueing, inference_plan, prepare_model,
+    from llmplan.runtime.infer import serve as server
+    from llmplan.runtime.jobs.submission import (Cluster, InferenceSubmission, Queueing, inference_plan, prepare_model,
                                             say_if_device_changed)
 
     def notify(text: str) -> None:

@@ -12,8 +12,8 @@ from llmplan.planner.plan import PlanError
 from llmplan.planner.defaults import ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_SEQ_LEN
 from llmplan.planner.request import Kernels, Method, Offload, Precision, RequestError
 from llmplan.planner.resolve import ModelConfigError, UnknownModelError
-from llmplan.runtime.submission import FinetuneSubmission, InferenceResumption, InferenceSubmission, submission_from
-from llmplan.runtime.train_config import DATA_FORMATS, TEMPLATES, TrainConfigError
+from llmplan.runtime.jobs.submission import FinetuneSubmission, InferenceResumption, InferenceSubmission, submission_from
+from llmplan.runtime.train.train_config import DATA_FORMATS, TEMPLATES, TrainConfigError
 
 from .generate import generation_options
 from .jobs import db_option

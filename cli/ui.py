@@ -25,7 +25,7 @@ DEFAULT_PORT = 8321  # Ray's dashboard is 8265
 def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], address: str | None,
        db_url: str | None) -> None:
     """Serve the dashboard (its page at / and its JSON API) on HOST:PORT until interrupted."""
-    from llmplan.runtime.scheduler import worker_database_url
+    from llmplan.runtime.jobs.scheduler import worker_database_url
     from llmplan.runtime.store.db import database_url_from_environment, open_store
 
     from .web_api import bind, make_config, server_for

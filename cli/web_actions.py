@@ -122,7 +122,7 @@ def log_tail(engine: Any, job_id: int, offset: int) -> dict[str, Any]:
 def cancel_json(scope: Scope, engine: Any, job_id: int) -> dict[str, Any]:
     """As `llmplan cancel --no-wait`: the cancel is recorded in the store (Ray up or not); a placed job's
     scheduler is then woken to stop it now (while the cluster is down, it stops it when it is back)."""
-    from llmplan.runtime.scheduler import managed, request_cancel
+    from llmplan.runtime.jobs.scheduler import managed, request_cancel
     from llmplan.runtime.store.repository import get_job
 
     from .web_ray import RayUnavailableError, call_with_ray
@@ -142,7 +142,7 @@ def cancel_json(scope: Scope, engine: Any, job_id: int) -> dict[str, Any]:
 
 def wake_scheduler(scope: Scope) -> None:
     """In a Ray call's process: the store's scheduler, started if need be and poked."""
-    from llmplan.runtime.scheduler import ensure_scheduler
+    from llmplan.runtime.jobs.scheduler import ensure_scheduler
 
     ensure_scheduler(scope.db_url, scope.address)
 
@@ -164,8 +164,8 @@ def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
     from llmplan.planner.plan import PlanError
     from llmplan.planner.request import RequestError
     from llmplan.runtime.store.db import open_store
-    from llmplan.runtime.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
-    from llmplan.runtime.train_config import TrainConfigError
+    from llmplan.runtime.jobs.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
+    from llmplan.runtime.train.train_config import TrainConfigError
 
     from .submit import spec_key
 

@@ -67,7 +67,7 @@ from .web_actions import (Scope, cancel_json, job_json, list_jobs_json, list_mod
                           merge_json, option_choices, plan_json, submit_json)
 from .web_chat import chat_json
 from .web_data import preview_json
-from llmplan.runtime.http_guards import (IDLE_TIMEOUT_S, LOOPBACK_HOSTS, MAX_CONNECTIONS, MAX_HEAD_BYTES,
+from llmplan.runtime.web.http_guards import (IDLE_TIMEOUT_S, LOOPBACK_HOSTS, MAX_CONNECTIONS, MAX_HEAD_BYTES,
                                          HeadDeadlineProtocol, host_headers, json_body, listening_socket)
 
 from .web_errors import ApiError, error_answer, error_document

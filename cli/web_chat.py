@@ -1,6 +1,6 @@
 """The dashboard's chat panel (POST /api/chat): one turn of a conversation with a model, or with a finished
 fine-tuning job's adapter, through the inference path `llmplan generate` and `llmplan chat` use (a warm
-replica per model in Ray, runtime/ray_inference.py), recorded as a job named like `llmplan chat`'s. The turn
+replica per model in Ray, runtime/infer/ray_inference.py), recorded as a job named like `llmplan chat`'s. The turn
 runs in a Ray call's process (web_ray.py): while the cluster is down it answers 503."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def chat_json(scope: Scope, engine: Any, body: dict[str, Any]) -> dict[str, Any]
 
 def checked_turn(body: dict[str, Any], roots: tuple[Path, ...], engine: Any) -> ChatTurn:
     """The turn a body asks for, its paths inside the roots; a job's adapter comes from its record."""
-    from llmplan.runtime.chat import DialogError, validate_dialog
+    from llmplan.runtime.text.chat import DialogError, validate_dialog
 
     model, adapter = body.get("model"), body.get("adapter")
     if body.get("job") is not None:
@@ -77,11 +77,11 @@ def job_adapter(engine: Any, job_id: Any) -> tuple[str, str]:
 
 def answer_turn(scope: Scope, turn: ChatTurn) -> dict[str, Any]:
     """In a Ray call's process: plan, record and run the turn as `llmplan chat` does one."""
-    from llmplan.runtime import inference_job
-    from llmplan.runtime.cluster import ADDRESS_ENV
-    from llmplan.runtime.generation import GenerationSettings
+    from llmplan.runtime.infer import inference_job
+    from llmplan.runtime.jobs.cluster import ADDRESS_ENV
+    from llmplan.runtime.infer.generation import GenerationSettings
     from llmplan.runtime.store.db import open_store
-    from llmplan.runtime.submission import inference_plan, store_jobs_root
+    from llmplan.runtime.jobs.submission import inference_plan, store_jobs_root
 
     from .generate import detect_hardware
 

@@ -1,5 +1,5 @@
 """The dashboard's data-set preview (POST /api/data/preview): what a training file holds before it is submitted,
-read with the same loader a fine-tuning job uses (runtime/data_formats.py), so a file it refuses is refused
+read with the same loader a fine-tuning job uses (runtime/text/data_formats.py), so a file it refuses is refused
 here with the same file:line."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class TokenLengths:
 def preview_json(body: dict[str, Any], roots: tuple[Path, ...]) -> dict[str, Any]:
     """{"path", "format", "records", "rows": [[{"role", "content"}]], "tokens": {min, median, max, counted_by}}
     for the data file `body["path"]` (inside the roots); 400 naming file:line for a file that cannot be trained on."""
-    from llmplan.runtime.data_formats import DataError, detect_format, load_examples
+    from llmplan.runtime.text.data_formats import DataError, detect_format, load_examples
 
     path = inside_roots("data", str(body.get("path") or ""), roots, must_exist=True)
     if not path.is_file():

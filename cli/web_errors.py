@@ -6,7 +6,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
-from llmplan.runtime.http_guards import ApiError
+from llmplan.runtime.web.http_guards import ApiError
 
 
 class FieldError(ApiError):
@@ -32,9 +32,9 @@ def user_facing(error: BaseException) -> tuple[HTTPStatus, str]:
     """Errors the planner and store raise for bad input, as one line; anything else as a server error."""
     import click
 
-    from llmplan.runtime.cluster import ClusterError
+    from llmplan.runtime.jobs.cluster import ClusterError
     from llmplan.runtime.store.errors import UnknownJobError
-    from llmplan.runtime.submission import NeverFits
+    from llmplan.runtime.jobs.submission import NeverFits
 
     if isinstance(error, UnknownJobError):
         return HTTPStatus.NOT_FOUND, str(error)

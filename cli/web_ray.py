@@ -34,7 +34,7 @@ class RayUnavailableError(ApiError):
 def cluster_address(address: str | None) -> str | None:
     """The cluster calls go to, as `llmplan submit` picks it: the given one, $LLMPLAN_RAY_ADDRESS, else
     llmplan's local head when one is up (None: none is, and the call will start it)."""
-    from llmplan.runtime.cluster import ADDRESS_ENV, local_head_address
+    from llmplan.runtime.jobs.cluster import ADDRESS_ENV, local_head_address
 
     return address or os.environ.get(ADDRESS_ENV) or local_head_address(start=False)
 

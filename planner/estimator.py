@@ -1,7 +1,7 @@
 """The memory estimator: a pure function from an `EstimateRequest` to an itemised `MemoryEstimate`.
 
 It predicts, per GPU, what `torch.cuda.max_memory_reserved()` reports for llmplan's runtime
-(`llmplan.runtime.modeling`: SDPA attention, expandable-segment allocator, fused torch AdamW, PEFT
+(`llmplan.runtime.models.modeling`: SDPA attention, expandable-segment allocator, fused torch AdamW, PEFT
 LoRA adapters in fp32, bitsandbytes NF4 with double quantization), plus the CUDA context that
 nvidia-smi shows on top.
 

@@ -14,6 +14,6 @@ def own_local_ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
     os.environ["LLMPLAN_RAY_HEAD_FILE"] = str(tmp_path_factory.mktemp("ray-head") / "ray-head")
     yield
     if os.path.exists(os.environ["LLMPLAN_RAY_HEAD_FILE"]):
-        from llmplan.runtime.cluster import stop_local_head
+        from llmplan.runtime.jobs.cluster import stop_local_head
 
         stop_local_head()

@@ -91,7 +91,7 @@ def test_the_check_finds_a_circle() -> None:
 
 def test_the_graph_sees_deferred_and_relative_imports() -> None:
     graph = import_graph()
-    assert "llmplan.runtime.submission" in graph["llmplan.cli.scheduling"]  # inside a function
+    assert "llmplan.runtime.jobs.submission" in graph["llmplan.cli.scheduling"]  # inside a function
     assert "llmplan.planner.estimator" in graph["llmplan.planner.plan"]  # from .estimator import ...
 
 

@@ -64,8 +64,8 @@ def test_help_lists_each_command_with_its_own_short_help() -> None:
 def test_the_command_side_of_generate_and_chat_imports_no_model_stack() -> None:
     """`generate` and `chat` hand the prompts to a Ray actor, which loads the model: the command itself never imports
     torch or transformers (7 s of a repeated `generate` on a loaded 2-CPU machine, whose model is already warm)."""
-    body = ("import llmplan.cli.generate, llmplan.cli.chat, llmplan.runtime.inference_job, "
-            "llmplan.runtime.ray_inference, llmplan.runtime.generation")
+    body = ("import llmplan.cli.generate, llmplan.cli.chat, llmplan.runtime.infer.inference_job, "
+            "llmplan.runtime.infer.ray_inference, llmplan.runtime.infer.generation")
     assert heavy_modules_after(body, ("torch", "transformers", "peft", "bitsandbytes")) == []
 
 

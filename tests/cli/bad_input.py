@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmplan.cli.main import cli
-from llmplan.runtime.submission import Cluster
+from llmplan.runtime.jobs.submission import Cluster
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmplan.cli.submit import SpecError, spec_key, spec_submission, submit_finetune, submit_infer
-from llmplan.runtime.job_request import JobRequest
-from llmplan.runtime.submission import (FinetuneSubmission, InferenceSubmission, Queueing, SubmissionError, load_items,
+from llmplan.runtime.jobs.job_request import JobRequest
+from llmplan.runtime.jobs.submission import (FinetuneSubmission, InferenceSubmission, Queueing, SubmissionError, load_items,
                                         submission_from)
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
@@ -70,7 +70,7 @@ def test_a_job_request_round_trips_and_reads_what_older_records_lack() -> None:
 def test_a_planner_refusal_names_its_field_and_the_spec_key_of_it() -> None:
     """What the dashboard reports as the field at fault comes from the error, not from its message."""
     from llmplan.planner.request import RequestError
-    from llmplan.runtime.submission import finetune_ask
+    from llmplan.runtime.jobs.submission import finetune_ask
 
     submission = FinetuneSubmission(model="SmolLM2-135M", data=str(DATA), lora_targets="q_proj,bogus_proj")
     with pytest.raises(RequestError) as refused:

@@ -53,7 +53,7 @@ def test_a_missing_model_directory_is_refused_naming_the_option(store: str, tmp_
 
 def test_two_submissions_in_one_second_get_different_default_outputs(store: str, tmp_path: Path) -> None:
     from llmplan.cli.submit import submit_finetune
-    from llmplan.runtime.submission import FinetuneSubmission, check_training_request, plan_training, submission_from
+    from llmplan.runtime.jobs.submission import FinetuneSubmission, check_training_request, plan_training, submission_from
 
     options = submit_finetune.make_context("finetune", ["--model", "SmolLM2-135M", "--data", str(DATA)]).params
     submission = submission_from(FinetuneSubmission, options)
@@ -66,7 +66,7 @@ def test_two_submissions_in_one_second_get_different_default_outputs(store: str,
 
 @pytest.mark.parametrize("kind", ["finetune", "infer"])
 def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind: str) -> None:
-    from llmplan.runtime.submission import smaller_cpu_plan
+    from llmplan.runtime.jobs.submission import smaller_cpu_plan
     from llmplan.cli.submit import spec_command
 
     options = {option for param in spec_command(kind).params for option in param.opts}
@@ -78,8 +78,8 @@ def test_what_a_cpu_refusal_says_to_pass_are_options_of_that_submit_command(kind
 def test_the_config_a_plan_fixes_copies_every_planned_field(tmp_path: Path) -> None:
     """One TrainConfig.from_plan for submission and the OOM re-plan: every field the plan decides is the plan's."""
     from llmplan.cli.submit import submit_finetune
-    from llmplan.runtime.submission import FinetuneSubmission, plan_training, submission_from
-    from llmplan.runtime.train_config import PLANNED
+    from llmplan.runtime.jobs.submission import FinetuneSubmission, plan_training, submission_from
+    from llmplan.runtime.train.train_config import PLANNED
 
     words = ["--model", "SmolLM2-135M", "--data", str(DATA), "--workers", "2", "--lora-r", "4", "--lr", "1e-3"]
     submission = submission_from(FinetuneSubmission, submit_finetune.make_context("finetune", words).params)

@@ -336,7 +336,7 @@ def test_data_preview_names_the_format_counts_the_records_and_shows_the_first_ro
 def test_data_preview_counts_tokens_with_a_local_models_tokenizer(api: str, root: Path) -> None:
     from transformers import AutoTokenizer
 
-    from llmplan.runtime.model_store import ensure_model
+    from llmplan.runtime.models.model_store import ensure_model
     from tests.runtime.conftest import TEST_CACHE
 
     model = root / "smollm2"

@@ -27,7 +27,7 @@ def test_no_other_class_takes_the_name_of_a_planner_enum() -> None:
 
 def test_the_runtime_config_and_the_submit_choices_come_from_the_enums() -> None:
     from llmplan.cli.submit import submit_finetune
-    from llmplan.runtime import train_config
+    from llmplan.runtime.train import train_config
 
     assert (train_config.METHODS, train_config.PRECISIONS, train_config.OFFLOADS) == tuple(
         values_of(enum) for enum in (Method, Precision, Offload))

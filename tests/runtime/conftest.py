@@ -26,7 +26,7 @@ def smollm2():
     40 s); later runs find the conversion in ~/.cache/llmplan-tests.
     """
     pytest.importorskip("transformers")
-    from llmplan.runtime.model_store import ensure_model
+    from llmplan.runtime.models.model_store import ensure_model
 
     return ensure_model("smollm2-135m-instruct", cache=TEST_CACHE)
 
@@ -68,7 +68,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, sentencepiece_model: Pa
     from transformers import LlamaTokenizer
 
     from llmplan.planner.model_catalog import MODELS
-    from llmplan.runtime.modeling import build_random_model
+    from llmplan.runtime.models.modeling import build_random_model
 
     spec = dataclasses.replace(next(m for m in MODELS if m.name == "SmolLM2-135M"), name="tiny-llama", hidden_size=64,
                                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=320,
@@ -101,8 +101,8 @@ def tiny_trained(tiny_llama: Path, tiny_alpaca: Path, tmp_path_factory: pytest.T
     import dataclasses
 
     pytest.importorskip("peft")
-    from llmplan.runtime.train import cleanup, setup, train
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.train.train import cleanup, setup, train
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     out = tmp_path_factory.mktemp("trained")
     base = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca), val_fraction=0.1),

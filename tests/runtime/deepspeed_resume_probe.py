@@ -22,7 +22,7 @@ class Payload:
 
 
 def engine(directory_port: int):
-    from llmplan.runtime.distributed import DeepSpeedEngine, import_deepspeed
+    from llmplan.runtime.train.distributed import DeepSpeedEngine, import_deepspeed
 
     deepspeed = import_deepspeed("cpu")  # as the recipe does on the CPU: no C++ build of DeepSpeed's shm all-reduce
 
@@ -35,7 +35,7 @@ def engine(directory_port: int):
 
 
 def main(workdir: Path, port: int) -> None:
-    from llmplan.runtime.distributed import UnsafeCheckpoint
+    from llmplan.runtime.train.distributed import UnsafeCheckpoint
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo", rank=0, world_size=1)

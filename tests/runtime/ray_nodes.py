@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmplan.runtime.cluster import HEAD_STARTED, descendants
+from llmplan.runtime.jobs.cluster import HEAD_STARTED, descendants
 
 START_TIMEOUT_S = 90
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplan.runtime.chat import (
+from llmplan.runtime.text.chat import (
     DialogError,
     Message,
     Role,
@@ -223,6 +223,6 @@ def test_a_missing_file_says_what_to_give(tmp_path: Path) -> None:
 
 
 def test_importing_chat_imports_nothing_heavy() -> None:
-    code = "import sys, llmplan.runtime.chat; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    code = "import sys, llmplan.runtime.text.chat; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from llmplan.runtime.distributed import OPTIMIZER_FILE, UnsafeCheckpoint, load_state  # noqa: E402
-from llmplan.runtime.train import cleanup, latest_checkpoint, setup, train  # noqa: E402
-from llmplan.runtime.train_config import STATE_FILE  # noqa: E402
+from llmplan.runtime.train.distributed import OPTIMIZER_FILE, UnsafeCheckpoint, load_state  # noqa: E402
+from llmplan.runtime.train.train import cleanup, latest_checkpoint, setup, train  # noqa: E402
+from llmplan.runtime.train.train_config import STATE_FILE  # noqa: E402
 
 from .test_train import tiny_config  # noqa: E402
 

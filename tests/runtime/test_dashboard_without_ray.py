@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from llmplan.runtime.scheduler import RUNNER_KEY, SCHEDULER_RUNNER  # noqa: E402
+from llmplan.runtime.jobs.scheduler import RUNNER_KEY, SCHEDULER_RUNNER  # noqa: E402
 from llmplan.runtime.store.db import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, create_job, transition  # noqa: E402
 

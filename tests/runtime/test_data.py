@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmplan.runtime.chat import Message, Role, format_chat, llama2_chat_prompt
-from llmplan.runtime.data import (
+from llmplan.runtime.text.chat import Message, Role, format_chat, llama2_chat_prompt
+from llmplan.runtime.text.data import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
@@ -28,8 +28,8 @@ from llmplan.runtime.data import (
     split,
     tokenize_example,
 )
-from llmplan.runtime.data_formats import DataError, Example, detect_format, load_examples
-from llmplan.runtime.train_config import DataConfig
+from llmplan.runtime.text.data_formats import DataError, Example, detect_format, load_examples
+from llmplan.runtime.train.train_config import DataConfig
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -182,7 +182,7 @@ def test_a_missing_or_empty_file_says_what_to_give(tmp_path: Path, text, says) -
 
 
 def test_loading_data_imports_neither_torch_nor_transformers() -> None:
-    code = ("import sys\nfrom llmplan.runtime.data_formats import load_examples, detect_format\n"
+    code = ("import sys\nfrom llmplan.runtime.text.data_formats import load_examples, detect_format\n"
             f"assert len(load_examples({str(DATA / 'alpaca_llmplan.jsonl')!r})) >= 200\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("ray")
 
-from llmplan.runtime.distributed import deepspeed_config  # noqa: E402
-from llmplan.runtime.ray_train import run_ray_train  # noqa: E402
-from llmplan.runtime.train import StepMetrics, cleanup, setup, train  # noqa: E402
-from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
+from llmplan.runtime.train.distributed import deepspeed_config  # noqa: E402
+from llmplan.runtime.train.ray_train import run_ray_train  # noqa: E402
+from llmplan.runtime.train.train import StepMetrics, cleanup, setup, train  # noqa: E402
+from llmplan.runtime.train.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
 
 STEPS = 5
 
@@ -23,7 +23,7 @@ STEPS = 5
 def local_ray():
     import ray
 
-    from llmplan.runtime.cluster import ensure_ray
+    from llmplan.runtime.jobs.cluster import ensure_ray
 
     ensure_ray()
     yield

@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmplan.runtime import engine as engines  # noqa: E402
-from llmplan.runtime.inference import (  # noqa: E402
+from llmplan.runtime.infer import engine as engines  # noqa: E402
+from llmplan.runtime.infer.inference import (  # noqa: E402
     GenerationReport,
     GenerationSettings,
     InferenceError,

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from llmplan.runtime.failures import classify, describe
+from llmplan.runtime.jobs.failures import classify, describe
 from llmplan.runtime.store.status import ErrorClass
 
 

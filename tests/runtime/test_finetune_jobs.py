@@ -97,14 +97,14 @@ def test_a_one_worker_cpu_job_runs_the_recipe_in_this_process_without_ray(tiny_l
 
     from llmplan.planner.plan import FinetuneAsk, plan_finetune
     from llmplan.planner.resolve import resolve_model
-    from llmplan.runtime import distributed, finetune_job
-    from llmplan.runtime.train import saved_checkpoints
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.train import finetune_job, ray_train
+    from llmplan.runtime.train.train import saved_checkpoints
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
-    def ray_train(*args, **kwargs):
+    def started_ray_train(*args, **kwargs):
         raise AssertionError("a one-worker CPU job started Ray Train")
 
-    monkeypatch.setattr(distributed, "run_ray_train", ray_train)
+    monkeypatch.setattr(ray_train, "run_ray_train", started_ray_train)
     ray_before = ray.is_initialized()  # False, unless an earlier test of the session left one in this process
     plan = plan_finetune(FinetuneAsk(model=str(tiny_llama), spec=resolve_model(str(tiny_llama)).spec, batch_size=2,
                                      micro_batch=2, seq_len=64), None)

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llmplan.runtime.chat import DialogError, Message, format_chat  # noqa: E402
-from llmplan.runtime.inference import (  # noqa: E402
+from llmplan.runtime.text.chat import DialogError, Message, format_chat  # noqa: E402
+from llmplan.runtime.infer.inference import (  # noqa: E402
     FinishReason,
     GenerationSettings,
     InferenceError,

@@ -17,9 +17,9 @@ pytest.importorskip("ray")
 from llmplan.cli.main import cli  # noqa: E402
 from llmplan.planner.plan import InferenceAsk, plan_inference  # noqa: E402
 from llmplan.planner.resolve import resolve_model  # noqa: E402
-from llmplan.runtime.inference import GenerationSettings  # noqa: E402
-from llmplan.runtime.failures import fail_job  # noqa: E402
-from llmplan.runtime.inference_job import (  # noqa: E402
+from llmplan.runtime.infer.inference import GenerationSettings  # noqa: E402
+from llmplan.runtime.jobs.failures import fail_job  # noqa: E402
+from llmplan.runtime.infer.inference_job import (  # noqa: E402
     InferenceInputs,
     answered,
     default_output,
@@ -40,7 +40,7 @@ QUESTION = "Could you tell me the secret code word?"
 def local_ray():
     import ray
 
-    from llmplan.runtime.cluster import ensure_ray
+    from llmplan.runtime.jobs.cluster import ensure_ray
 
     ensure_ray()
     yield
@@ -165,7 +165,7 @@ def test_interactive_chat_keeps_the_conversation(local_ray, env) -> None:
 
 def test_chat_commands_change_the_conversation_and_nothing_else() -> None:
     from llmplan.cli.chat import Conversation, run_command
-    from llmplan.runtime.chat import Message
+    from llmplan.runtime.text.chat import Message
 
     conversation = Conversation(history=[Message("user", "Hi"), Message("assistant", "Hello")])
     assert run_command("/reset", conversation) == "the conversation starts over" and conversation.history == []
@@ -183,8 +183,8 @@ def test_generate_asks_an_adapter_in_its_trained_template(
         local_ray, env, tiny_llama: Path, tiny_trained: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 
-    from llmplan.runtime.data import alpaca_prompt
-    from llmplan.runtime.inference import complete, setup
+    from llmplan.runtime.text.data import alpaca_prompt
+    from llmplan.runtime.infer.inference import complete, setup
 
     """The job sends the question in the adapter's Alpaca layout: the prompt's token count is the layout's and
     the completion is the one the hand-written layout gets (--template none: tests/runtime/test_prompt_templates)."""
@@ -235,7 +235,7 @@ def test_a_single_prompt_is_streamed_and_still_measured(local_ray, env) -> None:
 def test_a_replica_that_takes_a_while_to_load_says_so_and_a_warm_one_says_nothing(local_ray, capsys) -> None:
     import ray
 
-    from llmplan.runtime.ray_inference import LOAD_NOTICE_AFTER_S, loaded
+    from llmplan.runtime.infer.ray_inference import LOAD_NOTICE_AFTER_S, loaded
 
     class SlowToLoad:  # defined here: Ray ships it by value (the test modules are not importable in its workers)
         """An actor whose construction takes `load_s`, like a replica loading its model."""
@@ -296,7 +296,7 @@ def stop_warm_replicas(address: str) -> None:
     import sys
 
     code = ("import ray\n"
-            "from llmplan.runtime.ray_inference import WARM_PREFIX\n"
+            "from llmplan.runtime.infer.ray_inference import WARM_PREFIX\n"
             f"ray.init(address={address!r}, log_to_driver=False)\n"
             "for actor in ray.util.list_named_actors(all_namespaces=True):\n"
             "    if actor['name'].startswith(WARM_PREFIX):\n"

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from llmplan.runtime.inference import Completion, FinishReason  # noqa: E402
-from llmplan.runtime.inference_job import CompletionSink, remaining, success_message  # noqa: E402
+from llmplan.runtime.infer.inference import Completion, FinishReason  # noqa: E402
+from llmplan.runtime.infer.inference_job import CompletionSink, remaining, success_message  # noqa: E402
 
 ITEMS = ("a", "b", "c", "d")
 

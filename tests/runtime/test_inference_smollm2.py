@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from llmplan.runtime.inference import FinishReason, GenerationSettings, chat, complete, setup, stream  # noqa: E402
+from llmplan.runtime.infer.inference import FinishReason, GenerationSettings, chat, complete, setup, stream  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_quantized_smollm2_still_knows_the_capital_of_france(smollm2, quant: str
 
 def test_the_fast_engines_give_generates_greedy_answers(chat_model) -> None:
     """Dialogs and text, two slots for three prompts (one refilled): the same greedy ids as `generate`."""
-    from llmplan.runtime.inference import respond
+    from llmplan.runtime.infer.inference import respond
 
     items = [CAPITAL, "The capital of France is", COLOURS]
     plain = respond(chat_model, items, GenerationSettings(max_new_tokens=10, batch_size=2, engine="generate"))

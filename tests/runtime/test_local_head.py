@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from llmplan.runtime.cluster import (  # noqa: E402
+from llmplan.runtime.jobs.cluster import (  # noqa: E402
     HEAD_FILE_ENV,
     RAY_LOG_NAME,
     descendants,

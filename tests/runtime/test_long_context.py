@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from llmplan.planner.model_catalog import MODELS  # noqa: E402
-from llmplan.runtime.modeling import (  # noqa: E402
+from llmplan.runtime.models.modeling import (  # noqa: E402
     LoraSettings,
     build_random_model,
     kernels_that_run,
@@ -41,7 +41,7 @@ def _kbit_upcast_path(model, gradient_checkpointing: bool, lora: LoraSettings):
     """The recipe before issue 15: PEFT's k-bit preparation upcasts every non-quantized weight to fp32."""
     from peft import prepare_model_for_kbit_training
 
-    from llmplan.runtime.modeling import apply_lora
+    from llmplan.runtime.models.modeling import apply_lora
 
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
@@ -70,8 +70,8 @@ def _assert_close(new: tuple[float, dict], old: tuple[float, dict], loss_rtol: f
 
 # ---- CPU (CI) ---------------------------------------------------------------------------------------
 def test_qlora_keeps_the_non_quantized_weights_in_the_compute_dtype(tiny_llama, tiny_alpaca, tmp_path: Path) -> None:
-    from llmplan.runtime.train import PRECISIONS, build_model
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.train.train import PRECISIONS, build_model
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca)), output_dir=str(tmp_path),
                          method="qlora", device="cpu", gradient_checkpointing=True)
@@ -185,7 +185,7 @@ def test_cuda_liger_kernels_match_the_plain_modules(gqa_llama: Path, method: str
 
 # ---- activation offload (CPU: CI) -------------------------------------------------------------------
 def test_activation_offload_keeps_loss_and_gradients_and_checkpoints_every_layer_through_it(tiny_llama) -> None:
-    from llmplan.runtime.modeling import checkpoint_offloading_inputs
+    from llmplan.runtime.models.modeling import checkpoint_offloading_inputs
 
     lora = LoraSettings(r=8, alpha=16)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -230,7 +230,7 @@ def test_cuda_activation_offload_moves_the_checkpointed_inputs_off_the_gpu(gqa_l
 
 
 def test_train_config_activation_offload_needs_gradient_checkpointing(tmp_path: Path) -> None:
-    from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig, TrainConfigError
 
     data = DataConfig(path=str(tmp_path / "data.jsonl"))
     assert TrainConfig(model="m", data=data, output_dir=str(tmp_path), gradient_checkpointing=True,
@@ -240,9 +240,9 @@ def test_train_config_activation_offload_needs_gradient_checkpointing(tmp_path: 
 
 
 def test_the_recipe_offloads_activations_when_its_config_says_so(tiny_llama, tiny_alpaca, tmp_path: Path) -> None:
-    from llmplan.runtime.modeling import checkpoint_offloading_inputs
-    from llmplan.runtime.train import PRECISIONS, build_model
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.models.modeling import checkpoint_offloading_inputs
+    from llmplan.runtime.train.train import PRECISIONS, build_model
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     config = TrainConfig(model=str(tiny_llama), data=DataConfig(path=str(tiny_alpaca)), output_dir=str(tmp_path),
                          method="lora", device="cpu", gradient_checkpointing=True, activation_offload=True)

@@ -14,8 +14,8 @@ pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaTokenizer  # noqa: E402
 
 from llmplan.planner.model_catalog import MODELS  # noqa: E402
-from llmplan.runtime.model_store import ModelStoreError, merge_adapter  # noqa: E402
-from llmplan.runtime.modeling import LoraSettings, apply_lora, build_random_model  # noqa: E402
+from llmplan.runtime.models.model_store import ModelStoreError, merge_adapter  # noqa: E402
+from llmplan.runtime.models.modeling import LoraSettings, apply_lora, build_random_model  # noqa: E402
 
 TINY = dataclasses.replace(
     next(m for m in MODELS if m.name == "SmolLM2-135M"), name="tiny-llama", hidden_size=64, intermediate_size=96,
@@ -77,7 +77,7 @@ def test_merging_refuses_what_is_not_an_adapter_for_this_base(tmp_path: Path, se
 def test_llmplan_merge_prints_only_its_own_line_and_keeps_the_template(tmp_path: Path, sentencepiece_model: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """What transformers, peft, bitsandbytes and DeepSpeed print (warnings, progress bars) goes to the log."""
-    from llmplan.runtime.prompt_templates import TEMPLATE_FILE, write_template
+    from llmplan.runtime.text.prompt_templates import TEMPLATE_FILE, write_template
 
     from .conftest import run_llmplan
 

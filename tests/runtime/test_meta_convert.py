@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
 from llmplan.planner.resolve import meta_ffn_dim  # noqa: E402
-from llmplan.runtime import meta_checkpoint  # noqa: E402
-from llmplan.runtime.model_files import LLAMA2_CHAT_TEMPLATE  # noqa: E402
-from llmplan.runtime.model_store import (  # noqa: E402
+from llmplan.runtime.models import meta_checkpoint  # noqa: E402
+from llmplan.runtime.models.model_files import LLAMA2_CHAT_TEMPLATE  # noqa: E402
+from llmplan.runtime.models.model_store import (  # noqa: E402
     ModelStoreError,
     convert_meta_checkpoint,
     ensure_model,

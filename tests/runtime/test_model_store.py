@@ -17,7 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
-from llmplan.runtime.model_store import (  # noqa: E402
+from llmplan.runtime.models.model_store import (  # noqa: E402
     SMOLLM2_135M_INSTRUCT,
     ModelStoreError,
     cache_root,

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from llmplan.planner.model_catalog import MODELS  # noqa: E402
 from llmplan.planner.request import LoraSpec  # noqa: E402
-from llmplan.runtime.modeling import LoraSettings, apply_lora, build_random_model, make_optimizer  # noqa: E402
+from llmplan.runtime.models.modeling import LoraSettings, apply_lora, build_random_model, make_optimizer  # noqa: E402
 
 
 def tiny(model_type: str):

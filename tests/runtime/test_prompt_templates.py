@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llmplan.runtime.chat import Message
-from llmplan.runtime.prompt_templates import (
+from llmplan.runtime.text.chat import Message
+from llmplan.runtime.text.prompt_templates import (
     TEMPLATE_FILE,
     AlpacaLayout,
     TemplateError,
@@ -79,7 +79,7 @@ def test_alpaca_writes_a_conversation_as_answered_instructions_and_a_system_prom
 
 def test_the_cli_offers_every_template_choice() -> None:
     from llmplan.cli.generate import TEMPLATE_CHOICES
-    from llmplan.runtime.prompt_templates import CHOICES
+    from llmplan.runtime.text.prompt_templates import CHOICES
 
     assert TEMPLATE_CHOICES == CHOICES
 
@@ -94,7 +94,7 @@ def test_a_broken_template_file_names_itself(tmp_path: Path) -> None:
 
 # ---- a trained adapter, and what its replica sends the model -----------------------------------------
 def test_training_stores_the_template_beside_the_adapter_and_the_full_model(tiny_trained: dict[str, Path]) -> None:
-    from llmplan.runtime.data import ALPACA_PROMPT_NO_INPUT
+    from llmplan.runtime.text.data import ALPACA_PROMPT_NO_INPUT
 
     for artifact in tiny_trained.values():
         stored = json.loads((artifact / TEMPLATE_FILE).read_text())
@@ -105,8 +105,8 @@ def test_training_stores_the_template_beside_the_adapter_and_the_full_model(tiny
 
 def test_the_replica_asks_the_adapter_in_its_alpaca_layout_unless_told_otherwise(tiny_llama: Path,
                                                                                 tiny_trained) -> None:
-    from llmplan.runtime.inference import GenerationSettings, complete
-    from llmplan.runtime.ray_inference import InferenceReplica
+    from llmplan.runtime.infer.inference import GenerationSettings, complete
+    from llmplan.runtime.infer.ray_inference import InferenceReplica
 
     settings = GenerationSettings(max_new_tokens=4)
     replica = InferenceReplica(str(tiny_llama), "fp32", "none", "cpu", str(tiny_trained["lora"]))

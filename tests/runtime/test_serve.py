@@ -197,8 +197,8 @@ def test_off_loopback_every_call_needs_the_token(needs_openai) -> None:
     """The guard answers before the model is asked: the app alone (no batcher, no model) on a real socket."""
     import uvicorn
 
-    from llmplan.runtime.http_guards import listening_socket
-    from llmplan.runtime.serve_api import ServeConfig, create_app, token_digest
+    from llmplan.runtime.web.http_guards import listening_socket
+    from llmplan.runtime.infer.serve_api import ServeConfig, create_app, token_digest
 
     listener = listening_socket("0.0.0.0", 0)
     port = listener.getsockname()[1]

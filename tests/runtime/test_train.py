@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from llmplan.runtime.train import (  # noqa: E402
+from llmplan.runtime.train.train import (  # noqa: E402
     StepMetrics,
     cleanup,
     latest_checkpoint,
@@ -19,7 +19,7 @@ from llmplan.runtime.train import (  # noqa: E402
     setup,
     train,
 )
-from llmplan.runtime.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
+from llmplan.runtime.train.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
 
@@ -105,8 +105,8 @@ def test_packed_examples_attend_only_to_themselves(tiny_llama) -> None:
     """A packed row computes, for each example in it, what that example alone computes: transformers builds
     a block-diagonal causal mask from the restarting position_ids (an example cut at the row's end continues
     from its position). Without the mask the second example's logits would depend on the first."""
-    from llmplan.runtime.data import TokenizedExample, collate, model_inputs, pack
-    from llmplan.runtime.modeling import load_pretrained
+    from llmplan.runtime.text.data import TokenizedExample, collate, model_inputs, pack
+    from llmplan.runtime.models.modeling import load_pretrained
 
     model = load_pretrained(str(tiny_llama), "fp32", "none", "cpu").eval()
     first, second, third = (TokenizedExample(ids, ids) for ids in ((5, 17, 9, 44, 3), (8, 21, 30), (12, 6, 7, 19)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from llmplan.runtime.admission import (
+from llmplan.runtime.jobs.admission import (
     CpuDemand,
     CpuNode,
     Demand,

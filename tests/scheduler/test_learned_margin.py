@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from llmplan.runtime.retries import out_of_memory_count
+from llmplan.runtime.jobs.retries import out_of_memory_count
 from llmplan.runtime.store.db import open_store
 from llmplan.runtime.store.repository import JobFailure, JobKind, JobSpec, JobStatus, create_job, transition
 from llmplan.runtime.store.status import ErrorClass
-from llmplan.runtime.submission import learned_margin_in
+from llmplan.runtime.jobs.submission import learned_margin_in
 
 A100 = {"gpu": "A100 80GB", "count": 1, "memory_bytes": 80 * 2**30, "source": "catalog"}
 

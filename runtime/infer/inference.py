@@ -41,9 +41,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import engine as engines
-from .chat import Dialog, DialogError, Message, PromptItem, format_chat
-from .generation import Completion, FinishReason, GenerationReport, GenerationSettings, InferenceError
-from .modeling import configure_allocator, load_pretrained
+from llmplan.runtime.text.chat import Dialog, DialogError, Message, PromptItem, format_chat
+from llmplan.runtime.infer.generation import Completion, FinishReason, GenerationReport, GenerationSettings, InferenceError
+from llmplan.runtime.models.modeling import configure_allocator, load_pretrained
 
 DTYPES = ("bf16", "fp16", "fp32")
 QUANTS = ("none", "int8", "nf4")

@@ -22,7 +22,7 @@ from typing import Any
 from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_GLOBAL_BATCH, DEFAULT_LORA_R, DEFAULT_MAX_NEW_TOKENS,
                                       DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
 
-from .job_request import DEFAULT_MAX_RETRIES, JobRequest
+from llmplan.runtime.jobs.job_request import DEFAULT_MAX_RETRIES, JobRequest
 
 FSDP_MISSING = ("the plan needs FSDP, which llmplan's runtime does not run yet: install DeepSpeed with a CUDA toolkit "
                 "(nvcc) and plan with `llmplan fit --deepspeed`, or use --method qlora")
@@ -151,8 +151,8 @@ def submission_from(kind: type, values: Mapping[str, Any]) -> Any:
 def store_jobs_root(engine: Any) -> Path:
     """The job store's folder of job folders (logs, outputs), the same on every node: job 1 of another
     store never shares it."""
-    from llmplan.runtime.paths import store_jobs_dir
-    from llmplan.runtime.scheduler import worker_database_url
+    from llmplan.runtime.jobs.paths import store_jobs_dir
+    from llmplan.runtime.jobs.scheduler import worker_database_url
 
     return store_jobs_dir(worker_database_url(engine))
 
@@ -174,7 +174,7 @@ class Cluster:
 
     @cached_property
     def scheduler(self) -> Any:
-        from llmplan.runtime.scheduler import ensure_scheduler, worker_database_url
+        from llmplan.runtime.jobs.scheduler import ensure_scheduler, worker_database_url
 
         return ensure_scheduler(worker_database_url(self.engine), self.address)
 
@@ -187,7 +187,7 @@ class Cluster:
 
     def hardware(self, gpus: int | None) -> Any:
         """What to plan for: the cluster's GPUs (its largest node), or None for the CPU."""
-        from llmplan.runtime.cluster import cluster_hardware
+        from llmplan.runtime.jobs.cluster import cluster_hardware
 
         return cluster_hardware(self.slots, gpus)
 
@@ -195,8 +195,8 @@ class Cluster:
     def cpu_nodes(self) -> list[Any]:
         """Every live node's CPUs and host memory."""
         self.scheduler  # noqa: B018 - joins the cluster first
-        from llmplan.runtime.admission import cpu_node
-        from llmplan.runtime.cluster import alive_nodes
+        from llmplan.runtime.jobs.admission import cpu_node
+        from llmplan.runtime.jobs.cluster import alive_nodes
 
         return [cpu_node(node) for node in alive_nodes()]
 
@@ -206,7 +206,7 @@ class Cluster:
 
     def refuse_if_never_fits(self, kind: str, plan: Any) -> None:
         """NeverFits (nothing queued) for a plan this cluster could not run even when idle, saying what to pass."""
-        from llmplan.runtime.admission import cpu_capacity, cpu_demand_of, demand_of, never_fits, never_fits_on_cpus
+        from llmplan.runtime.jobs.admission import cpu_capacity, cpu_demand_of, demand_of, never_fits, never_fits_on_cpus
 
         recorded = plan.to_dict()
         reason = never_fits(demand_of(kind, recorded), self.slots, self.cpu_nodes)
@@ -225,8 +225,8 @@ class Cluster:
 
     def job_request(self, plan: Any, submission: Any) -> JobRequest:
         """The request of a job the scheduler runs (a fine-tuning's config is added where it is recorded)."""
-        from llmplan.runtime.model_store import cache_root
-        from llmplan.runtime.scheduler import SCHEDULER_RUNNER
+        from llmplan.runtime.models.model_store import cache_root
+        from llmplan.runtime.jobs.scheduler import SCHEDULER_RUNNER
 
         hardware = self.hardware(submission.gpus) if plan.device == "cuda" else None
         return JobRequest(runner=SCHEDULER_RUNNER, max_retries=submission.queueing.max_retries,
@@ -236,7 +236,7 @@ class Cluster:
 
 def queued_document(job_id: int, plan: Any, jobs_root: Path) -> dict[str, Any]:
     """What a submission answers (`llmplan submit --json`, the dashboard): the job's id, its plan and its log."""
-    from llmplan.runtime.paths import LOG_NAME, job_folder
+    from llmplan.runtime.jobs.paths import LOG_NAME, job_folder
 
     return {"id": job_id, "plan": plan.to_dict(), "log": str(job_folder(jobs_root, job_id) / LOG_NAME)}
 
@@ -245,7 +245,7 @@ def queued_document(job_id: int, plan: Any, jobs_root: Path) -> dict[str, Any]:
 def prepare_model(model: str, notify: Callable[[str], None] = to_stderr) -> None:
     """Make the model runnable here before anything is queued (pull or convert once, with progress), or
     refuse it with what to pass instead: a catalog model llmplan cannot download, a missing path."""
-    from llmplan.runtime.model_store import ModelStoreError, ensure_model
+    from llmplan.runtime.models.model_store import ModelStoreError, ensure_model
 
     try:
         local = ensure_model(model, progress=True)
@@ -264,7 +264,7 @@ def catalog_only(model: str) -> Any:
     """The catalog entry that `model` names (or abbreviates: 7B) when llmplan can plan it but not pull it;
     None for paths, unknown names and the models llmplan pulls itself."""
     from llmplan.planner.resolve import ModelConfigError, UnknownModelError, resolve_model
-    from llmplan.runtime.model_store import find_runnable
+    from llmplan.runtime.models.model_store import find_runnable
 
     if Path(model).expanduser().exists() or any(separator in model for separator in ("/", "\\")):
         return None
@@ -297,7 +297,7 @@ def queue_finetune(cluster: Cluster, submission: FinetuneSubmission,
                                              cluster.jobs_root)
     say_if_device_changed(submission.gpus, plan, notify)
     cluster.refuse_if_never_fits(FINETUNE, plan)
-    from llmplan.runtime import finetune_job  # after the checks: refusals stay quick
+    from llmplan.runtime.train import finetune_job  # after the checks: refusals stay quick
 
     request = cluster.job_request(plan, submission)
     job = finetune_job.submit(engine, plan, config, name=f"finetune {plan.model_name}", submitter=getpass.getuser(),
@@ -309,7 +309,7 @@ def queue_finetune(cluster: Cluster, submission: FinetuneSubmission,
 
 def check_training_request(submission: FinetuneSubmission) -> None:
     """What needs no cluster: the backend asked for, and the data file (its first problem)."""
-    from llmplan.runtime.data_formats import DataError, load_examples
+    from llmplan.runtime.text.data_formats import DataError, load_examples
 
     if submission.fsdp or submission.fsdp_offload:
         raise SubmissionError(FSDP_MISSING, "fsdp")
@@ -361,8 +361,8 @@ def plan_training(submission: FinetuneSubmission, hardware_for: Callable[[int | 
 
 def train_config(plan: Any, submission: FinetuneSubmission, jobs_root: Path) -> Any:
     """The TrainConfig a plan fixes, with the submission's data, schedule and output."""
-    from llmplan.runtime.paths import default_output
-    from llmplan.runtime.train_config import DataConfig, TrainConfig
+    from llmplan.runtime.jobs.paths import default_output
+    from llmplan.runtime.train.train_config import DataConfig, TrainConfig
 
     if plan.backend == "fsdp":
         raise SubmissionError(FSDP_MISSING)
@@ -378,7 +378,7 @@ def train_config(plan: Any, submission: FinetuneSubmission, jobs_root: Path) -> 
 def learned_margin_in(engine: Any) -> Callable[[str, str], float]:
     """The margin the store teaches for a model on a card: more headroom for each recorded OOM there."""
     from llmplan.planner.replan import learned_margin
-    from llmplan.runtime.retries import out_of_memory_count
+    from llmplan.runtime.jobs.retries import out_of_memory_count
 
     return lambda model_name, card: learned_margin(out_of_memory_count(engine, model_name, card))
 
@@ -389,7 +389,7 @@ def resumed(engine: Any, job_id: int) -> tuple[Any, Any]:
     from llmplan.runtime.store.db import display_url
     from llmplan.runtime.store.errors import UnknownJobError
     from llmplan.runtime.store.repository import get_job
-    from llmplan.runtime.train_config import TrainConfig
+    from llmplan.runtime.train.train_config import TrainConfig
 
     try:
         job = get_job(engine, job_id)
@@ -412,7 +412,7 @@ def queue_inference(cluster: Cluster, submission: InferenceSubmission,
     plan, inputs = prepare_inference(submission, cluster.hardware)
     say_if_device_changed(submission.gpus, plan, notify)
     cluster.refuse_if_never_fits(INFER, plan)
-    from llmplan.runtime import inference_job  # after the checks: refusals stay quick
+    from llmplan.runtime.infer import inference_job  # after the checks: refusals stay quick
 
     request = cluster.job_request(plan, submission)
     job = inference_job.submit(cluster.engine, plan, inputs, name=f"infer {plan.model_name}",
@@ -426,7 +426,7 @@ def queue_resumed_inference(cluster: Cluster, resumption: InferenceResumption,
                             notify: Callable[[str], None] = to_stderr) -> tuple[Any, Any]:
     """Record the job continuing `resumption.job_id` (queued, linked as its retry) and wake the scheduler."""
     from llmplan.planner.plan import InferencePlan
-    from llmplan.runtime import inference_job
+    from llmplan.runtime.infer import inference_job
     from llmplan.runtime.store.errors import StoreError
     from llmplan.runtime.store.repository import retry_job
 
@@ -456,7 +456,7 @@ def inference_plan(model: str, *, batch_size: int, prompt_len: int, max_new_toke
 
 
 def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
-    from llmplan.runtime.chat import DialogError, load_prompts
+    from llmplan.runtime.text.chat import DialogError, load_prompts
 
     if prompts and input_path:
         raise SubmissionError("give prompts as arguments or --input FILE.jsonl, not both", "input_path")
@@ -473,8 +473,8 @@ def load_items(prompts: tuple[str, ...], input_path: str | None) -> tuple:
 def prepare_inference(submission: InferenceSubmission, hardware_for: Callable[[int | None], Any]) -> tuple[Any, Any]:
     """The plan and the inputs of an inference job, checked before anything starts; `hardware_for(gpus)`
     says what to plan for (`llmplan submit`: the cluster's GPUs; `llmplan generate`: this machine's)."""
-    from llmplan.runtime.generation import GenerationSettings, InferenceError
-    from llmplan.runtime.inference_job import InferenceInputs
+    from llmplan.runtime.infer.generation import GenerationSettings, InferenceError
+    from llmplan.runtime.infer.inference_job import InferenceInputs
 
     items = load_items(submission.prompts, submission.input_path)
     plan = inference_plan(submission.model, batch_size=submission.batch_size, prompt_len=submission.prompt_len,

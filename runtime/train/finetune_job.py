@@ -4,7 +4,7 @@
     outcome = run(engine, job.id, config)                 # scheduled -> running -> succeeded | failed
     # `llmplan submit finetune` queues the job; the scheduler's JobDriver runs run_recorded(engine, job.id)
 
-Training runs in Ray Train workers (`runtime.ray_train.run_ray_train`), except one worker on the CPU:
+Training runs in Ray Train workers (`runtime.train.ray_train.run_ray_train`), except one worker on the CPU:
 that needs no process group, so the recipe runs in this process (`train.run_rank`), without Ray Train's
 start-up. Each logged step reaches the job store as a metric while the job runs; the end records tokens/s, peak memory per GPU, the final loss
 and the adapter or model directory, against the plan.
@@ -32,8 +32,8 @@ from llmplan.runtime.store.repository import (
     transition,
 )
 
-from .failures import fail_job, mark_scheduled
-from .train_config import TrainConfig
+from llmplan.runtime.jobs.failures import fail_job, mark_scheduled
+from llmplan.runtime.train.train_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def run_recorded(engine: Any, job_id: int) -> FinetuneOutcome:
 
 # ---- setup ----------------------------------------------------------------------------------------------
 def _setup(engine: Any, job_id: int, config: TrainConfig) -> TrainConfig:
-    from .model_store import ensure_model
+    from llmplan.runtime.models.model_store import ensure_model
 
     mark_scheduled(engine, job_id, f"{config.workers} worker(s), {config.backend}")
     local = ensure_model(config.model)
@@ -95,10 +95,10 @@ def _train(engine: Any, job_id: int, config: TrainConfig) -> Any:
         print(step_line(step), flush=True)  # the job's log (the scheduler's driver writes stdout there)
 
     if runs_in_this_process(config):
-        from .train import run_rank
+        from llmplan.runtime.train.train import run_rank
 
         return run_rank(config, on_metrics=on_metrics)
-    from .ray_train import run_ray_train
+    from llmplan.runtime.train.ray_train import run_ray_train
 
     return run_ray_train(config, on_metrics)
 

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from llmplan.planner.estimator import ZERO3_GATHERED_LAYERS
 from llmplan.planner.request import Precision
 
-from .train_config import TrainConfig
+from llmplan.runtime.train.train_config import TrainConfig
 
 DEEPSPEED_TAG = "deepspeed"  # the sub-folder of a checkpoint that DeepSpeed writes
 TRAINABLE_FILE = "trainable.safetensors"

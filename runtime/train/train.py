@@ -49,8 +49,8 @@ import torch
 
 from llmplan.planner.defaults import ALL_LINEAR
 
-from .data import IGNORE_INDEX, TrainingData, build_datasets, collate, model_inputs, pad_token_id
-from .distributed import (
+from llmplan.runtime.text.data import IGNORE_INDEX, TrainingData, build_datasets, collate, model_inputs, pad_token_id
+from llmplan.runtime.train.distributed import (
     PRECISIONS,
     Engine,
     PrecisionSetup,
@@ -62,7 +62,7 @@ from .distributed import (
     sum_across,
     zero3_loading,
 )
-from .modeling import (
+from llmplan.runtime.models.modeling import (
     LoraSettings,
     configure_allocator,
     kernels_that_run,
@@ -70,7 +70,7 @@ from .modeling import (
     make_optimizer,
     prepare_for_training,
 )
-from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig, TrainConfigError
+from llmplan.runtime.train.train_config import CHECKPOINTS, STATE_FILE, TrainConfig, TrainConfigError
 
 TEST_OOM_ENV = "LLMPLAN_TEST_OOM_ABOVE_MICRO_BATCH"
 KEEP_CHECKPOINTS = 2
@@ -514,8 +514,8 @@ def finish(state: TrainState, eval_loss: float | None) -> TrainResult:
 def save_artifact(state: TrainState, directory: Path) -> None:
     """The PEFT adapter (adapter_config.json + weights) or the full HF model, with the tokenizer and the
     prompt template it was trained with (`llmplan_template.json`, which `generate` and `chat` apply)."""
-    from .data import ALPACA_PROMPT_NO_INPUT
-    from .prompt_templates import write_template
+    from llmplan.runtime.text.data import ALPACA_PROMPT_NO_INPUT
+    from llmplan.runtime.text.prompt_templates import write_template
 
     directory.mkdir(parents=True, exist_ok=True)
     state.model.save_pretrained(str(directory))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat import Dialog, Message, PromptItem, Role, validate_dialog
+from llmplan.runtime.text.chat import Dialog, Message, PromptItem, Role, validate_dialog
 
 TEMPLATE_FILE = "llmplan_template.json"
 CHOICES = ("auto", "alpaca", "chat", "none")
@@ -161,7 +161,7 @@ def resolve_template(choice: str, model_dir: str | Path, adapter_dir: str | Path
 
 
 def _default_alpaca() -> AlpacaLayout:
-    from .data import ALPACA_PROMPT_NO_INPUT  # the training side's text (imports torch: only when asked for)
+    from llmplan.runtime.text.data import ALPACA_PROMPT_NO_INPUT  # the training side's text (imports torch: only when asked for)
 
     return AlpacaLayout.from_prompt(ALPACA_PROMPT_NO_INPUT)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .admission import GpuSlot
+from llmplan.runtime.jobs.admission import GpuSlot
 
 ADDRESS_ENV = "LLMPLAN_RAY_ADDRESS"
 NAMESPACE = "llmplan"

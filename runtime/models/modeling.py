@@ -28,7 +28,7 @@ from llmplan.planner.defaults import ALL_LINEAR
 from llmplan.planner.models import ModelSpec, attention_implementation
 from llmplan.planner.request import LIGER_MODEL_TYPES, Kernels, liger_runs_on
 
-from .architectures import hf_config_dict
+from llmplan.runtime.models.architectures import hf_config_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

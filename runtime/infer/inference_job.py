@@ -39,9 +39,9 @@ from llmplan.runtime.store.repository import (
     transition,
 )
 
-from .chat import PromptItem, as_message
-from .failures import fail_job, mark_scheduled
-from .generation import Completion, GenerationReport, GenerationSettings
+from llmplan.runtime.text.chat import PromptItem, as_message
+from llmplan.runtime.jobs.failures import fail_job, mark_scheduled
+from llmplan.runtime.infer.generation import Completion, GenerationReport, GenerationSettings
 
 PROGRESS_S = 10.0  # seconds between progress lines (and metric points) of a running job
 
@@ -93,7 +93,7 @@ def run(engine: Any, job_id: int, plan: InferencePlan, inputs: InferenceInputs, 
     """Run a queued job to its end; every failure ends the job as failed with its class, never raises.
 
     With `on_text` and a single prompt, the completion is streamed to it piece by piece as it is generated."""
-    from .ray_inference import stop_replicas
+    from llmplan.runtime.infer.ray_inference import stop_replicas
 
     output = Path(inputs.output) if inputs.output else default_output(jobs_dir, job_id)
     replicas: list[Any] = []
@@ -162,15 +162,15 @@ def run_recorded(engine: Any, job_id: int, *, jobs_dir: Path) -> InferenceOutcom
 # ---- setup ------------------------------------------------------------------------------------------
 def start(engine: Any, job_id: int, plan: InferencePlan, adapter: str | None, template: str = "auto") -> list[Any]:
     """Place the plan's replicas, wait for the model to load, and mark the job running."""
-    from .cluster import connect
-    from .model_store import ensure_model
+    from llmplan.runtime.jobs.cluster import connect
+    from llmplan.runtime.models.model_store import ensure_model
 
     mark_scheduled(engine, job_id, f"{plan.replicas} replica(s) on {plan.device}")
     local = ensure_model(plan.model)
     # The job driver's Ray; else the cluster, or llmplan's local head, where warm replicas wait. Before Ray is
     # imported (by ray_inference's calls): connect sets what Ray reads at import (its token authentication).
     connect()
-    from .ray_inference import loaded, start_replicas
+    from llmplan.runtime.infer.ray_inference import loaded, start_replicas
 
     replicas = start_replicas(plan, str(local.path), adapter, template)
     where = loaded(replicas[0].node.remote(), plan.model_name)  # waits for the model to load; raises if it could not
@@ -188,7 +188,7 @@ def _generate(replicas: Sequence[Any], inputs: InferenceInputs, todo: Sequence[i
     """Answer the prompts `todo` names, handing each completion to `sink` as it finishes; the replicas' reports."""
     if on_text is not None and len(todo) == 1:
         return [_stream_one(replicas[0], todo[0], inputs, sink, on_text)]
-    from .ray_inference import share
+    from llmplan.runtime.infer.ray_inference import share
 
     shares = [[todo[i] for i in indices] for indices in share(todo, len(replicas))]
     calls = [replica.respond_as_finished.remote(indices, [inputs.items[i] for i in indices], inputs.settings)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .paths import jobs_dir
+from llmplan.runtime.jobs.paths import jobs_dir
 
 STDOUT, STDERR = 1, 2
 

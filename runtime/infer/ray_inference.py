@@ -20,9 +20,9 @@ from typing import Any
 
 from llmplan.planner.plan import InferencePlan
 
-from .chat import PromptItem
-from .generation import Completion, GenerationReport, GenerationSettings
-from .prompt_templates import apply_template, resolve_template
+from llmplan.runtime.text.chat import PromptItem
+from llmplan.runtime.infer.generation import Completion, GenerationReport, GenerationSettings
+from llmplan.runtime.text.prompt_templates import apply_template, resolve_template
 
 WARM_SECONDS_ENV = "LLMPLAN_WARM_SECONDS"
 WARM_SECONDS = 600.0
@@ -43,7 +43,7 @@ class InferenceReplica:
 
     def __init__(self, model_dir: str, dtype: str, quant: str, device: str, adapter: str | None,
                  template: str = "auto", idle_s: float = 0.0) -> None:
-        from .inference import setup  # in the actor only: the command that starts it never imports torch
+        from llmplan.runtime.infer.inference import setup  # in the actor only: the command that starts it never imports torch
 
         self.template = resolve_template(template, model_dir, adapter)
         self.generator = setup(model_dir, dtype=dtype, quant=quant, device=device, adapter=adapter)
@@ -63,7 +63,7 @@ class InferenceReplica:
         return apply_template(self.template, item)
 
     def respond(self, items: Sequence[PromptItem], settings: GenerationSettings) -> GenerationReport:
-        from .inference import respond
+        from llmplan.runtime.infer.inference import respond
 
         with self._in_use():
             return respond(self.generator, [self.prompt(item) for item in items], settings)
@@ -71,7 +71,7 @@ class InferenceReplica:
     def respond_as_finished(self, indices: Sequence[int], items: Sequence[PromptItem],
                             settings: GenerationSettings) -> Iterator[tuple[int, Completion] | GenerationReport]:
         """`(indices[i], completion)` as each prompt finishes (a Ray streaming generator), then the call's report."""
-        from .inference import respond_as_finished
+        from llmplan.runtime.infer.inference import respond_as_finished
 
         with self._in_use():
             for value in respond_as_finished(self.generator, [self.prompt(item) for item in items], settings):
@@ -79,7 +79,7 @@ class InferenceReplica:
 
     def stream(self, item: PromptItem, settings: GenerationSettings) -> Iterator[str | GenerationReport]:
         """Text pieces as they are generated (a Ray streaming generator), then the call's report."""
-        from .inference import stream_report
+        from llmplan.runtime.infer.inference import stream_report
 
         with self._in_use():
             yield from stream_report(self.generator, self.prompt(item), settings)
@@ -98,7 +98,7 @@ class InferenceReplica:
             return self.idle_s > 0
 
     def close(self) -> None:
-        from .inference import cleanup
+        from llmplan.runtime.infer.inference import cleanup
 
         cleanup(self.generator)
 
@@ -167,7 +167,7 @@ def warm_replica(plan: InferencePlan, model_dir: str, adapter: str | None, templ
     import ray
     from ray.exceptions import RayActorError
 
-    from .cluster import NAMESPACE
+    from llmplan.runtime.jobs.cluster import NAMESPACE
 
     remote = ray.remote(InferenceReplica).options(
         name=warm_name(plan, model_dir, adapter, template), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,

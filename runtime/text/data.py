@@ -1,6 +1,6 @@
 """Fine-tuning data as token ids: templates, response-only labels, truncation, packing, split and batches.
 
-The recipe (`runtime/train.py`) calls `build_datasets(config.data, tokenizer, config.seq_len, config.seed)`
+The recipe (`runtime/train/train.py`) calls `build_datasets(config.data, tokenizer, config.seq_len, config.seed)`
 and feeds `collate` to its DataLoader; loading and validation live in `data_formats.py` (no torch), which
 the CLI uses to check a file before it submits a job.
 
@@ -43,9 +43,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from .chat import Dialog, DialogError, Role, format_chat
-from .data_formats import DataError, Example, Problem, detect_format, load_examples
-from .train_config import DataConfig
+from llmplan.runtime.text.chat import Dialog, DialogError, Role, format_chat
+from llmplan.runtime.text.data_formats import DataError, Example, Problem, detect_format, load_examples
+from llmplan.runtime.train.train_config import DataConfig
 
 IGNORE_INDEX = -100  # the label torch's cross entropy (and every HF causal LM's loss) skips
 TEMPLATES = ("alpaca", "chat")

@@ -1,7 +1,7 @@
 """What a fine-tuning run executes: one frozen, JSON-serialisable config, filled from the plan.
 
 The planner decides method, precision, micro-batch, accumulation, checkpointing, optimizer and
-parallelism (`llmplan fit`); the user adds data, schedule and output. The recipe (`runtime/train.py`)
+parallelism (`llmplan fit`); the user adds data, schedule and output. The recipe (`runtime/train/train.py`)
 never re-derives any of these on its own. No torch import here: the CLI and the store read it too.
 """
 

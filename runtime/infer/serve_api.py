@@ -41,12 +41,12 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from .http_guards import LOOPBACK_HOSTS, ApiError, host_headers, json_body
+from llmplan.runtime.web.http_guards import LOOPBACK_HOSTS, ApiError, host_headers, json_body
 
-from .chat import DialogError, Dialog, PromptItem, validate_dialog
-from .generation import Completion, GenerationSettings, InferenceError
-from .prompt_templates import PromptTemplate, apply_template
-from .serve_batching import Batcher, StreamEnd
+from llmplan.runtime.text.chat import DialogError, Dialog, PromptItem, validate_dialog
+from llmplan.runtime.infer.generation import Completion, GenerationSettings, InferenceError
+from llmplan.runtime.text.prompt_templates import PromptTemplate, apply_template
+from llmplan.runtime.infer.serve_batching import Batcher, StreamEnd
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}

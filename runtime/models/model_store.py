@@ -35,7 +35,7 @@ from typing import Any
 
 from llmplan.planner.resolve import find_model
 
-from .model_files import (
+from llmplan.runtime.models.model_files import (
     CONVERTER_VERSION,
     ModelStoreError,
     Steps,
@@ -296,7 +296,7 @@ def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: Step
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .modeling import torch_dtype
+        from llmplan.runtime.models.modeling import torch_dtype
     folder, name = str(gguf_path.parent), gguf_path.name
     with _quiet_transformers():
         with steps.step(f"loading {name}", spinner=False, expect="dequantizing takes about 20 s"):
@@ -323,7 +323,7 @@ def _plain_config(config: Any) -> Any:
 
 # ---- Meta checkpoints (the converter lives in meta_checkpoint.py) -----------------------------------------
 def _from_meta_checkpoint(folder: Path, cache: Path, progress: bool) -> LocalModel:
-    from .meta_checkpoint import checkpoint_key, convert_meta_checkpoint, read_meta_checkpoint
+    from llmplan.runtime.models.meta_checkpoint import checkpoint_key, convert_meta_checkpoint, read_meta_checkpoint
 
     checkpoint = read_meta_checkpoint(folder)
     dst = cache / "converted" / f"{checkpoint.folder.name}-{checkpoint_key(checkpoint)}"
@@ -341,7 +341,7 @@ def _from_meta_checkpoint(folder: Path, cache: Path, progress: bool) -> LocalMod
 
 def convert_meta_checkpoint(src: Path, dst: Path, *, progress: bool = False) -> Path:
     """Write a Meta Llama checkpoint (model-parallel shards) as a Hugging Face Llama directory at `dst`."""
-    from .meta_checkpoint import convert_meta_checkpoint as convert
+    from llmplan.runtime.models.meta_checkpoint import convert_meta_checkpoint as convert
 
     return convert(src, dst, progress=progress)
 

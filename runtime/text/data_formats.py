@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .chat import Dialog, DialogError, Message, Role, as_message, validate_dialog
+from llmplan.runtime.text.chat import Dialog, DialogError, Message, Role, as_message, validate_dialog
 
 FORMATS = ("alpaca", "sharegpt", "messages")
 # The key of a record that tells its format, checked in this order.

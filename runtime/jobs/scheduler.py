@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
-from .cluster import NAMESPACE, head_node_id, node_address
-from .model_store import CACHE_ENV as MODEL_CACHE_ENV
-from .paths import LOG_NAME, job_folder, store_key
+from llmplan.runtime.jobs.admission import Admission, GpuSlot, QueuedJob, Reservation, admit, demand_of
+from llmplan.runtime.jobs.cluster import NAMESPACE, head_node_id, node_address
+from llmplan.runtime.models.model_store import CACHE_ENV as MODEL_CACHE_ENV
+from llmplan.runtime.jobs.paths import LOG_NAME, job_folder, store_key
 
 POLL_S = 0.5
 INVENTORY_TTL_S = 5.0
@@ -70,7 +70,7 @@ def worker_database_url(engine: Any) -> str:
 
 def ensure_scheduler(db_url: str, address: str | None = None) -> Any:
     """The scheduler of this database on the cluster (started if it is not running), poked awake."""
-    from .cluster import connect
+    from llmplan.runtime.jobs.cluster import connect
 
     connect(address)  # before importing Ray (see cluster.connect)
     import ray
@@ -150,14 +150,14 @@ class JobDriver:
 
 def _run_recipe(engine: Any, job: Any, jobs_dir: Path) -> Any:
     if job.kind.value == "finetune":
-        from .finetune_job import run_recorded
+        from llmplan.runtime.train.finetune_job import run_recorded
 
         return run_recorded(engine, job.id)
     if job.kind.value == "serve":
-        from .serve import run_recorded as run_server
+        from llmplan.runtime.infer.serve import run_recorded as run_server
 
         return run_server(engine, job.id)
-    from .inference_job import run_recorded as run_inference
+    from llmplan.runtime.infer.inference_job import run_recorded as run_inference
 
     return run_inference(engine, job.id, jobs_dir=jobs_dir)
 
@@ -238,7 +238,7 @@ class Scheduler:
             self.wake.clear()
 
     def _inventory(self, refresh: bool = False) -> list[GpuSlot]:
-        from .cluster import gpu_slots
+        from llmplan.runtime.jobs.cluster import gpu_slots
 
         if refresh or time.monotonic() - self.slots_at > INVENTORY_TTL_S:
             self.slots, self.slots_at = gpu_slots(), time.monotonic()
@@ -266,7 +266,7 @@ class Scheduler:
     def _driver_died(self, job_id: int, error: BaseException) -> None:
         from llmplan.runtime.store.repository import JobStatus, get_job, transition
 
-        from .failures import fail_job
+        from llmplan.runtime.jobs.failures import fail_job
 
         job = get_job(self.engine, job_id)
         if job.status is JobStatus.CANCELLING:
@@ -275,7 +275,7 @@ class Scheduler:
             fail_job(self.engine, job_id, error)
 
     def _retry_if_out_of_memory(self, job_id: int) -> None:
-        from .retries import retry_after_oom
+        from llmplan.runtime.jobs.retries import retry_after_oom
 
         try:
             retried = retry_after_oom(self.engine, job_id)
@@ -306,7 +306,7 @@ class Scheduler:
         from llmplan.runtime.store.repository import JobFailure, JobStatus, transition
         from llmplan.runtime.store.status import ErrorClass
 
-        from .retries import resume_after_loss
+        from llmplan.runtime.jobs.retries import resume_after_loss
 
         self._free(job.id, job.ray_actor_id)
         if job.status is JobStatus.CANCELLING:
@@ -351,7 +351,7 @@ class Scheduler:
             self._sweep(job_id)
 
     def _sweep(self, job_id: int) -> None:
-        from .job_resources import release
+        from llmplan.runtime.jobs.job_resources import release
 
         pending = self.releasing[job_id]
         try:

@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .chat import PromptItem
-from .inference import (Completion, FinishReason, GenerationReport, GenerationSettings, Generator, chat, complete,
+from llmplan.runtime.text.chat import PromptItem
+from llmplan.runtime.infer.inference import (Completion, FinishReason, GenerationReport, GenerationSettings, Generator, chat, complete,
                         stream_report)
 
 _STOP = object()

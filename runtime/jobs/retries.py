@@ -24,8 +24,8 @@ from llmplan.runtime.store.repository import (
 )
 from llmplan.runtime.store.status import ErrorClass
 
-from .job_request import JobRequest
-from .train_config import CHECKPOINTS, STATE_FILE, TrainConfig
+from llmplan.runtime.jobs.job_request import JobRequest
+from llmplan.runtime.train.train_config import CHECKPOINTS, STATE_FILE, TrainConfig
 
 CHECKPOINT_GLOB = f"{CHECKPOINTS}/step-*/{STATE_FILE}"
 

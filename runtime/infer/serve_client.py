@@ -64,7 +64,7 @@ def find_server(engine: Any, model: str, adapter: str | None, template: str, *, 
     """A running server of this model (and adapter, template; dtype and quant when given) that answers now."""
     from llmplan.runtime.store.repository import JobFilter, JobKind, JobStatus, list_jobs
 
-    from .serve import SERVE_KEY, server_url
+    from llmplan.runtime.infer.serve import SERVE_KEY, server_url
 
     for job in list_jobs(engine, JobFilter(statuses=(JobStatus.RUNNING,), kind=JobKind.SERVE, limit=100)):
         options, plan = job.request.get(SERVE_KEY) or {}, job.plan or {}
@@ -169,7 +169,7 @@ class ServedReport:
 
 def served_report(server: RunningServer, template: Any, item: Any, settings: Any) -> ServedReport:
     """A prompt (or dialog) answered by the server in `template`, as `llmplan chat` asks a replica."""
-    from .prompt_templates import apply_template
+    from llmplan.runtime.text.prompt_templates import apply_template
 
     return ServedReport((complete(server, apply_template(template, item), settings),))
 
@@ -181,9 +181,9 @@ def run_job(engine: Any, job_id: int, server: RunningServer, items: Sequence[Any
     it as `inference_job.run` does; every failure ends the job as failed, never raises."""
     from llmplan.runtime.store.repository import JobStatus, transition
 
-    from .failures import mark_scheduled
-    from .inference_job import record_failure, record_success, write_completions
-    from .prompt_templates import apply_template
+    from llmplan.runtime.jobs.failures import mark_scheduled
+    from llmplan.runtime.infer.inference_job import record_failure, record_success, write_completions
+    from llmplan.runtime.text.prompt_templates import apply_template
 
     try:
         mark_scheduled(engine, job_id, f"answered by {server.describe()}")

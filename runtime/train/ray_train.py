@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .train import StepMetrics, TrainResult, run_rank
-from .train_config import TrainConfig
+from llmplan.runtime.train.train import StepMetrics, TrainResult, run_rank
+from llmplan.runtime.train.train_config import TrainConfig
 
 POLL_SECONDS = 0.5
 
@@ -49,7 +49,7 @@ def run_ray_train(config: TrainConfig, on_metrics: Callable[[StepMetrics], None]
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .cluster import ensure_ray
+    from llmplan.runtime.jobs.cluster import ensure_ray
 
     ensure_ray()
     sink = ray.remote(num_cpus=0)(MetricsSink).remote()
@@ -142,7 +142,7 @@ class _Forwarder:
 
 def _worker_error(error: Exception) -> Exception:
     """The lowest rank's own exception out of Ray Train's WorkerGroupError (the error itself otherwise)."""
-    from .failures import root_cause
+    from llmplan.runtime.jobs.failures import root_cause
 
     failures = getattr(error, "worker_failures", None) or {}
     if not failures:

@@ -78,13 +78,13 @@ class ServerReplica:
     """The model, loaded once, behind the HTTP API on `options.host:options.port`, from a thread of this actor."""
 
     def __init__(self, model_dir: str, plan: dict[str, Any], options: dict[str, Any], model_id: str) -> None:
-        from .http_guards import HeadDeadlineProtocol
+        from llmplan.runtime.web.http_guards import HeadDeadlineProtocol
 
-        from .inference import setup
-        from .prompt_templates import resolve_template
-        from .ray_inference import runtime_device
-        from .serve_api import ServeConfig, create_app
-        from .serve_batching import Batcher
+        from llmplan.runtime.infer.inference import setup
+        from llmplan.runtime.text.prompt_templates import resolve_template
+        from llmplan.runtime.infer.ray_inference import runtime_device
+        from llmplan.runtime.infer.serve_api import ServeConfig, create_app
+        from llmplan.runtime.infer.serve_batching import Batcher
 
         planned, served = InferencePlan.from_dict(plan), ServeOptions(**options)
         template = resolve_template(served.template, model_dir, served.adapter)
@@ -120,7 +120,7 @@ class PortInUseError(ValueError):
 
 def listen(host: str, port: int) -> Any:
     """A listening socket on host:port (the dashboard's `bind`), or `PortInUseError` saying what to pass."""
-    from .http_guards import listening_socket
+    from llmplan.runtime.web.http_guards import listening_socket
 
     try:
         return listening_socket(host, port)
@@ -132,7 +132,7 @@ def listen(host: str, port: int) -> Any:
 def _uvicorn_server(app: Any, protocol: Any) -> Any:
     import uvicorn
 
-    from .http_guards import MAX_CONNECTIONS, MAX_HEAD_BYTES
+    from llmplan.runtime.web.http_guards import MAX_CONNECTIONS, MAX_HEAD_BYTES
 
     settings = uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, log_level="warning",
                               access_log=False, server_header=False, timeout_keep_alive=15,
@@ -152,7 +152,7 @@ def run_recorded(engine: Any, job_id: int) -> ServeOutcome:
     this driver, and the server with it); a server that fails (or cannot start) fails the job with its cause."""
     from llmplan.runtime.store.repository import get_job
 
-    from .failures import fail_job
+    from llmplan.runtime.jobs.failures import fail_job
 
     job = get_job(engine, job_id)
     try:
@@ -171,8 +171,8 @@ def start(engine: Any, job: Any) -> Any:
 
     from llmplan.runtime.store.repository import JobStatus, transition
 
-    from .failures import mark_scheduled
-    from .model_store import ensure_model
+    from llmplan.runtime.jobs.failures import mark_scheduled
+    from llmplan.runtime.models.model_store import ensure_model
 
     plan = InferencePlan.from_dict(job.plan)
     mark_scheduled(engine, job.id, f"a server on {plan.device}")

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmplan.planner.resolve import spec_from_meta_params
 
-from .architectures import hf_config_dict
-from .model_files import (
+from llmplan.runtime.models.architectures import hf_config_dict
+from llmplan.runtime.models.model_files import (
     CONVERTER_VERSION,
     LLAMA2_CHAT_TEMPLATE,
     ModelStoreError,

@@ -1,0 +1,1 @@
+"""The models llmplan runs: local directories, Meta conversion, building and loading."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the recipe, its config, data parallelism, the job driver."""
