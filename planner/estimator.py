@@ -490,7 +490,7 @@ FAST_ENGINE_STEP_TOKENS = 2048
 
 
 def engine_workspace_term(req: EstimateRequest) -> Term:
-    runs_fast = req.quant is Quant.NONE and req.parallel.gpus == 1
+    runs_fast = req.on_cuda and req.quant is Quant.NONE and req.parallel.gpus == 1
     size = FAST_ENGINE_STEP_TOKENS * req.model.vocab_size * FP32 if runs_fast else 0
     return Term("engine workspace", size, f"fp32 logits of a {FAST_ENGINE_STEP_TOKENS}-token continuous-batching step"
                 " (CUDA graph pools fit inside)")

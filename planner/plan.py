@@ -102,7 +102,8 @@ def _cpu_plan(ask: InferenceAsk) -> InferencePlan:
     precision = ask.precision or Precision.FP32
     quant = ask.quant or Quant.NONE
     req = EstimateRequest(model=ask.spec, task=Task.INFER, precision=precision, quant=quant,
-                          micro_batch_size=ask.batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens)
+                          micro_batch_size=ask.batch_size, prompt_len=ask.prompt_len, max_new_tokens=ask.max_new_tokens,
+                          on_cuda=False)
     memory = estimate(req)
     return InferencePlan(
         model=ask.model, model_name=ask.spec.name, device="cpu", dtype=DTYPE_OF_PRECISION[precision],

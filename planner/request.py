@@ -178,6 +178,7 @@ class EstimateRequest:
     kernels: Kernels = Kernels.NONE
     lora_dropout: float = 0.0
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient checkpointing)
+    on_cuda: bool = True  # inference on a CUDA GPU, where the fast engines may run (runtime.infer.engine); False: CPU
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -85,10 +85,11 @@ def test_peak_phase_depends_on_what_dominates() -> None:
 
 def test_the_fast_engines_workspace_is_planned_where_they_run() -> None:
     """One GPU, 16-bit weights: the fp32 logits of a 2,048-token continuous-batching step; quantized or sharded
-    models run on the plain generate path, which has none."""
+    models, and the CPU, run on the plain generate path, which has none."""
     terms = {t.name: t.bytes for t in estimate(infer(micro_batch_size=64, prompt_len=64)).terms}
     assert terms["engine workspace"] == 2048 * find_model("Llama-2-7B").vocab_size * 4
-    for other in (infer(micro_batch_size=64, quant=Quant.NF4), infer(micro_batch_size=64, parallel=Parallelism(gpus=2))):
+    for other in (infer(micro_batch_size=64, quant=Quant.NF4), infer(micro_batch_size=64, parallel=Parallelism(gpus=2)),
+                  infer(micro_batch_size=64, on_cuda=False)):
         assert "engine workspace" not in {t.name for t in estimate(other).terms}
 
 
