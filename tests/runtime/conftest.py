@@ -142,12 +142,10 @@ def ray_head():
 
 @pytest.fixture
 def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """`env`, with jobs submitted to the session's Ray cluster. Its head runs without token authentication
-    (ray_nodes.start_node), so its clients do too: a client expecting tokens drops what the cluster's workers
-    send back on their own (a streaming generator's items), and waits for ever."""
-    monkeypatch.setenv("LLMPLAN_RAY_ADDRESS", ray_head.address)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    return {**env, "LLMPLAN_RAY_ADDRESS": ray_head.address, "RAY_AUTH_MODE": "disabled"}
+    """`env`, with jobs submitted to the session's Ray cluster (`RayNode.client_env`)."""
+    for name, value in ray_head.client_env().items():
+        monkeypatch.setenv(name, value)
+    return {**env, **ray_head.client_env()}
 
 
 def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

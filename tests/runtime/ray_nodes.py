@@ -25,6 +25,12 @@ class RayNode:
     log: Path
     address: str  # the head's GCS address (the one the node started or joined)
 
+    def client_env(self) -> dict[str, str]:
+        """What an llmplan process needs to submit to this cluster. The node runs without token authentication
+        (start_node), so its clients must too: a client expecting tokens drops what the cluster's workers send
+        back on their own (a streaming generator's items) and waits for ever."""
+        return {"LLMPLAN_RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"}
+
     def kill(self) -> None:
         """Kill the node's processes at once, like a machine that dies: `ray start`, its raylet and the other
         services, and every worker process (Ray starts workers in process groups of their own)."""

@@ -94,7 +94,7 @@ def dashboard(ray_head, smollm2, tmp_path_factory: pytest.TempPathFactory) -> It
     shutil.copyfile(EXAMPLE_DATA, root / "train.jsonl")
     site = Dashboard(url="", root=root, db=f"sqlite:///{base / 'jobs.db'}")
     env = {**os.environ, "LLMPLAN_DB": site.db, "LLMPLAN_JOBS_DIR": str(base / "jobs"),
-           "LLMPLAN_CACHE": str(TEST_CACHE), "LLMPLAN_RAY_ADDRESS": ray_head.address,
+           "LLMPLAN_CACHE": str(TEST_CACHE), **ray_head.client_env(),
            "LLMPLAN_WARM_SECONDS": "30"}  # the chat's warm replica frees its memory soon
     log = base / "ui.log"
     with log.open("w") as sink:
