@@ -423,16 +423,21 @@ def parse_alpaca(record: Record) -> Example:
     )
 
 
+def _require_turn(record: Record, item: Any, keys: tuple[str, str], where: str) -> None:
+    """One turn of a dialog: an object holding both `keys` (messages: role and content; ShareGPT: from and value)."""
+    if not isinstance(item, Mapping):
+        raise _fail(record, f"must be an object with {keys[0]} and {keys[1]}, got {_type(item)}", where)
+    for key in keys:
+        if key not in item:
+            raise _fail(record, "missing", f"{where}.{key}")
+
+
 def parse_messages(record: Record) -> Example:
     data = _object(record, "messages", "messages")
     items = _list_field(record, data["messages"], "messages")
     messages = []
     for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise _fail(record, f"must be an object with role and content, got {_type(item)}", f"messages[{i}]")
-        for key in ("role", "content"):
-            if key not in item:
-                raise _fail(record, "missing", f"messages[{i}].{key}")
+        _require_turn(record, item, ("role", "content"), f"messages[{i}]")
         extra = sorted(set(item) - {"role", "content"})
         if extra:
             raise _fail(record, f"unknown keys {_keys(extra)}: a message has role and content", f"messages[{i}]")
@@ -450,11 +455,7 @@ def parse_sharegpt(record: Record) -> Example:
     if data.get("system") is not None:
         messages.append(Message(Role.SYSTEM, _text_field(record, data["system"], "system")))
     for i, item in enumerate(items):
-        if not isinstance(item, Mapping):
-            raise _fail(record, f"must be an object with from and value, got {_type(item)}", f"conversations[{i}]")
-        for key in ("from", "value"):
-            if key not in item:
-                raise _fail(record, "missing", f"conversations[{i}].{key}")
+        _require_turn(record, item, ("from", "value"), f"conversations[{i}]")
         if not isinstance(item["from"], str) or item["from"] not in SHAREGPT_ROLES:
             raise _fail(record, f"unknown speaker {_shown(item['from'])}: use human, gpt, system", f"conversations[{i}].from")
         content = _text_field(record, item["value"], f"conversations[{i}].value")
