@@ -101,7 +101,7 @@ def seconds_to(run: StreamedRun, prefix: str) -> str:
 
 def one_finished_job(db_url: str) -> None:
     """A job store with one succeeded fine-tuning job, for `jobs` and `show` to read."""
-    from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.store.opening import open_store
     from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, create_job, transition
 
     engine = open_store(db_url)

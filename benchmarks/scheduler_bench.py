@@ -30,7 +30,7 @@ from pathlib import Path
 from llmplan.planner.plan import FinetunePlan
 from llmplan.runtime.jobs.admission import GpuSlot, Reservation
 from llmplan.runtime.jobs.scheduler import RUNNER_KEY, SCHEDULER_RUNNER, admissions, queued_jobs, record_admission
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, PlanRecord, create_job, get_job, transition
 
 GIB = 2**30

@@ -7,7 +7,8 @@ import time
 import click
 
 from .cluster import cluster_errors, reachable_address
-from .jobs import db_option, open_engine, parse_job_id
+from .jobs import db_option, open_engine
+from .options import parse_job_id
 from .options import UserError, json_option, print_json
 
 STOP_TIMEOUT_S = 60.0

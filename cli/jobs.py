@@ -28,7 +28,8 @@ from llmplan.cli.render import (
     sparkline,
 )
 from llmplan.planner.units import format_gib
-from llmplan.runtime.store.db import database_url_from_environment, display_url, first_line, open_store
+from llmplan.runtime.store.db import database_url_from_environment, display_url, first_line
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.errors import DatabaseURLError, InvalidJobDataError, StoreError, UnknownJobError
 from llmplan.runtime.store.models import Job, JobEvent, JobMetric
 from llmplan.runtime.store.repository import (
@@ -43,7 +44,6 @@ from llmplan.runtime.store.status import JobKind, JobStatus
 
 from .options import JOB_ID, ROWS, json_option, shown
 from .options import UserError as BadInput
-from .options import parse_job_id as parse_job_id  # logs and cancel read their JOB with it
 
 F = TypeVar("F", bound=Callable[..., Any])
 

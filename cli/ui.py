@@ -26,7 +26,8 @@ def ui(host: str, port: int, token: str | None, roots: tuple[Path, ...], address
        db_url: str | None) -> None:
     """Serve the dashboard (its page at / and its JSON API) on HOST:PORT until interrupted."""
     from llmplan.runtime.jobs.scheduler import worker_database_url
-    from llmplan.runtime.store.db import database_url_from_environment, open_store
+    from llmplan.runtime.store.db import database_url_from_environment
+    from llmplan.runtime.store.opening import open_store
 
     from .web_api import bind, make_config, server_for
 

@@ -163,7 +163,7 @@ def queue_spec(scope: Scope, task: str, submission: Any) -> dict[str, Any]:
     a refused field is named by its job spec key."""
     from llmplan.planner.plan import PlanError
     from llmplan.planner.request import RequestError
-    from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.store.opening import open_store
     from llmplan.runtime.jobs.submission import Cluster, SubmissionError, queue_finetune, queue_inference, queued_document
     from llmplan.runtime.train.train_config import TrainConfigError
 

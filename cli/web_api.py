@@ -238,7 +238,7 @@ Body = Annotated[dict[str, Any], Depends(json_body)]
 # ---- the application ----------------------------------------------------------------------------------------
 def create_app(config: DashboardConfig) -> FastAPI:
     """The dashboard's page and API for `config` (its port the one bound: the Host check names it)."""
-    from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.store.opening import open_store
 
     from .web_page import PAGE
 

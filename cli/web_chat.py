@@ -80,7 +80,7 @@ def answer_turn(scope: Scope, turn: ChatTurn) -> dict[str, Any]:
     from llmplan.runtime.infer import inference_job
     from llmplan.runtime.jobs.cluster import ADDRESS_ENV
     from llmplan.runtime.infer.generation import GenerationSettings
-    from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.store.opening import open_store
     from llmplan.runtime.jobs.submission import inference_plan, store_jobs_root
 
     from .generate import detect_hardware

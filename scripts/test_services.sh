@@ -65,7 +65,7 @@ start_postgres() {
     echo "PostgreSQL for the store tests: 127.0.0.1:$port" >&2
 }
 
-# tests/runtime/test_dashboard.py drives the dashboard in headless chromium through chromedriver.
+# tests/runtime/web/test_dashboard.py drives the dashboard in headless chromium through chromedriver.
 find_browser() {
     if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
         return 0

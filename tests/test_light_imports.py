@@ -81,7 +81,7 @@ MIGRATIONS_AND_OTHER_DIALECTS = ("alembic", "sqlalchemy.dialects.postgresql")
 def test_jobs_and_show_on_a_current_store_import_no_migrations_nor_postgresql(args: list[str], tmp_path) -> None:
     """On a store whose schema is current, reading it needs neither alembic nor SQLAlchemy's PostgreSQL dialects
     (a tenth of the start-up of `jobs` and `show`, which users run often)."""
-    from llmplan.runtime.store.db import open_store
+    from llmplan.runtime.store.opening import open_store
     from llmplan.runtime.store.repository import JobKind, JobSpec, create_job
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"

@@ -122,7 +122,7 @@ class JobDriver:
         self.status: str | None = None
 
     def run(self) -> str:
-        from llmplan.runtime.store.db import open_store
+        from llmplan.runtime.store.opening import open_store
         from llmplan.runtime.store.repository import Artifacts, JobUpdate, get_job, update_job
 
         engine = open_store(self.db_url)
@@ -194,7 +194,7 @@ class Release:
 
 class Scheduler:
     def __init__(self, db_url: str) -> None:
-        from llmplan.runtime.store.db import open_store
+        from llmplan.runtime.store.opening import open_store
 
         self.db_url = db_url
         self.engine = open_store(db_url)

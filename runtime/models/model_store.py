@@ -289,7 +289,7 @@ def convert_gguf(gguf_path: Path, dst: Path, *, dtype: str = "bf16", steps: Step
 
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights move into a fresh model
     built from the same config. bf16 storage halves the size; loaded back in fp32 it gives the GGUF model's
-    greedy tokens (tests/runtime/test_model_store.py pins them).
+    greedy tokens (tests/runtime/models/test_model_store.py pins them).
     """
     steps = steps or Steps(False)
     with steps.step("loading torch and transformers"):

@@ -3,10 +3,11 @@
 Import the modules you need (this package imports nothing itself, so it stays light):
 
 - `status`: JobStatus (with is_terminal()), JobKind, ErrorClass and ALLOWED_TRANSITIONS.
-- `db`: open_store(url) -> Engine, database_url_from_environment(--db value), URL handling.
+- `opening`: open_store(url) -> Engine: connect and bring the schema up to date (or refuse).
+- `db`: connections, sessions, database_url_from_environment(--db value), URL handling.
 - `repository`: create_job, transition, update_job, record_metrics, retry_job, get_job,
   get_job_details, list_jobs, count_jobs, and the dataclasses they take.
 - `models`: the SQLModel tables Job, JobEvent, JobMetric.
-- `migrate`: alembic migrations (used by open_store; imports alembic only when needed).
+- `migrate`: alembic migrations (used by opening.open_store; imports alembic only when needed).
 - `errors`: StoreError and its subclasses.
 """

@@ -6,8 +6,9 @@
   `BEGIN IMMEDIATE`, so several processes (Ray actors, the CLI) can write without "database is
   locked" failures or lost updates. WAL needs a local disk: on a shared (NFS) home directory, or
   with actors on several nodes, use PostgreSQL.
-- Schema: alembic revisions in `migrations/versions/`, recorded in `llmplan_schema_version`.
-  `open_store` upgrades an older database in one transaction and refuses a newer one.
+- Schema: alembic revisions in `migrations/versions/`, recorded in `llmplan_schema_version`, which
+  `read_schema_revision` reads. Opening a store and bringing its schema up to date is `opening.open_store`,
+  a floor above this one and `migrate`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 from sqlmodel import Session
 
 from llmplan.runtime.store.errors import DatabaseUnavailableError, DatabaseURLError
@@ -193,34 +194,6 @@ def write_session(engine: Engine) -> Iterator[Session]:
 def read_session(engine: Engine) -> Iterator[Session]:
     with Session(engine, expire_on_commit=False) as session:
         yield session
-
-
-# ---- opening a store ----------------------------------------------------------------------------
-def open_store(url_text: str) -> Engine:
-    """Parse the URL, connect, and bring the schema to this llmplan's version (or refuse)."""
-    url = parse_database_url(url_text)
-    engine = create_store_engine(url)
-    try:
-        ensure_schema(engine)
-    except DBAPIError as error:
-        engine.dispose()
-        raise DatabaseUnavailableError(f"cannot use database {display_url(url)}: {first_line(error.orig)}") from None
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Upgrade an older schema to SCHEMA_HEAD; raise SchemaTooNewError for a newer one."""
-    with engine.connect() as connection:
-        revision = read_schema_revision(connection)
-    if revision == SCHEMA_HEAD:
-        return
-    # alembic is imported only when there is something to migrate (or to refuse).
-    from llmplan.runtime.store.migrate import upgrade_to_head
-
-    upgrade_to_head(engine)
 
 
 def read_schema_revision(connection: Connection) -> str | None:

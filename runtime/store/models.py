@@ -2,7 +2,7 @@
 
 The tables live in their own SQLAlchemy metadata (`STORE_METADATA`), not SQLModel's shared default,
 so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
-`migrations/versions/`; `tests/store/test_store_migrations.py` fails when the two disagree.
+`migrations/versions/`; `tests/runtime/store/test_store_migrations.py` fails when the two disagree.
 """
 
 from __future__ import annotations

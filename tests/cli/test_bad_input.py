@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import JobFilter, list_jobs
 
 from bad_input import EXAMPLE_DATA, assert_refused, fingerprint, run

@@ -15,7 +15,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 
 from bad_input import EXAMPLE_DATA, Outcome, fingerprint, run
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import JobFilter, JobKind, JobSpec, JobStatus, count_jobs, create_job, transition
 
 NOTHING_LISTENS = "127.0.0.1:1"

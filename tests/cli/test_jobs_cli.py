@@ -14,7 +14,8 @@ from click.testing import CliRunner, Result
 
 from llmplan.cli.jobs import parse_since
 from llmplan.cli.main import cli
-from llmplan.runtime.store.db import VERSION_TABLE, open_store
+from llmplan.runtime.store.db import VERSION_TABLE
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.models import Job
 from llmplan.runtime.store.repository import (
     Artifacts,

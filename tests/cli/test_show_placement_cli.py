@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from llmplan.cli.main import cli
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import (
     JobSpec,
     JobUpdate,

@@ -14,7 +14,7 @@ from urllib.error import HTTPError
 import pytest
 
 from llmplan.cli.web_api import make_config, serve
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, create_job, get_job, transition
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
@@ -381,7 +381,7 @@ def test_a_succeeded_lora_jobs_adapter_is_merged_into_a_new_folder_in_the_root(a
     import torch
     import transformers
 
-    from tests.runtime.test_inference import save_lora_adapter, save_tiny_llama
+    from tests.runtime.infer.test_inference import save_lora_adapter, save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "tiny")
     adapter = save_lora_adapter(model, tmp_path / "adapter")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.errors import IllegalTransitionError, StaleStatusError
 from llmplan.runtime.store.repository import get_job, transition
 from llmplan.runtime.store.status import JobStatus

@@ -22,11 +22,11 @@ except ImportError:  # the test extra installs it; CI must not skip these tests 
     openai = None
 
 from ci_required import unavailable  # noqa: E402
-from .conftest import TEST_CACHE, run_llmplan  # noqa: E402
-from .ray_nodes import free_port  # noqa: E402
+from ..conftest import TEST_CACHE, run_llmplan  # noqa: E402
+from ..ray_nodes import free_port  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import get_job  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"

@@ -31,7 +31,7 @@ from llmplan.runtime.text.data import (
 from llmplan.runtime.text.data_formats import DataError, Example, detect_format, load_examples
 from llmplan.runtime.train.train_config import DataConfig
 
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+DATA = Path(__file__).resolve().parents[3] / "examples" / "data"
 
 ALPACA = {"instruction": "Add 2 and 3.", "output": "5"}
 SHAREGPT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llmplan.runtime.jobs.retries import out_of_memory_count
-from llmplan.runtime.store.db import open_store
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.repository import JobFailure, JobKind, JobSpec, JobStatus, create_job, transition
 from llmplan.runtime.store.status import ErrorClass
 from llmplan.runtime.jobs.submission import learned_margin_in

@@ -30,12 +30,12 @@ pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a Ray head, SmolLM2 jobs and the browser
 
 from ci_required import unavailable  # noqa: E402
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
 
-from .conftest import TEST_CACHE  # noqa: E402
+from ..conftest import TEST_CACHE  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_DATA = REPO / "examples" / "data" / "alpaca_llmplan.jsonl"
 LLMPLAN = str(Path(sys.executable).with_name("llmplan"))
 STARTED = re.compile(r"llmplan dashboard on (http://\S+?)/?\s")

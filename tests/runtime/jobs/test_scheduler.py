@@ -28,14 +28,14 @@ pytestmark = pytest.mark.slow  # real Ray clusters (`ray start`) and their jobs
 from llmplan.planner.plan import FinetuneAsk, plan_finetune  # noqa: E402
 from llmplan.planner.resolve import resolve_model  # noqa: E402
 from llmplan.runtime.train import finetune_job  # noqa: E402
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details, retry_of_job  # noqa: E402
 from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 from llmplan.runtime.train.train import TEST_OOM_ENV  # noqa: E402
 from llmplan.runtime.train.train_config import DataConfig, TrainConfig  # noqa: E402
 
-from .conftest import TEST_CACHE  # noqa: E402
-from .ray_nodes import RayNode, free_port, start_node  # noqa: E402
+from ..conftest import TEST_CACHE  # noqa: E402
+from ..ray_nodes import RayNode, free_port, start_node  # noqa: E402
 
 GIB = 2**30
 LLMPLAN = str(Path(sys.executable).with_name("llmplan"))

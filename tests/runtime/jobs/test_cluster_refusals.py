@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("ray")
 
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobFilter, get_job, list_jobs  # noqa: E402
 
-from .conftest import run_llmplan  # noqa: E402
+from ..conftest import run_llmplan  # noqa: E402
 
 TINY = ["--template", "alpaca", "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0"]
 

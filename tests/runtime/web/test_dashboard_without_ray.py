@@ -17,11 +17,11 @@ import pytest
 pytest.importorskip("ray")
 
 from llmplan.runtime.jobs.scheduler import RUNNER_KEY, SCHEDULER_RUNNER  # noqa: E402
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobKind, JobSpec, JobStatus, create_job, transition  # noqa: E402
 
-from .conftest import TEST_CACHE  # noqa: E402
-from .ray_nodes import start_node  # noqa: E402
+from ..conftest import TEST_CACHE  # noqa: E402
+from ..ray_nodes import start_node  # noqa: E402
 from .test_dashboard import EXAMPLE_DATA, LLMPLAN, SMALL_RUN, Dashboard, wait_for_address  # noqa: E402
 
 RECONNECT_TIMEOUT_S = 3  # Ray's own limit for a driver, set low for the dashboard's process

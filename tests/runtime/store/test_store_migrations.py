@@ -13,7 +13,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from llmplan.runtime.store import migrate
-from llmplan.runtime.store.db import SCHEMA_HEAD, VERSION_TABLE, create_store_engine, open_store, read_schema_revision
+from llmplan.runtime.store.db import SCHEMA_HEAD, VERSION_TABLE, create_store_engine, read_schema_revision
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.models import STORE_METADATA
 from llmplan.runtime.store.repository import JobFilter, JobUpdate, Placement, create_job, get_job_details, list_jobs, transition
 from llmplan.runtime.store.status import JobStatus
@@ -69,7 +70,7 @@ def test_an_untouched_database_is_migrated_from_the_base(database_url: str) -> N
 def test_processes_opening_a_new_database_together_migrate_it_once(database_url: str) -> None:
     code = (
         "import sys\n"
-        "from llmplan.runtime.store.db import open_store\n"
+        "from llmplan.runtime.store.opening import open_store\n"
         "from llmplan.runtime.store.repository import create_job, JobSpec\n"
         "engine = open_store(sys.argv[1])\n"
         "create_job(engine, JobSpec(name='race', kind='finetune', model='m', submitter='s', request={}))\n"

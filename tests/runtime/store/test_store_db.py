@@ -13,17 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from llmplan.runtime.store import migrate
-from llmplan.runtime.store.db import (
-    DB_ENV_VAR,
-    SCHEMA_HEAD,
-    SQLITE_BUSY_TIMEOUT_S,
-    VERSION_TABLE,
-    create_store_engine,
-    open_store,
-    parse_database_url,
-    read_schema_revision,
-    resolve_database_url,
-)
+from llmplan.runtime.store.db import DB_ENV_VAR, SCHEMA_HEAD, SQLITE_BUSY_TIMEOUT_S, VERSION_TABLE, create_store_engine, parse_database_url, read_schema_revision, resolve_database_url
+from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.errors import (
     DatabaseUnavailableError,
     DatabaseURLError,
@@ -201,7 +192,7 @@ def test_importing_the_store_and_its_cli_pulls_no_heavy_stack() -> None:
 def test_the_package_list_ships_the_migrations() -> None:
     # A regular (non-editable) install only contains the packages pyproject.toml lists.
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     config = tomllib.loads((root / "pyproject.toml").read_text())
     listed = set(config["tool"]["setuptools"]["packages"])
     store = root / "runtime" / "store"

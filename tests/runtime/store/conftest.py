@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from ci_required import unavailable
-from llmplan.runtime.store.db import open_store, parse_database_url
+from llmplan.runtime.store.db import parse_database_url
+from llmplan.runtime.store.opening import open_store
 
 POSTGRES_URL_VAR = "LLMPLAN_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")

@@ -21,7 +21,7 @@ from llmplan.runtime.train.train import (  # noqa: E402
 )
 from llmplan.runtime.train.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "data" / "alpaca_llmplan.jsonl"
 
 
 def tiny_config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:

@@ -12,14 +12,14 @@ from click.testing import CliRunner
 
 pytest.importorskip("ray")
 
-from .conftest import run_llmplan  # noqa: E402
+from ..conftest import run_llmplan  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "alpaca_llmplan.jsonl"
+DATA = Path(__file__).resolve().parents[3] / "examples" / "data" / "alpaca_llmplan.jsonl"
 SMALL = ["--micro-batch", "2", "--grad-accum", "1", "--seq-len", "96", "--lr", "1e-3", "--warmup-steps", "2"]
 
 

@@ -79,7 +79,7 @@ def test_llmplan_merge_prints_only_its_own_line_and_keeps_the_template(tmp_path:
     """What transformers, peft, bitsandbytes and DeepSpeed print (warnings, progress bars) goes to the log."""
     from llmplan.runtime.text.prompt_templates import TEMPLATE_FILE, write_template
 
-    from .conftest import run_llmplan
+    from ..conftest import run_llmplan
 
     base = save_base(tmp_path / "base", sentencepiece_model)
     trained_adapter(base, tmp_path / "adapter")

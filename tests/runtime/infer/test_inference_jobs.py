@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from .conftest import TEST_CACHE, run_llmplan
+from ..conftest import TEST_CACHE, run_llmplan
 
 pytest.importorskip("ray")
 
@@ -28,7 +28,7 @@ from llmplan.runtime.infer.inference_job import (  # noqa: E402
     run_recorded,
     submit,
 )
-from llmplan.runtime.store.db import open_store  # noqa: E402
+from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobStatus, get_job, get_job_details, retry_job  # noqa: E402
 from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 
@@ -187,7 +187,7 @@ def test_generate_asks_an_adapter_in_its_trained_template(
     from llmplan.runtime.infer.inference import complete, setup
 
     """The job sends the question in the adapter's Alpaca layout: the prompt's token count is the layout's and
-    the completion is the one the hand-written layout gets (--template none: tests/runtime/test_prompt_templates)."""
+    the completion is the one the hand-written layout gets (--template none: tests/runtime/text/test_prompt_templates)."""
     adapter = str(tiny_trained["lora"])
     result = CliRunner().invoke(cli, ["generate", str(tiny_llama), QUESTION, "--adapter", adapter,
                                       "--max-new-tokens", "4", "--json"])
