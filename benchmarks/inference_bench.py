@@ -116,6 +116,14 @@ ENGINE_CASES = [
     ("continuous", 64, 2048, 256),
     ("continuous", 256, 2048, 256),
     ("continuous-compile1", 64, 256, 256),
+    # the slots engine (runtime.infer.slots), with the baselines again in the same call
+    ("check-slots", 8, 16, 32),  # greedy tokens: slots against generate, bf16 and fp32
+    ("plain", 64, 64, 256),
+    ("slots", 8, 64, 256),
+    ("slots", 64, 256, 256),
+    ("slots", 256, 256, 256),
+    ("slots", 256, 2048, 256),
+    ("slots", 64, 2048, 256),
 ]
 BANDWIDTH = 4.8e12  # H200 HBM3e, bytes/s
 DEVICE = os.environ.get("LLMPLAN_BENCH_DEVICE", "cuda")  # "cpu": a dry run of the code on a small model
@@ -151,6 +159,8 @@ def engine_case(index: int) -> dict:
     texts = data_prompts(count)
     if path == "check":
         return greedy_check(texts, new)
+    if path == "check-slots":
+        return slots_check(texts, new)
     if path == "generate_batch":
         measured = through_generate_batch(texts, new)
     elif path == "plain":
@@ -250,6 +260,32 @@ def greedy_check(texts: list[str], new: int) -> dict:
 
     return {"bench": "engine", "path": "check", "max_new_tokens": new, "continuous_vs_one_by_one": agreement(fast),
             "generate_batch8_vs_one_by_one": agreement(batched), **environment()}
+
+
+def slots_check(texts: list[str], new: int) -> dict:
+    """Greedy tokens of the slots engine (batch 8, so slots are refilled) against `generate` one prompt at a time
+    and in batches of 8, in bf16 and in fp32 (where only summation order can make them differ)."""
+    import torch
+
+    from llmplan.runtime.infer.inference import GenerationSettings, cleanup, complete, setup
+
+    record: dict = {"bench": "engine", "path": "check-slots", "prompts": len(texts), "max_new_tokens": new}
+    for dtype in ("bf16", "fp32"):
+        generator = setup(MODEL_DIR, dtype=dtype, quant="none", device=DEVICE)
+        one_by_one = [complete(generator, [t], GenerationSettings(max_new_tokens=new, batch_size=1,
+                                                                  engine="generate"))[0].token_ids for t in texts]
+        runs = {engine: [c.token_ids for c in complete(generator, texts, GenerationSettings(
+            max_new_tokens=new, batch_size=8, engine=engine))] for engine in ("slots", "generate")}
+        for engine, tokens in runs.items():
+            same = sum(a == b for a, b in zip(one_by_one, tokens))
+            prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(one_by_one, tokens)]
+            record[f"{dtype}_{engine}_batch8_vs_one_by_one"] = {"identical": same, "of": len(texts),
+                                                               "min_common_prefix": min(prefix)}
+        record[f"{dtype}_slots_vs_generate_batch8_identical"] = sum(a == b for a, b in zip(runs["slots"], runs["generate"]))
+        cleanup(generator)
+        if ON_CUDA:
+            torch.cuda.empty_cache()
+    return {**record, **environment()}
 
 
 def main() -> None:

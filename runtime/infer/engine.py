@@ -1,7 +1,9 @@
-"""The fast generation paths behind `runtime.inference`: host cost removed, slots refilled as sequences end.
+"""Which engine runs a generation call, and transformers' two fast paths behind `runtime.inference`.
 
-Two engines, both on transformers' own machinery (checked against transformers 5.17):
+The engines (`generation.ENGINES`):
 
+- "slots" (`runtime.infer.slots`): llmplan's own: a static slot cache, continuous refill, the decode step
+  replayed as one CUDA graph without a compiler. The default on CUDA for the models it supports.
 - "continuous": transformers' continuous batching (`init_continuous_batching`): a paged KV cache sized
   here from the call (concurrency x the longest prompt plus max_new_tokens, never the free memory), a
   scheduler that admits a waiting prompt into a finished sequence's slot at the next step, prompts handed
@@ -10,10 +12,9 @@ Two engines, both on transformers' own machinery (checked against transformers 5
 - "graphs": `generate` on a static KV cache, which transformers compiles with
   `torch.compile(mode="reduce-overhead")` (CUDA graphs) on CUDA; prompts sorted by length into batches of
   the concurrency, every batch the same shape (the last one padded with repeats) so one graph serves all.
+- "generate": plain `model.generate` on batches (`runtime.inference`): the CPU, quantized and sharded models.
 
-`choose(...)` decides: the plain `generate` path (`runtime.inference`) stays for one batch of work, on
-the CPU (CI), for quantized or sharded models; the compiled path only for work long enough to win its
-compile time back.
+`choose(...)` decides for "auto" (measured on an H200: BENCHMARKS.md, "Inference engines").
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# When "auto" takes which engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
+from .generation import Finished
+
+# Where the slots engine cannot run, when "auto" takes which other engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
 # the compiled static-cache path decodes 64 rows in 9.5 ms a step but compiles for ~30 s first; the continuous
 # engine starts in under 2 s and decodes 8 rows in 15 ms, 64 rows in 42 ms (transformers' paged SDPA path).
 # Compiling pays once the call has more decode steps than ~30 s / (42 - 9.5) ms.
@@ -41,22 +43,17 @@ POLL_S = 0.5
 COMPILE_LEVEL = 0
 
 
-@dataclass(frozen=True)
-class Finished:
-    """One prompt's result as it finishes: its index in the call and its generated ids."""
-
-    index: int
-    token_ids: list[int]
-    first_token_at: float | None  # perf_counter time of its first generated token, when known
-
-
 def choose(requested: str, *, device: torch.device, quantized: bool, sharded: bool, prompts: int,
-           batch_size: int, max_new_tokens: int = 256) -> str:
-    """The engine a call runs on: the one asked for, or for "auto" the one that finishes it first (above)."""
+           batch_size: int, max_new_tokens: int = 256, slots_refusal: str | None) -> str:
+    """The engine a call runs on: the one asked for, or for "auto" the one that finishes it first (above).
+
+    `slots_refusal` is `slots.supports(model)`: None when the slots engine can run the model."""
     if prompts == 0:
         return "generate"
     if requested != "auto":
         return requested
+    if device.type == "cuda" and not sharded and slots_refusal is None:
+        return "slots"
     batches = math.ceil(prompts / batch_size)
     if device.type != "cuda" or quantized or sharded or batches < MIN_BATCHES_FOR_FAST_PATH:
         return "generate"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 
-ENGINES = ("auto", "generate", "continuous", "graphs")  # runtime.engine: which one runs a call
+ENGINES = ("auto", "generate", "slots", "continuous", "graphs")  # runtime.infer.engine: which one runs a call
 
 
 class InferenceError(ValueError):
@@ -43,6 +43,15 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One prompt's result as an engine finishes it: its index in the call and its generated ids."""
+
+    index: int
+    token_ids: list[int]
+    first_token_at: float | None  # perf_counter time of its first generated token, when known
 
 
 class FinishReason(str, Enum):

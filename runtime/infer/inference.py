@@ -41,8 +41,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import engine as engines
+from . import slots
 from llmplan.runtime.text.chat import Dialog, DialogError, Message, PromptItem, format_chat
-from llmplan.runtime.infer.generation import Completion, FinishReason, GenerationReport, GenerationSettings, InferenceError
+from llmplan.runtime.infer.generation import (Completion, Finished, FinishReason, GenerationReport, GenerationSettings,
+                                              InferenceError)
 from llmplan.runtime.models.modeling import configure_allocator, load_pretrained
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -298,7 +300,8 @@ def _finished(generator: Generator, encoded: list[list[int]],
     report (its completions in the order they finished)."""
     engine = engines.choose(settings.engine, device=generator.device, quantized=_quantized(generator.model),
                             sharded=len(gpus_of(generator)) > 1, prompts=len(encoded),
-                            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens)
+                            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+                            slots_refusal=slots.supports(generator.model))
     reset_peak_memory(generator)
     start = time.perf_counter()
     first_token: list[float] = []
@@ -315,7 +318,12 @@ def _finished(generator: Generator, encoded: list[list[int]],
 
 
 def _run_engine(engine: str, generator: Generator, encoded: list[list[int]], settings: GenerationSettings,
-                first_token: list[float]) -> Iterator[engines.Finished]:
+                first_token: list[float]) -> Iterator[Finished]:
+    if engine == "slots":
+        refusal = slots.supports(generator.model)
+        if refusal is not None:
+            raise InferenceError(f"the slots engine cannot run this model ({refusal}): use --engine auto")
+        return slots.generate(generator.model, encoded, settings, stop_ids=sorted(generator.stop_token_ids))
     if engine == "continuous":
         config = _generation_config(generator, settings)
         return engines.continuous(generator.model, encoded, config, concurrency=settings.batch_size,
@@ -328,14 +336,14 @@ def _run_engine(engine: str, generator: Generator, encoded: list[list[int]], set
 
 
 def _batches(generator: Generator, encoded: list[list[int]], settings: GenerationSettings,
-             first_token: list[float]) -> Iterator[engines.Finished]:
+             first_token: list[float]) -> Iterator[Finished]:
     """The plain path: `generate` on batches of `batch_size` prompts in their order."""
     for first in range(0, len(encoded), settings.batch_size):
         rows = encoded[first : first + settings.batch_size]
         timer = _FirstToken() if first == 0 else None
         outputs = _generate_rows(generator, rows, settings, streamer=timer)
         for offset, ids in enumerate(outputs):
-            yield engines.Finished(first + offset, ids, timer.at if timer else None)
+            yield Finished(first + offset, ids, timer.at if timer else None)
 
 
 def _generate_rows(generator: Generator, rows: list[list[int]], settings: GenerationSettings, *,

@@ -33,10 +33,12 @@ def ids(report) -> list[tuple[int, ...]]:
     return [completion.token_ids for completion in report]
 
 
-@pytest.mark.parametrize("engine", ["continuous", "graphs"])
-def test_a_fast_engine_gives_generates_greedy_tokens_in_prompt_order(tiny, engine: str) -> None:
+@pytest.mark.parametrize("engine,batch_size", [("slots", 2), ("slots", 3), ("slots", 8), ("continuous", 2),
+                                               ("graphs", 2)])
+def test_a_fast_engine_gives_generates_greedy_tokens_in_prompt_order(tiny, engine: str, batch_size: int) -> None:
+    """Slots: 2 and 3 slots are refilled (one at a time, and several prompts together); 8 hold every prompt."""
     plain = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine="generate"))
-    fast = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine=engine))
+    fast = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=batch_size, engine=engine))
     assert fast.engine == engine and plain.engine == "generate"
     assert ids(fast) == ids(plain)
     assert [c.text for c in fast] == [c.text for c in plain]
@@ -44,51 +46,89 @@ def test_a_fast_engine_gives_generates_greedy_tokens_in_prompt_order(tiny, engin
     assert len(set(ids(fast))) == len(MANY)  # the prompts lead somewhere different
 
 
-def test_continuous_batching_stops_a_sequence_at_its_stop_token_and_refills_its_slot(tiny) -> None:
+@pytest.mark.parametrize("engine", ["slots", "continuous"])
+def test_continuous_batching_stops_a_sequence_at_its_stop_token_and_refills_its_slot(tiny, engine: str) -> None:
     """A stop token taken from the greedy output ends some sequences early; the others still run to the end."""
     plain = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine="generate"))
     stop = plain[1].token_ids[3]
     tiny.stop_token_ids, kept = frozenset({stop}), tiny.stop_token_ids
     try:
         expected = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine="generate"))
-        fast = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine="continuous"))
+        fast = complete(tiny, MANY, GenerationSettings(max_new_tokens=12, batch_size=2, engine=engine))
     finally:
         tiny.stop_token_ids = kept
     assert ids(fast) == ids(expected)
     assert fast[1].completion_tokens <= 4 and fast[1].finish_reason.value == "stop"
 
 
-def test_completions_come_out_as_they_finish_then_the_report(tiny) -> None:
-    settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine="continuous")
+@pytest.mark.parametrize("engine", ["slots", "continuous"])
+def test_completions_come_out_as_they_finish_then_the_report(tiny, engine: str) -> None:
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine=engine)
     items = list(respond_as_finished(tiny, MANY, settings))
     finished, report = items[:-1], items[-1]
-    assert isinstance(report, GenerationReport) and report.engine == "continuous"
+    assert isinstance(report, GenerationReport) and report.engine == engine
     assert sorted(index for index, _ in finished) == list(range(len(MANY)))
     assert report.generated_tokens == 6 * len(MANY)
     assert report.first_token_seconds is not None and 0 < report.first_token_seconds <= report.wall_seconds
 
 
-def test_seeded_sampling_on_the_continuous_engine_repeats_and_other_seeds_differ(tiny) -> None:
-    def sample(seed: int):
+@pytest.mark.parametrize("engine", ["slots", "continuous"])
+def test_seeded_sampling_on_a_fast_engine_repeats_and_other_seeds_differ(tiny, engine: str) -> None:
+    def sample(seed: int, top_p: float = 1.0):
         return ids(complete(tiny, MANY[:3], GenerationSettings(max_new_tokens=8, temperature=1.0, seed=seed,
-                                                                batch_size=2, engine="continuous")))
+                                                                top_p=top_p, batch_size=2, engine=engine)))
 
     assert sample(3) == sample(3)
     assert sample(3) != sample(4)
+    assert sample(3, top_p=0.5) == sample(3, top_p=0.5) != sample(3)
 
 
-def test_auto_takes_a_fast_engine_only_on_cuda_for_enough_unquantized_work() -> None:
+def test_auto_takes_slots_on_cuda_where_they_run_and_the_other_engines_by_work_size_elsewhere() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     common = {"quantized": False, "sharded": False, "batch_size": 64}
-    assert engines.choose("auto", device=cuda, prompts=2048, **common) == "graphs"  # compiling pays
-    assert engines.choose("auto", device=cuda, prompts=256, max_new_tokens=64, **common) == "continuous"
-    assert engines.choose("auto", device=cuda, prompts=1, **common) == "generate"  # one prompt stays quick
-    assert engines.choose("auto", device=cuda, prompts=64, **common) == "generate"  # one batch too
-    assert engines.choose("auto", device=cpu, prompts=2048, **common) == "generate"  # CI has no GPU
-    assert engines.choose("auto", device=cuda, prompts=2048, quantized=True, sharded=False, batch_size=64) == "generate"
-    assert engines.choose("auto", device=cuda, prompts=2048, quantized=False, sharded=True, batch_size=64) == "generate"
-    assert engines.choose("continuous", device=cpu, prompts=3, **common) == "continuous"
-    assert engines.choose("continuous", device=cpu, prompts=0, **common) == "generate"
+    runs, refused = {"slots_refusal": None}, {"slots_refusal": "model type 'gemma2'"}
+    assert engines.choose("auto", device=cuda, prompts=2048, **common, **runs) == "slots"
+    assert engines.choose("auto", device=cuda, prompts=1, **common, **runs) == "slots"  # capture costs < 1 s
+    assert engines.choose("auto", device=cpu, prompts=2048, **common, **runs) == "generate"  # CI has no GPU
+    assert engines.choose("auto", device=cuda, prompts=2048, quantized=False, sharded=True, batch_size=64,
+                          **runs) == "generate"
+    assert engines.choose("auto", device=cuda, prompts=2048, **common, **refused) == "graphs"  # compiling pays
+    assert engines.choose("auto", device=cuda, prompts=256, max_new_tokens=64, **common, **refused) == "continuous"
+    assert engines.choose("auto", device=cuda, prompts=1, **common, **refused) == "generate"  # one prompt stays quick
+    assert engines.choose("auto", device=cuda, prompts=64, **common, **refused) == "generate"  # one batch too
+    assert engines.choose("auto", device=cuda, prompts=2048, quantized=True, sharded=False, batch_size=64,
+                          slots_refusal="quantized weights") == "generate"
+    assert engines.choose("continuous", device=cpu, prompts=3, **common, **runs) == "continuous"
+    assert engines.choose("slots", device=cpu, prompts=0, **common, **runs) == "generate"
+
+
+def test_the_slots_engine_says_which_models_it_cannot_run(tiny) -> None:
+    from llmplan.runtime.infer import slots
+
+    assert slots.supports(tiny.model) is None
+    gemma = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert "gemma2" in slots.supports(transformers.Gemma2ForCausalLM(gemma))
+    mistral = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    assert slots.supports(transformers.MistralForCausalLM(mistral)) == "a sliding attention window"
+    model, tiny.model = tiny.model, transformers.MistralForCausalLM(mistral)
+    try:
+        with pytest.raises(InferenceError, match=r"the slots engine cannot run this model \(a sliding attention "
+                                                 r"window\): use --engine auto"):
+            complete(tiny, MANY[:2], GenerationSettings(max_new_tokens=2, engine="slots"))
+    finally:
+        tiny.model = model
+
+
+def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks() -> None:
+    from llmplan.runtime.infer import slots
+
+    assert slots.cache_len(100, 256) == 384  # 356 positions -> 6 blocks of 64
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                      num_hidden_layers=32)
+    # keys and values x 32 layers x 8 slots x 8 KV heads x 384 positions x 128 dims x 2 bytes
+    assert slots.kv_cache_bytes(config, 8, 384, 2) == 2 * 32 * 8 * 8 * 384 * 128 * 2
 
 
 def test_the_kv_cache_is_sized_by_the_call_in_whole_pages() -> None:
@@ -97,5 +137,5 @@ def test_the_kv_cache_is_sized_by_the_call_in_whole_pages() -> None:
 
 
 def test_an_unknown_engine_is_refused() -> None:
-    with pytest.raises(InferenceError, match="unknown engine 'vllm': use auto, generate, continuous, graphs"):
+    with pytest.raises(InferenceError, match="unknown engine 'vllm': use auto, generate, slots, continuous, graphs"):
         GenerationSettings(engine="vllm")

@@ -1,0 +1,294 @@
+"""The "slots" engine: a fixed set of sequence slots decoded together, one step replayed as one CUDA graph.
+
+What a decode step costs on a GPU is the host: an eager step of a 7B model launches some thousand kernels
+(35-70 ms on an H200) while reading its weights takes about 3 ms. This engine removes that cost without a
+compiler: the whole step (the model's forward on one new token per slot, the cache writes, the argmax) is
+captured once as a CUDA graph on static buffers and replayed, which costs one launch.
+
+- The KV cache is static: `slots` rows of `cache_len` positions per layer (the plan sizes it: slots x the
+  longest prompt plus max_new_tokens), allocated once. Each slot holds one sequence at its own position:
+  `write_at[slot]` is where its next key and value go, and the step's attention mask lets each slot see its
+  own positions up to there (`SlotLayer`).
+- Continuous batching: a prompt waits until a slot is free; when a sequence stops (a stop token, or
+  max_new_tokens), its slot is refilled with the next waiting prompt. New prompts are prefilled together
+  (right-padded, an eager forward into a dynamic cache whose keys and values are then copied into their slots),
+  longest first, so a refill pays one prefill for many slots: slots are refilled once a quarter of them is
+  free, or when the waiting prompts all fit.
+- On the CPU (and in CI) the same step runs eagerly: the engine is the same code, only not captured.
+
+Models: decoder-only families whose attention is the plain full-attention path of transformers (Llama,
+Mistral without a sliding window shorter than the cache, Qwen2, Qwen3), in 16 or 32 bits, on one device.
+`supports` says so; `engine.choose` falls back to the other engines otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .generation import Finished, GenerationSettings
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward takes in (bounds its activations)
+REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots are free (or the waiting prompts all fit)
+CACHE_ALIGN = 64  # cache positions per slot, rounded up to this
+WARMUP_STEPS = 2  # eager steps on a side stream before capture (cuBLAS and allocator warm-up)
+
+
+def supports(model: Any) -> str | None:
+    """None when the engine can run this model; otherwise why not (one line)."""
+    config = _text_config(model)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        return "quantized weights"
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (slots run {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        return f"attention layers of types {sorted(layer_types)}"
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        return "a sliding attention window"
+    return None
+
+
+def cache_len(longest_prompt: int, max_new_tokens: int) -> int:
+    """Positions one slot holds: its longest possible sequence, rounded up to CACHE_ALIGN."""
+    return math.ceil((longest_prompt + max_new_tokens) / CACHE_ALIGN) * CACHE_ALIGN
+
+
+def kv_cache_bytes(model_config: Any, slots: int, positions: int, bytes_per_value: int) -> int:
+    """What the static cache takes: keys and values, every layer, every slot, every position."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads, head_dim = _kv_shape(config)
+    return 2 * config.num_hidden_layers * slots * heads * positions * head_dim * bytes_per_value
+
+
+def generate(model: Any, encoded: Sequence[list[int]], settings: GenerationSettings, *,
+             stop_ids: Sequence[int]) -> Iterator[Finished]:
+    """Yield each prompt's generated ids (stop token included) as it finishes, in any order."""
+    if not encoded:
+        return
+    decoder = _Decoder(model, slots=min(settings.batch_size, len(encoded)),
+                       length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens),
+                       settings=settings)
+    yield from _Schedule(decoder, encoded, settings, frozenset(stop_ids)).run()
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+def _slot_layer_class() -> type:
+    """transformers' StaticLayer, writing each row at its own position (imported late: transformers is heavy)."""
+    from transformers.cache_utils import StaticLayer
+
+    class SlotLayer(StaticLayer):
+        """Keys and values of one layer for every slot; a decode step writes row r at `write_at[r]`."""
+
+        def __init__(self, max_cache_len: int, write_at: torch.Tensor) -> None:
+            super().__init__(max_cache_len=max_cache_len)
+            self.write_at = write_at
+            self.rows = torch.arange(write_at.shape[0], device=write_at.device)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys[self.rows, :, self.write_at] = key_states[:, :, -1]
+            self.values[self.rows, :, self.write_at] = value_states[:, :, -1]
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+def _slot_cache(model: Any, slots: int, length: int, write_at: torch.Tensor) -> Any:
+    from transformers.cache_utils import Cache
+
+    config = _text_config(model)
+    heads, head_dim = _kv_shape(config)
+    layer_class = _slot_layer_class()
+    proto = torch.zeros(slots, heads, 1, head_dim, dtype=model.dtype, device=write_at.device)
+    layers = []
+    for _ in range(config.num_hidden_layers):
+        layer = layer_class(length, write_at)
+        layer.lazy_initialization(proto, proto)
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+def _kv_shape(config: Any) -> tuple[int, int]:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return heads, head_dim
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward's name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _text_config(model: Any) -> Any:
+    return model.config.get_text_config()
+
+
+# ---- one decode step, captured ------------------------------------------------------------------
+class _Decoder:
+    """The static buffers, the slot cache and the captured step; `prefill` loads prompts into slots."""
+
+    def __init__(self, model: Any, *, slots: int, length: int, settings: GenerationSettings) -> None:
+        self.model = model
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.device = self.base.device
+        self.slots = slots
+        self.length = length
+        self.settings = settings
+        self.write_at = torch.full((slots,), length - 1, dtype=torch.long, device=self.device)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.next = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.arange(length, device=self.device)
+        self.cache = _slot_cache(self.base, slots, length, self.write_at)
+        self.cache_kwarg = _cache_keyword(self.base)
+        self.logits: torch.Tensor | None = None
+        self.sampler = _Sampler(settings, self.device)
+        self.step = self._captured() if self.device.type == "cuda" else self._step
+
+    def _step(self) -> None:
+        mask = (self.positions[None, :] <= self.write_at[:, None])[:, None, None, :]
+        out = self.model(input_ids=self.tokens[:, None], position_ids=self.write_at[:, None], attention_mask=mask,
+                         use_cache=True, **{self.cache_kwarg: self.cache})
+        self.logits = out.logits[:, -1]
+        self.next.copy_(self.logits.argmax(dim=-1))
+        self.write_at.add_(1).clamp_(max=self.length - 1)
+
+    def _captured(self) -> Any:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.write_at.fill_(self.length - 1)  # the warm-up advanced it; every slot starts free
+        return graph.replay
+
+    def advance(self) -> list[int]:
+        """One decode step for every slot: the next token of each (free slots' tokens are noise)."""
+        self.step()
+        chosen = self.next if self.settings.greedy else self.sampler.sample(self.logits)
+        self.tokens.copy_(chosen)
+        return chosen.tolist()
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+        """Run the prompts, put their keys and values into `slots`, and return each one's first new token."""
+        from transformers import DynamicCache
+
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        scratch = DynamicCache(config=self.base.config)
+        hidden = self.base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=self.positions[None, :width],
+                                        use_cache=True, **{self.cache_kwarg: scratch}).last_hidden_state
+        last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
+        logits = self.base.get_output_embeddings()(last)
+        rows = torch.tensor(slots, device=self.device)
+        for target, source in zip(self.cache.layers, scratch.layers):
+            target.keys[rows, :, :width] = source.keys
+            target.values[rows, :, :width] = source.values
+        first = logits.argmax(dim=-1) if self.settings.greedy else self.sampler.sample(logits)
+        self.tokens[rows] = first
+        self.write_at[rows] = lengths
+        return first.tolist()
+
+
+class _Sampler:
+    """Temperature and nucleus (top-p) sampling from a generator seeded by the call."""
+
+    def __init__(self, settings: GenerationSettings, device: torch.device) -> None:
+        self.settings = settings
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(settings.seed)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / self.settings.temperature, dim=-1)
+        if self.settings.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.settings.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+# ---- the schedule: which prompt is in which slot -------------------------------------------------
+@dataclass
+class _Sequence:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+class _Schedule:
+    def __init__(self, decoder: _Decoder, encoded: Sequence[list[int]], settings: GenerationSettings,
+                 stop_ids: frozenset[int]) -> None:
+        self.decoder = decoder
+        self.encoded = encoded
+        self.max_new_tokens = settings.max_new_tokens
+        self.stop_ids = stop_ids
+        # Longest first: prompts of one refill have similar lengths, so little padding in their prefill.
+        self.waiting = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        self.running: dict[int, _Sequence] = {}  # slot -> its sequence
+
+    def run(self) -> Iterator[Finished]:
+        while self.waiting or self.running:
+            if self._should_refill():
+                yield from self._refill()
+            if self.running:
+                yield from self._decode()
+
+    def _free_slots(self) -> list[int]:
+        return [slot for slot in range(self.decoder.slots) if slot not in self.running]
+
+    def _should_refill(self) -> bool:
+        free = len(self._free_slots())
+        if not self.waiting or free == 0:
+            return False
+        return not self.running or free >= self.decoder.slots / REFILL_SHARE or len(self.waiting) <= free
+
+    def _refill(self) -> Iterator[Finished]:
+        free = self._free_slots()
+        taken = [self.waiting.pop(0) for _ in range(min(len(free), len(self.waiting)))]
+        for group in _prefill_groups(taken, self.encoded):
+            slots = free[: len(group)]
+            free = free[len(group) :]
+            first = self.decoder.prefill(slots, [list(self.encoded[i]) for i in group])
+            now = time.perf_counter()
+            for slot, index, token in zip(slots, group, first):
+                self.running[slot] = _Sequence(index, [token], now)
+                yield from self._finish_if_done(slot)
+
+    def _decode(self) -> Iterator[Finished]:
+        chosen = self.decoder.advance()
+        for slot in list(self.running):
+            self.running[slot].token_ids.append(chosen[slot])
+            yield from self._finish_if_done(slot)
+
+    def _finish_if_done(self, slot: int) -> Iterator[Finished]:
+        sequence = self.running[slot]
+        if sequence.token_ids[-1] in self.stop_ids or len(sequence.token_ids) >= self.max_new_tokens:
+            del self.running[slot]
+            yield Finished(sequence.index, sequence.token_ids, sequence.first_token_at)
+
+
+def _prefill_groups(indices: list[int], encoded: Sequence[list[int]]) -> Iterator[list[int]]:
+    """The prompts in consecutive groups whose padded size (count x longest) stays within PREFILL_TOKENS."""
+    group: list[int] = []
+    for index in indices:
+        widest = max([len(encoded[i]) for i in group] + [len(encoded[index])])
+        if group and widest * (len(group) + 1) > PREFILL_TOKENS:
+            yield group
+            group = []
+        group.append(index)
+    if group:
+        yield group
