@@ -189,7 +189,9 @@ def through_engine(path: str, texts: list[str], batch: int, new: int) -> dict:
         engines.COMPILE_LEVEL = 1  # this process only
     settings = GenerationSettings(max_new_tokens=new, batch_size=batch, engine=engine)
     report = complete(generator, texts, settings)
+    longest = max(len(generator.tokenizer(text).input_ids) for text in texts)
     return {"tokens_per_s": report.tokens_per_second, "wall_seconds": report.wall_seconds,
+            "longest_prompt_tokens": longest, "estimated_peak_bytes": estimate_for("none", batch, longest, new),
             "generated_tokens": report.generated_tokens, "prompt_tokens": report.prompt_tokens,
             "first_token_seconds": report.first_token_seconds, "engine": report.engine,
             "peak_reserved_bytes": report.peak_reserved_bytes}
