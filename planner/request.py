@@ -97,6 +97,11 @@ LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "g
 LIGER_MIN_COMPUTE_CAPABILITY = (7, 0)
 
 
+# Architectures the slots inference engine runs (runtime.infer.slots: plain full attention through transformers'
+# cache API); the runtime refuses others, and the estimator models its static cache for these only.
+SLOTS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
 def liger_runs_on(compute_capability: tuple[int, int] | None) -> bool:
     """Whether Liger's Triton kernels run on a GPU of this compute capability (None: not known, assumed new)."""
     return compute_capability is None or tuple(compute_capability) >= LIGER_MIN_COMPUTE_CAPABILITY
@@ -231,6 +236,12 @@ class EstimateRequest:
         """Liger's kernels run: asked for, fine-tuning, and an architecture Liger supports."""
         return (self.kernels is Kernels.LIGER and self.task is Task.FINETUNE
                 and self.model.model_type in LIGER_MODEL_TYPES)
+
+    @property
+    def slots_engine(self) -> bool:
+        """Inference runs on the slots engine: one CUDA GPU, 16/32-bit weights, full attention of a family it runs."""
+        return (self.task is Task.INFER and self.on_cuda and self.quant is Quant.NONE and self.parallel.gpus == 1
+                and self.model.model_type in SLOTS_MODEL_TYPES and not self.model.sliding_window)
 
     @property
     def tokens(self) -> int:

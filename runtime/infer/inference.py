@@ -7,9 +7,10 @@
 
 `setup` loads the tokenizer (left padding, a pad token) and the model with the runtime's defaults
 (`runtime.modeling.load_pretrained`: SDPA attention, bitsandbytes int8 / nf4, the expandable-segment
-allocator on CUDA), plus an optional PEFT adapter. `complete` and `chat` run prompts in batches of
-`settings.batch_size` through `model.generate`, or, on CUDA for two or more batches of 16-bit work, on a
-fast engine (`runtime.engine`: CUDA graphs, continuous batching) with `batch_size` as its concurrency;
+allocator on CUDA), plus an optional PEFT adapter. `complete` and `chat` run prompts on the engine
+`runtime.infer.engine.choose` picks: on CUDA the slots engine (`runtime.infer.slots`: continuous batching, the
+decode step replayed as a CUDA graph) with `batch_size` as its number of slots, elsewhere batches of
+`batch_size` through `model.generate`;
 `respond_as_finished` yields each completion as it finishes; `stream` yields one prompt's text as it is
 generated.
 
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class Generator:
     device: torch.device
     stop_token_ids: frozenset[int]
     context_length: int | None  # the model's max_position_embeddings
+    decoders: slots.Decoders = field(default_factory=slots.Decoders)  # the slots engine's captured decoder
 
     def __enter__(self) -> Generator:
         return self
@@ -230,6 +232,7 @@ def peak_memory(generator: Generator) -> int | None:
 # ---- cleanup ------------------------------------------------------------------------------------
 def cleanup(generator: Generator) -> None:
     """Drop the model and tokenizer and give the memory back (the CUDA cache too)."""
+    generator.decoders.clear()
     generator.model = None
     generator.tokenizer = None
     gc.collect()
@@ -323,7 +326,8 @@ def _run_engine(engine: str, generator: Generator, encoded: list[list[int]], set
         refusal = slots.supports(generator.model)
         if refusal is not None:
             raise InferenceError(f"the slots engine cannot run this model ({refusal}): use --engine auto")
-        return slots.generate(generator.model, encoded, settings, stop_ids=sorted(generator.stop_token_ids))
+        return slots.generate(generator.model, encoded, settings, stop_ids=sorted(generator.stop_token_ids),
+                              decoders=generator.decoders)
     if engine == "continuous":
         config = _generation_config(generator, settings)
         return engines.continuous(generator.model, encoded, config, concurrency=settings.batch_size,

@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from llmplan.planner.request import SLOTS_MODEL_TYPES
+
 from .generation import Finished, GenerationSettings
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward takes in (bounds its activations)
 REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots are free (or the waiting prompts all fit)
 CACHE_ALIGN = 64  # cache positions per slot, rounded up to this
@@ -46,8 +47,8 @@ def supports(model: Any) -> str | None:
     config = _text_config(model)
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
         return "quantized weights"
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {config.model_type!r} (slots run {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+    if config.model_type not in SLOTS_MODEL_TYPES:
+        return f"model type {config.model_type!r} (slots run {', '.join(sorted(SLOTS_MODEL_TYPES))})"
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
         return f"attention layers of types {sorted(layer_types)}"
@@ -68,15 +69,39 @@ def kv_cache_bytes(model_config: Any, slots: int, positions: int, bytes_per_valu
     return 2 * config.num_hidden_layers * slots * heads * positions * head_dim * bytes_per_value
 
 
-def generate(model: Any, encoded: Sequence[list[int]], settings: GenerationSettings, *,
-             stop_ids: Sequence[int]) -> Iterator[Finished]:
+class Decoders:
+    """The captured decoder of a loaded model, kept between calls: a later call of the same slots and cache
+    length (a server's next batch, the next file of prompts) reuses its cache and graph instead of capturing
+    again. One at a time: a call of another shape replaces it (and frees its cache)."""
+
+    def __init__(self) -> None:
+        self._kept: _Decoder | None = None
+
+    def get(self, model: Any, slots: int, length: int) -> _Decoder:
+        kept = self._kept
+        if kept is None or kept.model is not model or (kept.slots, kept.length) != (slots, length):
+            self._kept = None  # free the old cache before allocating the new one
+            kept = self._kept = _Decoder(model, slots=slots, length=length)
+        return kept
+
+    @property
+    def current(self) -> _Decoder | None:
+        return self._kept
+
+    def clear(self) -> None:
+        self._kept = None
+
+
+def generate(model: Any, encoded: Sequence[list[int]], settings: GenerationSettings, *, stop_ids: Sequence[int],
+             decoders: Decoders) -> Iterator[Finished]:
     """Yield each prompt's generated ids (stop token included) as it finishes, in any order."""
     if not encoded:
         return
-    decoder = _Decoder(model, slots=min(settings.batch_size, len(encoded)),
-                       length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens),
-                       settings=settings)
-    yield from _Schedule(decoder, encoded, settings, frozenset(stop_ids)).run()
+    decoder = decoders.get(model, slots=min(settings.batch_size, len(encoded)),
+                           length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens))
+    decoder.reset()
+    sampler = None if settings.greedy else _Sampler(settings, decoder.device)
+    yield from _Schedule(decoder, sampler, encoded, settings, frozenset(stop_ids)).run()
 
 
 # ---- the cache ----------------------------------------------------------------------------------
@@ -135,13 +160,12 @@ def _text_config(model: Any) -> Any:
 class _Decoder:
     """The static buffers, the slot cache and the captured step; `prefill` loads prompts into slots."""
 
-    def __init__(self, model: Any, *, slots: int, length: int, settings: GenerationSettings) -> None:
+    def __init__(self, model: Any, *, slots: int, length: int) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.device = self.base.device
         self.slots = slots
         self.length = length
-        self.settings = settings
         self.write_at = torch.full((slots,), length - 1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.next = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -149,7 +173,6 @@ class _Decoder:
         self.cache = _slot_cache(self.base, slots, length, self.write_at)
         self.cache_kwarg = _cache_keyword(self.base)
         self.logits: torch.Tensor | None = None
-        self.sampler = _Sampler(settings, self.device)
         self.step = self._captured() if self.device.type == "cuda" else self._step
 
     def _step(self) -> None:
@@ -170,17 +193,20 @@ class _Decoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step()
-        self.write_at.fill_(self.length - 1)  # the warm-up advanced it; every slot starts free
         return graph.replay
 
-    def advance(self) -> list[int]:
-        """One decode step for every slot: the next token of each (free slots' tokens are noise)."""
+    def reset(self) -> None:
+        """Every slot free (what a free slot computes is never read)."""
+        self.write_at.fill_(self.length - 1)
+
+    def advance(self, sampler: _Sampler | None) -> list[int]:
+        """One decode step for every slot: the next token of each (greedy without a sampler)."""
         self.step()
-        chosen = self.next if self.settings.greedy else self.sampler.sample(self.logits)
+        chosen = self.next if sampler is None else sampler.sample(self.logits)
         self.tokens.copy_(chosen)
         return chosen.tolist()
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> list[int]:
+    def prefill(self, slots: list[int], prompts: list[list[int]], sampler: _Sampler | None) -> list[int]:
         """Run the prompts, put their keys and values into `slots`, and return each one's first new token."""
         from transformers import DynamicCache
 
@@ -197,7 +223,7 @@ class _Decoder:
         for target, source in zip(self.cache.layers, scratch.layers):
             target.keys[rows, :, :width] = source.keys
             target.values[rows, :, :width] = source.values
-        first = logits.argmax(dim=-1) if self.settings.greedy else self.sampler.sample(logits)
+        first = logits.argmax(dim=-1) if sampler is None else sampler.sample(logits)
         self.tokens[rows] = first
         self.write_at[rows] = lengths
         return first.tolist()
@@ -230,9 +256,10 @@ class _Sequence:
 
 
 class _Schedule:
-    def __init__(self, decoder: _Decoder, encoded: Sequence[list[int]], settings: GenerationSettings,
-                 stop_ids: frozenset[int]) -> None:
+    def __init__(self, decoder: _Decoder, sampler: _Sampler | None, encoded: Sequence[list[int]],
+                 settings: GenerationSettings, stop_ids: frozenset[int]) -> None:
         self.decoder = decoder
+        self.sampler = sampler
         self.encoded = encoded
         self.max_new_tokens = settings.max_new_tokens
         self.stop_ids = stop_ids
@@ -262,14 +289,14 @@ class _Schedule:
         for group in _prefill_groups(taken, self.encoded):
             slots = free[: len(group)]
             free = free[len(group) :]
-            first = self.decoder.prefill(slots, [list(self.encoded[i]) for i in group])
+            first = self.decoder.prefill(slots, [list(self.encoded[i]) for i in group], self.sampler)
             now = time.perf_counter()
             for slot, index, token in zip(slots, group, first):
                 self.running[slot] = _Sequence(index, [token], now)
                 yield from self._finish_if_done(slot)
 
     def _decode(self) -> Iterator[Finished]:
-        chosen = self.decoder.advance()
+        chosen = self.decoder.advance(self.sampler)
         for slot in list(self.running):
             self.running[slot].token_ids.append(chosen[slot])
             yield from self._finish_if_done(slot)

@@ -121,6 +121,17 @@ def test_the_slots_engine_says_which_models_it_cannot_run(tiny) -> None:
         tiny.model = model
 
 
+def test_a_later_call_of_the_same_shape_reuses_the_slots_decoder_and_another_shape_replaces_it(tiny) -> None:
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine="slots")
+    first = complete(tiny, MANY, settings)
+    kept = tiny.decoders.current
+    again = complete(tiny, MANY, settings)
+    assert tiny.decoders.current is kept and ids(again) == ids(first)  # its cache was reset: no leftover state
+    longer = complete(tiny, MANY, GenerationSettings(max_new_tokens=90, batch_size=2, engine="slots"))
+    assert tiny.decoders.current is not kept and tiny.decoders.current.length > kept.length
+    assert [c.token_ids[:6] for c in longer] == ids(first)
+
+
 def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks() -> None:
     from llmplan.runtime.infer import slots
 
