@@ -5,7 +5,7 @@
 A Llama-2-7B-shaped model with random weights (built on the GPU, not saved), every slot prefilled with a short
 prompt, then per (slots, cache length): the captured step replayed alone (GPU time), the engine's `advance`
 (replay, next tokens to the host: what a step costs the schedule), the eager step, and the CUDA kernels of a
-few replays by total time (torch.profiler).
+few replays by total time (torch.profiler); the step over the whole cache and over the positions in use.
 """
 
 from __future__ import annotations
@@ -61,11 +61,13 @@ def main() -> None:
         for count, length in SHAPES:
             decoder = slots._Decoder(model, slots=count, length=length)
             decoder.prefill(list(range(count)), [[1 + i % 100] * 12 for i in range(count)], None)
-            record = {"bench": "slots-probe", "slots": count, "cache_len": length,
-                      "replay_ms": 1e3 * timed(decoder.step, STEPS),
-                      "advance_ms": 1e3 * timed(lambda: decoder.advance(None), STEPS),
-                      "eager_step_ms": 1e3 * timed(decoder._step, 5),
-                      "kernels": kernels(decoder.step)}
+            in_use = decoder.visible(12 + 128)  # the middle of a 256-token run on 12-token prompts
+            record = {"bench": "slots-probe", "slots": count, "cache_len": length, "visible": in_use,
+                      "replay_whole_cache_ms": 1e3 * timed(lambda: decoder.step(length), STEPS),
+                      "replay_ms": 1e3 * timed(lambda: decoder.step(in_use), STEPS),
+                      "advance_ms": 1e3 * timed(lambda: decoder.advance(None, 12 + 128), STEPS),
+                      "eager_step_ms": 1e3 * timed(lambda: decoder._step(in_use), 5),
+                      "kernels": kernels(lambda: decoder.step(in_use))}
             append(args.out, {**record, **environment()})
             decoder = None  # free its cache before the next shape
             torch.cuda.empty_cache()

@@ -8,7 +8,8 @@ captured once as a CUDA graph on static buffers and replayed, which costs one la
 - The KV cache is static: `slots` rows of `cache_len` positions per layer (the plan sizes it: slots x the
   longest prompt plus max_new_tokens), allocated once. Each slot holds one sequence at its own position:
   `write_at[slot]` is where its next key and value go, and the step's attention mask lets each slot see its
-  own positions up to there (`SlotLayer`).
+  own positions up to there (`SlotLayer`). Attention reads only the positions in use (one graph per length
+  in use, in blocks of CACHE_ALIGN, captured when a call first reaches it).
 - Continuous batching: a prompt waits until a slot is free; when a sequence stops (a stop token, or
   max_new_tokens), its slot is refilled with the next waiting prompt. New prompts are prefilled together
   (right-padded, an eager forward into a dynamic cache whose keys and values are then copied into their slots),
@@ -116,12 +117,13 @@ def _slot_layer_class() -> type:
             super().__init__(max_cache_len=max_cache_len)
             self.write_at = write_at
             self.rows = torch.arange(write_at.shape[0], device=write_at.device)
+            self.visible = max_cache_len  # positions attention reads: those in use, in whole blocks
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             self.keys[self.rows, :, self.write_at] = key_states[:, :, -1]
             self.values[self.rows, :, self.write_at] = value_states[:, :, -1]
-            return self.keys, self.values
+            return self.keys[:, :, : self.visible], self.values[:, :, : self.visible]
 
     return SlotLayer
 
@@ -157,8 +159,19 @@ def _text_config(model: Any) -> Any:
 
 
 # ---- one decode step, captured ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Captured:
+    replay: Any
+    logits: torch.Tensor
+
+
 class _Decoder:
-    """The static buffers, the slot cache and the captured step; `prefill` loads prompts into slots."""
+    """The static buffers, the slot cache and the captured steps; `prefill` loads prompts into slots.
+
+    A step's attention reads only the cache positions in use, `visible` (the furthest slot's, rounded up to
+    CACHE_ALIGN): reading the whole static cache every step cost as much as the weights at 64 slots and three
+    times as much at 256 (benchmarks/results/slots-probe-h200.jsonl). Each `visible` is its own graph, captured
+    the first time a call reaches it, in one memory pool."""
 
     def __init__(self, model: Any, *, slots: int, length: int) -> None:
         self.model = model
@@ -173,35 +186,57 @@ class _Decoder:
         self.cache = _slot_cache(self.base, slots, length, self.write_at)
         self.cache_kwarg = _cache_keyword(self.base)
         self.logits: torch.Tensor | None = None
-        self.step = self._captured() if self.device.type == "cuda" else self._step
+        self.graphs: dict[int, _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
-    def _step(self) -> None:
-        mask = (self.positions[None, :] <= self.write_at[:, None])[:, None, None, :]
+    def visible(self, furthest_position: int) -> int:
+        """Cache positions a step reads when the furthest slot writes at `furthest_position`."""
+        return min(self.length, math.ceil((furthest_position + 1) / CACHE_ALIGN) * CACHE_ALIGN)
+
+    def step(self, visible: int) -> None:
+        """One decode step of every slot, attention over the first `visible` positions (replayed on CUDA)."""
+        for layer in self.cache.layers:
+            layer.visible = visible
+        if self.pool is None:
+            self._step(visible)
+            return
+        captured = self.graphs.get(visible) or self._capture(visible)
+        captured.replay()
+        self.logits = captured.logits
+
+    def _step(self, visible: int) -> None:
+        mask = (self.positions[None, :visible] <= self.write_at[:, None])[:, None, None, :]
         out = self.model(input_ids=self.tokens[:, None], position_ids=self.write_at[:, None], attention_mask=mask,
                          use_cache=True, **{self.cache_kwarg: self.cache})
         self.logits = out.logits[:, -1]
         self.next.copy_(self.logits.argmax(dim=-1))
         self.write_at.add_(1).clamp_(max=self.length - 1)
 
-    def _captured(self) -> Any:
+    def _capture(self, visible: int) -> _Captured:
+        """Capture the step at `visible`, mid-call: the warm-up steps write what the real step will write (the
+        same tokens' keys at the same positions, and noise beyond them that no mask lets through), and
+        `write_at`, which they advance, is put back."""
+        saved = self.write_at.clone()
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step()
+            for _ in range(WARMUP_STEPS if not self.graphs else 1):
+                self._step(visible)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        return graph.replay
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(visible)
+        self.write_at.copy_(saved)
+        self.graphs[visible] = _Captured(graph.replay, self.logits)
+        return self.graphs[visible]
 
     def reset(self) -> None:
         """Every slot free (what a free slot computes is never read)."""
         self.write_at.fill_(self.length - 1)
 
-    def advance(self, sampler: _Sampler | None) -> list[int]:
+    def advance(self, sampler: _Sampler | None, furthest_position: int) -> list[int]:
         """One decode step for every slot: the next token of each (greedy without a sampler)."""
-        self.step()
+        self.step(self.visible(furthest_position))
         chosen = self.next if sampler is None else sampler.sample(self.logits)
         self.tokens.copy_(chosen)
         return chosen.tolist()
@@ -251,8 +286,14 @@ class _Sampler:
 @dataclass
 class _Sequence:
     index: int
+    prompt_tokens: int
     token_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+
+    @property
+    def write_position(self) -> int:
+        """Where the next step writes this sequence's newest token."""
+        return self.prompt_tokens + len(self.token_ids) - 1
 
 
 class _Schedule:
@@ -292,11 +333,12 @@ class _Schedule:
             first = self.decoder.prefill(slots, [list(self.encoded[i]) for i in group], self.sampler)
             now = time.perf_counter()
             for slot, index, token in zip(slots, group, first):
-                self.running[slot] = _Sequence(index, [token], now)
+                self.running[slot] = _Sequence(index, len(self.encoded[index]), [token], now)
                 yield from self._finish_if_done(slot)
 
     def _decode(self) -> Iterator[Finished]:
-        chosen = self.decoder.advance(self.sampler)
+        furthest = max(sequence.write_position for sequence in self.running.values())
+        chosen = self.decoder.advance(self.sampler, furthest)
         for slot in list(self.running):
             self.running[slot].token_ids.append(chosen[slot])
             yield from self._finish_if_done(slot)

@@ -121,6 +121,14 @@ def test_the_slots_engine_says_which_models_it_cannot_run(tiny) -> None:
         tiny.model = model
 
 
+def test_slots_attend_over_the_positions_in_use_and_still_give_generates_tokens(tiny) -> None:
+    """70 new tokens: the cache holds 128 positions a slot, and steps read 64, then 128, as sequences cross 64."""
+    plain = complete(tiny, MANY, GenerationSettings(max_new_tokens=70, batch_size=3, engine="generate"))
+    fast = complete(tiny, MANY, GenerationSettings(max_new_tokens=70, batch_size=3, engine="slots"))
+    assert tiny.decoders.current.length == 128
+    assert ids(fast) == ids(plain)
+
+
 def test_a_later_call_of_the_same_shape_reuses_the_slots_decoder_and_another_shape_replaces_it(tiny) -> None:
     settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine="slots")
     first = complete(tiny, MANY, settings)
