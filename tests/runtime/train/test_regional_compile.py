@@ -76,3 +76,16 @@ def test_compiled_preparation_wraps_every_decoder_layer_with_its_adapters(tiny_l
 def test_the_run_summary_records_that_a_cpu_run_did_not_compile(tiny_trained: dict[str, Path]) -> None:
     summary = json.loads((tiny_trained["lora"].parent / "summary.json").read_text())
     assert summary["recipe"] == {"compile": "none"}
+
+
+@pytest.mark.parametrize(("words", "expected"), [((), None), (("--compile", "none"), "none"),
+                                                 (("--compile", "layers"), "layers")])
+def test_submit_finetune_carries_compile_into_the_run_config(words: tuple[str, ...], expected: str | None,
+                                                             tmp_path: Path) -> None:
+    from llmplan.cli.submit import submit_finetune
+    from llmplan.runtime.jobs.submission import FinetuneSubmission, plan_training, submission_from
+
+    data = Path(__file__).resolve().parents[3] / "examples" / "data" / "alpaca_llmplan.jsonl"
+    options = submit_finetune.make_context("finetune", ["--model", "SmolLM2-135M", "--data", str(data), *words]).params
+    config = plan_training(submission_from(FinetuneSubmission, options), lambda gpus: None, None, tmp_path)[1]
+    assert config.compile == expected
