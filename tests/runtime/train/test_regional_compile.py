@@ -89,3 +89,41 @@ def test_submit_finetune_carries_compile_into_the_run_config(words: tuple[str, .
     options = submit_finetune.make_context("finetune", ["--model", "SmolLM2-135M", "--data", str(data), *words]).params
     config = plan_training(submission_from(FinetuneSubmission, options), lambda gpus: None, None, tmp_path)[1]
     assert config.compile == expected
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+@cuda
+def test_cuda_compiled_lora_layers_train_like_eager_on_padded_batches_of_changing_width(tiny_llama: Path) -> None:
+    """What the recipe feeds a compiled model beyond the measured dense rows: right-padded batches (an attention
+    mask) whose width changes from step to step (Dynamo recompiles once, then with dynamic shapes), and the
+    evaluation's no-grad forward in eval mode."""
+    from llmplan.runtime.models.modeling import make_optimizer
+
+    def run(compile_layers: bool) -> tuple[list[float], float, bool]:
+        torch.manual_seed(0)
+        model = prepare_for_training(load_pretrained(str(tiny_llama), "bf16", "none", "cuda"), "lora", False,
+                                     LoraSettings(8, 16, 0.0), compile_layers=compile_layers)
+        optimizer = make_optimizer(model, "adamw", 1e-3)
+        generator = torch.Generator().manual_seed(0)
+        losses = []
+        for width in (48, 64, 40, 64, 56, 48):
+            ids = torch.randint(0, 320, (2, width), generator=generator).cuda()
+            mask = torch.ones_like(ids)
+            mask[1, width // 2:] = 0  # the second row is half padding
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            evaluated = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.item()
+        return losses, evaluated, compiled_layers(model)
+
+    eager, eager_eval, _ = run(False)
+    compiled, compiled_eval, was_compiled = run(True)
+    assert was_compiled
+    assert compiled == pytest.approx(eager, abs=0.05), (eager, compiled)
+    assert compiled_eval == pytest.approx(eager_eval, abs=0.05)
