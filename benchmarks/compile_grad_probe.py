@@ -11,11 +11,11 @@ variant starts from the same weights (one state dict loaded into each) and train
 - eager-efficient: the same with SDPA's memory-efficient kernel (CUDA) or the math kernel (CPU): the noise
   between two correct eager runs;
 - compiled: `prepare_for_training(compile_layers=True)` (each decoder layer through Inductor);
-- compiled-emulate (CUDA): the same with `torch._inductor.config.emulate_precision_casts`, which rounds to bf16
+- compiled-emulate (16-bit runs): the same with `torch._inductor.config.emulate_precision_casts`, which rounds to bf16
   between fused ops as eager does (Inductor otherwise keeps fp32 inside a fused kernel);
-- eager-fp32 (CUDA): the whole model in fp32 from the same (bf16) weights: the exact arithmetic the others
+- eager-fp32 (16-bit runs): the whole model in fp32 from the same (bf16) weights: the exact arithmetic the others
   approximate.
-For each variant against eager (and against eager-fp32 on CUDA), per group of LoRA weights (lora_A / lora_B of
+For each variant against eager (and against eager-fp32 in 16-bit runs), per group of LoRA weights (lora_A / lora_B of
 each projection): max |difference|, |difference| / |reference| (2-norms), and the fraction of elements whose
 sign differs (Adam's first step is lr x sign(g)); whether every lora_A gradient is exactly zero (lora_B starts
 at zero). `swallowed` measures, after one eager update, the share of adapted outputs where adding the adapter's
@@ -188,13 +188,16 @@ def swallowed_share(model, ids: torch.Tensor) -> float:
 
 
 def variants(setup: Setup) -> list[Variant]:
-    dtype = setup.dtype
-    if setup.device == "cpu":
-        return [Variant("eager", dtype), Variant("eager-math", dtype, sdpa="math"), Variant("compiled", dtype, True)]
-    return [Variant("eager", dtype), Variant("eager-efficient", dtype, sdpa="efficient"),
-            Variant("eager-liger", dtype, liger_layers=True), Variant("compiled", dtype, True),
-            Variant("compiled-emulate", dtype, True, emulate_casts=True),
-            Variant("eager-fp32", "fp32", sdpa="efficient")]
+    dtype, cuda = setup.dtype, setup.device == "cuda"
+    found = [Variant("eager", dtype),
+             Variant("eager-efficient", dtype, sdpa="efficient") if cuda else Variant("eager-math", dtype, sdpa="math")]
+    if cuda:
+        found.append(Variant("eager-liger", dtype, liger_layers=True))
+    found.append(Variant("compiled", dtype, True))
+    if dtype != "fp32":
+        found += [Variant("compiled-emulate", dtype, True, emulate_casts=True),
+                  Variant("eager-fp32", "fp32", sdpa="efficient" if cuda else "default")]
+    return found
 
 
 def run(setup: Setup) -> list[dict]:
@@ -265,7 +268,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    setup = Setup(args.device, args.dtype or ("bf16" if cuda else "fp32"), args.layers, args.batch, args.seq, args.tiny, cuda)
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    setup = Setup(args.device, dtype, args.layers, args.batch, args.seq, args.tiny, liger_loss=cuda)
     rows = run(setup)
     with args.out.open("a") as sink:
         for row in rows:
