@@ -13,8 +13,8 @@ checkpoint. Precision (`distributed.PRECISIONS`): bf16-true trains bf16 weights 
 them); bf16-mixed and fp16-mixed keep fp32 weights and autocast the forward (fp16 with a GradScaler); QLoRA
 loads the base in NF4 and freezes it in the compute dtype (no fp32 upcast: attention stays on a fused SDPA
 kernel). On CUDA, Liger's kernels (`config.kernels`) replace RMSNorm, RoPE, SwiGLU and the loss; LoRA runs long
-enough to pay the compile back run each decoder layer through torch.compile (`compile_that_runs`; Liger then keeps
-only its fused loss); summary.json records whether they ran compiled (`recipe.compile`).
+enough to pay the compile back can run each decoder layer through torch.compile (`compile_that_runs`; Liger then
+keeps only its fused loss); summary.json records whether they ran compiled (`recipe.compile`).
 
 `train` runs optimizer steps until `max_steps` (or `epochs` over the data). One step is `grad_accum`
 micro-batches on every rank; its loss is the mean over every loss token of the global batch, whatever the
@@ -85,6 +85,9 @@ COMPILE_SECONDS = 20.0
 COMPILE_SAVES = 0.2  # fraction of the eager time
 EAGER_FLOPS_PER_S = 3.2e14
 COMPILE_BREAK_EVEN_FLOPS = COMPILE_SECONDS / COMPILE_SAVES * EAGER_FLOPS_PER_S  # 3.2e16: ~1M tokens of an 8B model
+# Whether `compile` auto (None) compiles where the run pays the compile back. Off until the H200 shows compiled
+# LoRA training as eager does (benchmarks/compile_grad_probe.py; BENCHMARKS.md, "Closing the LoRA target").
+COMPILE_BY_DEFAULT = False
 
 
 # ---- what the recipe reports ----------------------------------------------------------------------
@@ -244,14 +247,19 @@ def compile_that_runs(config: TrainConfig, parameters: int, tokens: int) -> str:
     """Regional compilation (`layers`) where it was measured to train as eager does and faster: LoRA on a 16-bit
     base in bf16-true on CUDA, without gradient checkpointing, on one process or DDP (QLoRA, full fine-tuning,
     checkpointing and DeepSpeed were not measured; Inductor is off on the CPU). Asked for, it runs there; by
-    default only where the run's work (4 x parameters x tokens) pays the compile back."""
+    default (with COMPILE_BY_DEFAULT) only where the run pays the compile back (`compile_pays_back`)."""
     measured = (config.device == "cuda" and config.method == "lora" and config.precision == "bf16-true"
                 and not config.gradient_checkpointing and config.backend != "deepspeed")
     if config.compile == "none" or not measured:
         return "none"
-    if config.compile == "layers" or 4 * parameters * tokens >= COMPILE_BREAK_EVEN_FLOPS:
+    if config.compile == "layers" or (COMPILE_BY_DEFAULT and compile_pays_back(parameters, tokens)):
         return "layers"
     return "none"
+
+
+def compile_pays_back(parameters: int, tokens: int) -> bool:
+    """The time regional compilation saves over `tokens` of a model of `parameters` exceeds its compile time."""
+    return 4 * parameters * tokens >= COMPILE_BREAK_EVEN_FLOPS
 
 
 def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.device | None,

@@ -81,7 +81,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient_checkpointing)
-    compile: str | None = None  # layers | none; None: layers where the run pays the compile back (LoRA on CUDA)
+    compile: str | None = None  # layers | none; None: the recipe decides (train.compile_that_runs)
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end

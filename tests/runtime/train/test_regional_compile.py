@@ -19,7 +19,12 @@ from llmplan.runtime.models.modeling import (  # noqa: E402
     load_pretrained,
     prepare_for_training,
 )
-from llmplan.runtime.train.train import COMPILE_BREAK_EVEN_FLOPS, compile_that_runs  # noqa: E402
+from llmplan.runtime.train.train import (  # noqa: E402
+    COMPILE_BREAK_EVEN_FLOPS,
+    COMPILE_BY_DEFAULT,
+    compile_pays_back,
+    compile_that_runs,
+)
 from llmplan.runtime.train.train_config import DataConfig, TrainConfig, TrainConfigError  # noqa: E402
 
 LLAMA3_8B_PARAMETERS = 8_030_000_000
@@ -30,7 +35,10 @@ LORA_ON_CUDA = TrainConfig(model="m", data=DataConfig(path="d.jsonl"), output_di
 def test_lora_on_cuda_compiles_its_layers_once_the_run_pays_the_compile_back() -> None:
     break_even = COMPILE_BREAK_EVEN_FLOPS / (4 * LLAMA3_8B_PARAMETERS)  # ~1M tokens for an 8B model
     assert 0.5e6 < break_even < 2e6
-    assert compile_that_runs(LORA_ON_CUDA, LLAMA3_8B_PARAMETERS, int(2 * break_even)) == "layers"
+    assert compile_pays_back(LLAMA3_8B_PARAMETERS, int(2 * break_even))
+    assert not compile_pays_back(LLAMA3_8B_PARAMETERS, int(break_even / 2))
+    by_default = "layers" if COMPILE_BY_DEFAULT else "none"
+    assert compile_that_runs(LORA_ON_CUDA, LLAMA3_8B_PARAMETERS, int(2 * break_even)) == by_default
     assert compile_that_runs(LORA_ON_CUDA, LLAMA3_8B_PARAMETERS, int(break_even / 2)) == "none"
     asked = dataclasses.replace(LORA_ON_CUDA, compile="layers")
     assert compile_that_runs(asked, LLAMA3_8B_PARAMETERS, 4096) == "layers"
