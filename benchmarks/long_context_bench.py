@@ -50,8 +50,8 @@ class Case:
     steps: int = 3  # the first one is not timed
     group: str = "memory"  # memory | speed
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (recipe new, with checkpointing)
-    compile: str = "none"  # none | layers: torch.compile of each decoder layer (regional compilation)
-    liger_layers: bool = True  # with kernels liger: False keeps only Liger's fused loss (the layers compiled)
+    compile: str = "none"  # none | layers: torch.compile of each decoder layer (prepare_for_training(compile_layers))
+    liger_layers: bool = True  # with compile and kernels liger: False is the recipe (Liger's fused loss only)
 
 
 def _m(id, model, method, seq, gc=True, kernels="none", layers=0, **extra):
@@ -113,7 +113,7 @@ CASES: tuple[Case, ...] = (
     _speed("speed-qlora-main", "qlora", "main"),
     _speed("speed-qlora-new", "qlora", "new", "liger"),
     # issue 15's LoRA target (1.3x, -30%): regional compilation of the decoder layers, over Liger's kernels or
-    # in place of its layer kernels (Liger's fused loss kept)
+    # in place of its layer kernels (Liger's fused loss kept: what the recipe's compile_layers does)
     _speed("speed-lora-new-compile", "lora", "new", "liger", compile="layers", steps=8),
     _speed("speed-lora-new-compile-loss", "lora", "new", "liger", compile="layers", liger_layers=False, steps=8),
     # activation offload: the checkpointed layer inputs wait in CPU memory (compare lc-qlora-llama3-8l-gc-s32k-liger)
@@ -238,6 +238,7 @@ def save(case: Case) -> Path:
 def _prepare(model, case: Case):
     from llmplan.runtime.models.modeling import (
         LoraSettings,
+        apply_liger_kernels,
         apply_lora,
         enable_gradient_checkpointing,
         prepare_for_training,
@@ -246,14 +247,12 @@ def _prepare(model, case: Case):
     lora = None if case.method == "full" else LoraSettings(case.lora_r, 2 * case.lora_r, case.lora_dropout)
     if case.recipe == "new":
         kernels = case.kernels
-        if kernels == "liger" and not case.liger_layers:
-            _apply_liger_loss_only(model)
+        if case.compile == "layers" and case.liger_layers and kernels == "liger":
+            apply_liger_kernels(model)  # Liger's layer kernels under Inductor too (the recipe keeps only its loss)
             kernels = "none"
-        model = prepare_for_training(model, case.method, case.gradient_checkpointing, lora, kernels,
-                                     activation_offload=case.activation_offload)
-        if case.compile == "layers":
-            _compile_decoder_layers(model)
-        return model
+        return prepare_for_training(model, case.method, case.gradient_checkpointing, lora, kernels,
+                                    activation_offload=case.activation_offload,
+                                    compile_layers=case.compile == "layers")
     # main / plain: the recipe before issue 15 (PEFT's k-bit preparation upcasts the non-quantized weights)
     model.config.use_cache = False
     if case.method == "qlora":
@@ -267,22 +266,6 @@ def _prepare(model, case: Case):
         model = apply_lora(model, lora)
     model.train()
     return model
-
-
-def _apply_liger_loss_only(model) -> None:
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-    _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=False, swiglu=False, geglu=False,
-                                    cross_entropy=False, fused_linear_cross_entropy=True)
-
-
-def _compile_decoder_layers(model) -> None:
-    """Regional compilation: each decoder layer through torch.compile (one graph, reused by every layer)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.compile()
 
 
 def _fused_attention_only(case: Case):

@@ -96,6 +96,9 @@ def submit_infer(address: str | None, wait: bool, db_url: str | None, as_json: b
               help="Liger's fused training kernels (on GPUs, for the architectures Liger supports) or none.")
 @click.option("--activation-offload/--no-activation-offload", default=None,
               help="Keep the checkpointed layer inputs in CPU memory [default: only where nothing fits without].")
+@click.option("--compile", type=click.Choice(("auto", "layers", "none")), default="auto", show_default=True,
+              help="Compile each decoder layer with torch.compile (LoRA on GPUs, bf16, no checkpointing) [auto: the "
+                   "runtime decides].")
 @click.option("--epochs", type=EPOCHS, default=None, help="Passes over the data [default: 1].")
 @click.option("--max-steps", type=STEPS, default=None, help="Optimizer steps (instead of --epochs).")
 @click.option("--lr", type=LEARNING_RATE, default=2e-4, show_default=True)

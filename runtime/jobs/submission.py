@@ -89,6 +89,7 @@ class FinetuneSubmission:
     lora_dropout: float = 0.0
     kernels: str = "liger"
     activation_offload: bool | None = None  # None: the planner adds it where nothing fits without it
+    compile: str = "auto"  # layers | none | auto: regional compilation (TrainConfig.compile; auto: the recipe decides)
     epochs: float | None = None
     max_steps: int | None = None
     lr: float = 2e-4
@@ -372,7 +373,8 @@ def train_config(plan: Any, submission: FinetuneSubmission, jobs_root: Path) -> 
     return TrainConfig.from_plan(plan, data=data, output_dir=str(Path(output).resolve()), lr=submission.lr,
                                  warmup_steps=submission.warmup_steps, max_steps=submission.max_steps,
                                  epochs=submission.epochs or 1.0, seed=submission.seed,
-                                 save_every=submission.save_every)
+                                 save_every=submission.save_every,
+                                 compile=None if submission.compile == "auto" else submission.compile)
 
 
 def learned_margin_in(engine: Any) -> Callable[[str, str], float]:

@@ -15,6 +15,9 @@ functions, so the estimator is calibrated against what the runtime really does:
   and the loss (HF upcasts the logits; Liger's fused loss accumulates in fp32);
 - Liger Kernel (`prepare_for_training(kernels="liger")`, CUDA only): RMSNorm, RoPE, SwiGLU and the fused
   linear cross-entropy that never materialises the logits, for the architectures in `LIGER_MODEL_TYPES`;
+- regional compilation (`prepare_for_training(compile_layers=True)`): each decoder layer through
+  `torch.compile` (one graph reused by every layer), Liger keeping only its fused loss (Inductor fuses the
+  norms, RoPE and SwiGLU itself); the recipe decides where it runs (`runtime.train.train.compile_that_runs`);
 - torch AdamW with `fused=True`, states in the parameters' dtype.
 """
 
@@ -158,12 +161,28 @@ def kernels_that_run(requested: str | None, model_type: str, device_type: str,
     return "none"
 
 
-def apply_liger_kernels(model: Any) -> None:
-    """Swap in Liger's Triton kernels on this model instance (before PEFT wraps it)."""
+def apply_liger_kernels(model: Any, layers: bool = True) -> None:
+    """Swap in Liger's Triton kernels on this model instance (before PEFT wraps it); `layers` False keeps only
+    the fused loss (for compiled decoder layers, where Inductor fuses the norms, RoPE and SwiGLU)."""
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+    _apply_liger_kernel_to_instance(model=model, rope=layers, rms_norm=layers, swiglu=layers, geglu=layers,
                                     cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def compile_decoder_layers(model: Any) -> None:
+    """Regional compilation: each decoder layer through torch.compile (Inductor); the layers share one graph
+    (their weights are its inputs), so the compile time is one layer's, whatever the depth."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.compile()
+
+
+def compiled_layers(model: Any) -> bool:
+    """Whether the model's decoder layers run compiled (`compile_decoder_layers`)."""
+    return any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules())
 
 
 def freeze_weights(model: Any) -> None:
@@ -173,16 +192,18 @@ def freeze_weights(model: Any) -> None:
 
 
 def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool, lora: LoraSettings | None,
-                         kernels: str = "none", activation_offload: bool = False) -> Any:
-    """The model the recipe trains: kernels, frozen quantized base, checkpointing, adapters, train mode.
+                         kernels: str = "none", activation_offload: bool = False, compile_layers: bool = False) -> Any:
+    """The model the recipe trains: kernels, frozen quantized base, checkpointing, adapters, compiled layers,
+    train mode.
 
     `method` is full, lora or qlora; `lora` the adapters for lora and qlora; `activation_offload` (with
-    checkpointing only) keeps the checkpointed layer inputs in CPU memory."""
+    checkpointing only) keeps the checkpointed layer inputs in CPU memory; `compile_layers` compiles each
+    decoder layer, adapters included (with Liger, only its fused loss is kept)."""
     if activation_offload and not gradient_checkpointing:
         raise ValueError("activation offload moves the checkpointed layer inputs: it needs gradient checkpointing")
     model.config.use_cache = False  # no KV cache in training
     if kernels == "liger":
-        apply_liger_kernels(model)
+        apply_liger_kernels(model, layers=not compile_layers)
     if method == "qlora":
         freeze_weights(model)
     if gradient_checkpointing:
@@ -191,6 +212,8 @@ def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool, 
         if lora is None:
             raise ValueError(f"method {method} needs LoRA settings")
         model = apply_lora(model, lora)
+    if compile_layers:
+        compile_decoder_layers(model)
     model.train()
     return model
 

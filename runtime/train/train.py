@@ -12,7 +12,9 @@ the data (`runtime.data.build_datasets`), the cosine schedule with linear warmup
 checkpoint. Precision (`distributed.PRECISIONS`): bf16-true trains bf16 weights (LoRA adapters stay fp32, as PEFT keeps
 them); bf16-mixed and fp16-mixed keep fp32 weights and autocast the forward (fp16 with a GradScaler); QLoRA
 loads the base in NF4 and freezes it in the compute dtype (no fp32 upcast: attention stays on a fused SDPA
-kernel). On CUDA, Liger's kernels (`config.kernels`) replace RMSNorm, RoPE, SwiGLU and the loss.
+kernel). On CUDA, Liger's kernels (`config.kernels`) replace RMSNorm, RoPE, SwiGLU and the loss; LoRA runs long
+enough to pay the compile back can run each decoder layer through torch.compile (`compile_that_runs`; Liger then
+keeps only its fused loss); summary.json records whether they ran compiled (`recipe.compile`).
 
 `train` runs optimizer steps until `max_steps` (or `epochs` over the data). One step is `grad_accum`
 micro-batches on every rank; its loss is the mean over every loss token of the global batch, whatever the
@@ -64,6 +66,7 @@ from llmplan.runtime.train.distributed import (
 )
 from llmplan.runtime.models.modeling import (
     LoraSettings,
+    compiled_layers,
     configure_allocator,
     kernels_that_run,
     load_pretrained,
@@ -74,6 +77,17 @@ from llmplan.runtime.train.train_config import CHECKPOINTS, STATE_FILE, TrainCon
 
 TEST_OOM_ENV = "LLMPLAN_TEST_OOM_ABOVE_MICRO_BATCH"
 KEEP_CHECKPOINTS = 2
+# Regional compilation, measured on an H200 (BENCHMARKS.md, "Closing the LoRA target"; Llama-3-8B shape, LoRA r 16
+# on every linear layer, 2 x 2,048 tokens, bf16): 13-20 s to compile, then 1.3-1.4x the eager recipe's tokens/s,
+# i.e. at least a fifth of the eager time saved. The eager recipe ran ~3.2e14 model FLOP/s there (4 x parameters
+# per token: the forward and the backward to the inputs); slower cards save more seconds for the same work.
+COMPILE_SECONDS = 20.0
+COMPILE_SAVES = 0.2  # fraction of the eager time
+EAGER_FLOPS_PER_S = 3.2e14
+COMPILE_BREAK_EVEN_FLOPS = COMPILE_SECONDS / COMPILE_SAVES * EAGER_FLOPS_PER_S  # 3.2e16: ~1M tokens of an 8B model
+# Whether `compile` auto (None) compiles where the run pays the compile back. Off until the H200 shows compiled
+# LoRA training as eager does (benchmarks/compile_grad_probe.py; BENCHMARKS.md, "Closing the LoRA target").
+COMPILE_BY_DEFAULT = False
 
 
 # ---- what the recipe reports ----------------------------------------------------------------------
@@ -158,7 +172,7 @@ def setup(config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: st
     train_data, val_data, stats = build_datasets(config.data, tokenizer, config.seq_len, config.seed)
     schedule = plan_schedule(config, len(train_data), world_size)
     partitioned = zero3_loading(config)
-    model = build_model(config, precision, None if partitioned else torch_device)
+    model = build_model(config, precision, None if partitioned else torch_device, planned_tokens(config, schedule))
     optimizer = make_optimizer(model, config.optimizer, config.lr)
     for group in optimizer.param_groups:  # make_optimizer keeps torch's default; the config decides
         group["weight_decay"] = config.weight_decay
@@ -224,10 +238,35 @@ def plan_schedule(config: TrainConfig, examples: int, world_size: int) -> Schedu
     return Schedule(steps_per_epoch, total)
 
 
-def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.device | None) -> Any:
+def planned_tokens(config: TrainConfig, schedule: Schedule) -> int:
+    """The tokens one rank will train on at most (full rows): what a compile has to pay itself back over."""
+    return schedule.total_steps * config.grad_accum * config.micro_batch * config.seq_len
+
+
+def compile_that_runs(config: TrainConfig, parameters: int, tokens: int) -> str:
+    """Regional compilation (`layers`) where it was measured to train as eager does and faster: LoRA on a 16-bit
+    base in bf16-true on CUDA, without gradient checkpointing, on one process or DDP (QLoRA, full fine-tuning,
+    checkpointing and DeepSpeed were not measured; Inductor is off on the CPU). Asked for, it runs there; by
+    default (with COMPILE_BY_DEFAULT) only where the run pays the compile back (`compile_pays_back`)."""
+    measured = (config.device == "cuda" and config.method == "lora" and config.precision == "bf16-true"
+                and not config.gradient_checkpointing and config.backend != "deepspeed")
+    if config.compile == "none" or not measured:
+        return "none"
+    if config.compile == "layers" or (COMPILE_BY_DEFAULT and compile_pays_back(parameters, tokens)):
+        return "layers"
+    return "none"
+
+
+def compile_pays_back(parameters: int, tokens: int) -> bool:
+    """The time regional compilation saves over `tokens` of a model of `parameters` exceeds its compile time."""
+    return 4 * parameters * tokens >= COMPILE_BREAK_EVEN_FLOPS
+
+
+def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.device | None,
+                tokens: int = 0) -> Any:
     """The model to train: full (every weight trainable), LoRA, or QLoRA (NF4 base kept frozen in the compute
-    dtype, `modeling.prepare_for_training`). `device` None: ZeRO-3 builds it partitioned and places the
-    partitions itself."""
+    dtype, `modeling.prepare_for_training`), its decoder layers compiled where `compile_that_runs` says so for
+    `tokens` planned tokens. `device` None: ZeRO-3 builds it partitioned and places the partitions itself."""
     quant = "nf4" if config.method == "qlora" else "none"
     model = load_pretrained(config.model, precision.weights, quant, str(device) if device else None)
     lora = None
@@ -236,8 +275,9 @@ def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.de
         lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     capability = torch.cuda.get_device_capability() if config.device == "cuda" else None
     kernels = kernels_that_run(config.kernels, model.config.model_type, config.device, capability)
+    compile_layers = compile_that_runs(config, model.num_parameters(), tokens) == "layers"
     return prepare_for_training(model, config.method, config.gradient_checkpointing, lora, kernels,
-                                activation_offload=config.activation_offload)
+                                activation_offload=config.activation_offload, compile_layers=compile_layers)
 
 
 def cosine_with_warmup(optimizer: Any, warmup_steps: int, total_steps: int) -> Any:
@@ -567,6 +607,7 @@ def write_summary(state: TrainState, result: TrainResult) -> None:
         "peak_memory_per_rank": list(result.peak_memory_per_rank),
         "peak_memory_kind": "cuda max_memory_reserved" if state.device.type == "cuda" else "process peak RSS",
         "adapter_dir": result.adapter_dir, "model_dir": result.model_dir, "resumed_from": result.resumed_from,
+        "recipe": {"compile": "layers" if compiled_layers(state.model) else "none"},
         "data": state.data_stats.to_dict() if hasattr(state.data_stats, "to_dict") else None,
         "config": state.config.to_dict(),
     }

@@ -21,6 +21,7 @@ OPTIMIZERS = values_of(Optimizer)
 BACKENDS = tuple(backend.value for backend in Backend if backend is not Backend.FSDP)  # the runtime has no FSDP
 OFFLOADS = values_of(Offload)
 KERNELS = values_of(Kernels)
+COMPILE_MODES = ("layers", "none")  # regional compilation of the decoder layers (train.compile_that_runs)
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "chat")
 # The fields a FinetunePlan decides (`TrainConfig.from_plan`); lora_alpha follows lora_r.
@@ -80,6 +81,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     kernels: str | None = None  # liger | none; None: Liger on CUDA where supported, none on CPU
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient_checkpointing)
+    compile: str | None = None  # layers | none; None: the recipe decides (train.compile_that_runs)
     seed: int = 0
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
@@ -108,6 +110,8 @@ class TrainConfig:
             raise TrainConfigError("backend deepspeed needs zero 1, 2 or 3")
         if self.kernels is not None and self.kernels not in KERNELS:
             raise TrainConfigError(f"kernels must be liger or none, got {self.kernels!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise TrainConfigError(f"compile must be layers or none, got {self.compile!r}", "compile")
         if self.activation_offload and not self.gradient_checkpointing:
             raise TrainConfigError("activation_offload moves the checkpointed layer inputs to CPU memory: it needs "
                                    "gradient_checkpointing")
