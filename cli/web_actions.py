@@ -87,22 +87,22 @@ def candidate_spec(report: Any, candidate: Any) -> dict[str, Any]:
 
 def list_jobs_json(engine: Any, statuses: list[str], kind: str | None, model: str | None,
                    limit: int | None) -> list[dict[str, Any]]:
-    from llmplan.runtime.store.repository import DEFAULT_LIST_LIMIT, JobFilter, list_jobs
+    from llmplan.runtime.store.reading import DEFAULT_LIST_LIMIT, JobFilter, read_jobs
 
     from .jobs import job_to_json, parse_kind, parse_statuses
 
     wanted = tuple(value for values in statuses for value in values.split(",") if value)
     job_filter = JobFilter(statuses=parse_statuses(wanted), kind=parse_kind(kind), model=model,
                            limit=min(limit or DEFAULT_LIST_LIMIT, 1000))
-    return [job_to_json(job) for job in list_jobs(engine, job_filter)]
+    return [job_to_json(job) for job in read_jobs(engine, job_filter)]
 
 
 def job_json(engine: Any, job_id: int) -> dict[str, Any]:
-    from llmplan.runtime.store.repository import get_job_details
+    from llmplan.runtime.store.reading import read_job_details
 
     from .jobs import details_to_json
 
-    return details_to_json(get_job_details(engine, job_id))
+    return details_to_json(read_job_details(engine, job_id))
 
 
 def log_tail(engine: Any, job_id: int, offset: int) -> dict[str, Any]:
