@@ -8,6 +8,7 @@ read must exist and be readable; an inference job's output must not be an existi
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -305,6 +306,7 @@ def merge_json(scope: Scope, engine: Any, job_id: int, body: dict[str, Any]) -> 
         raise FieldError("output", f"output: {body['output']} already exists; name a new folder (the dashboard "
                                    "never overwrites one)")
     failed = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"the merge of job {job_id}'s adapter did not finish")
-    merged = call_in_child(merge_keeping_template, job.model, Path(job.adapter_path), output, timeout=MERGE_TIMEOUT_S,
+    quietly = functools.partial(merge_keeping_template, progress=False)  # the page shows no step lines
+    merged = call_in_child(quietly, job.model, Path(job.adapter_path), output, timeout=MERGE_TIMEOUT_S,
                            late=failed, ended=lambda code: failed)
     return {"id": job_id, "output": str(merged)}
