@@ -359,7 +359,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = N
     if not (adapter / "adapter_config.json").exists():
         raise ModelStoreError(f"{adapter} has no adapter_config.json: give the directory a PEFT adapter was saved to")
     require_new_directory(out)
-    local = ensure_model(base, cache=cache, progress=steps is not None and steps.progress)
+    local = ensure_model(base, cache=cache)
     steps = steps or Steps(False)
     with steps.step("loading torch, transformers and peft"):
         from peft import PeftModel
@@ -376,7 +376,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = N
                                       "trained on this base model?") from error
         with steps.step("merging the adapter into the weights"):
             merged = peft_model.merge_and_unload()
-        size = sum(tensor.numel() * tensor.element_size() for tensor in merged.state_dict().values())
+        size = sum(weight.numel() * weight.element_size() for weight in merged.parameters())  # tied ones once
         with steps.step(f"saving the merged model ({format_bytes(size)}) and its tokenizer"):
             merged.save_pretrained(tmp)
             tokenizer_dir = next((d for d in (adapter, local.path)
