@@ -107,12 +107,24 @@ class Steps:
         start = time.monotonic()
         running = f"{text} ({expect}) ..." if expect else f"{text} ..."
         if spinner and console.is_terminal:
-            with console.status(running):
+            with _spinner(console, running, keep_library_output_out=self.stream is not None):
                 yield
         else:
             console.print(running)
             yield
         console.print(f"[green]done[/green] {text} ({time.monotonic() - start:.1f} s)")
+
+
+def _spinner(console: Any, text: str, *, keep_library_output_out: bool) -> Any:
+    """A spinner with `text` until the block ends (rich's `Console.status`). Rich shows what the block prints to
+    sys.stdout/stderr above its spinner, on its console: with `keep_library_output_out`, it leaves them alone, so that
+    the libraries' output stays where `library_output_to` sends it and only the step lines reach `console`."""
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    redirect = not keep_library_output_out
+    return Live(Spinner("dots", text=text, style="status.spinner"), console=console, refresh_per_second=12.5,
+                transient=True, redirect_stdout=redirect, redirect_stderr=redirect)
 
 
 def gist(error: Exception, limit: int = 240) -> str:

@@ -102,3 +102,23 @@ def test_llmplan_merge_says_each_step_prints_no_library_output_and_keeps_the_tem
     assert result.stdout == f"{tmp_path / 'merged'}\n"
     assert "Loading weights" in (tmp_path / "logs" / "merge.log").read_text()  # transformers' bar, kept
     assert (tmp_path / "merged" / TEMPLATE_FILE).read_text() == (tmp_path / "adapter" / TEMPLATE_FILE).read_text()
+
+
+def test_on_a_terminal_a_step_spins_and_leaves_what_libraries_print_where_it_was_sent(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`merge` on a terminal: a spinner per step, then its `done` line; what a library prints meanwhile (to
+    sys.stderr, which `library_output_to` sends to the merge log) must not be drawn on the terminal above it."""
+    import os
+    import sys
+
+    from llmplan.runtime.models.model_files import Steps
+
+    controller, terminal_end = os.openpty()
+    with os.fdopen(terminal_end, "w", buffering=1) as terminal:
+        with Steps(True, terminal).step("saving the merged model"):
+            print("Writing model shards: 100%", file=sys.stderr)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", os.read(controller, 1 << 16).decode())  # colours, cursor moves
+    os.close(controller)
+    assert "done saving the merged model" in shown and "⠋" in shown  # the spinner ran: it is a terminal
+    assert "Writing model shards" not in shown
+    assert "Writing model shards: 100%" in capsys.readouterr().err
