@@ -34,11 +34,12 @@ def merge_keeping_template(base: str, adapter: Path, out: Path, *, progress: boo
     `progress`), with the adapter's prompt template: what `llmplan merge` and the dashboard's Merge run."""
     from llmplan.runtime.jobs.library_output import command_log, library_output_to, terminal_stderr
     from llmplan.runtime.models.model_files import Steps
-    from llmplan.runtime.models.model_store import ensure_model, merge_adapter
+    from llmplan.runtime.models.model_store import check_merge_paths, ensure_model, merge_adapter
     from llmplan.runtime.text.prompt_templates import carry_template
 
     if not adapter.expanduser().is_dir():
         raise UserError(f"no such directory: {adapter} (give the directory a PEFT adapter was saved to)")
+    check_merge_paths(adapter, out)
     ensure_model(base, progress=progress)  # a catalog base not pulled yet: pulled here, with its own progress
     with terminal_stderr() as terminal, library_output_to(command_log("merge")):
         path = merge_adapter(base, adapter, out, steps=Steps(progress, terminal))

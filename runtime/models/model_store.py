@@ -355,10 +355,7 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = N
                   steps: Steps | None = None) -> Path:
     """Fold a PEFT LoRA adapter into its base model and save the result (and a tokenizer) at `out`; `steps` says
     what it is doing (loading, applying, merging, saving: a 1.5-minute silence on a CPU otherwise)."""
-    adapter, out = adapter.expanduser().resolve(), out.expanduser()
-    if not (adapter / "adapter_config.json").exists():
-        raise ModelStoreError(f"{adapter} has no adapter_config.json: give the directory a PEFT adapter was saved to")
-    require_new_directory(out)
+    adapter, out = check_merge_paths(adapter, out)
     local = ensure_model(base, cache=cache)
     steps = steps or Steps(False)
     with steps.step("loading torch, transformers and peft"):
@@ -385,6 +382,15 @@ def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = N
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
             write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
     return out
+
+
+def check_merge_paths(adapter: Path, out: Path) -> tuple[Path, Path]:
+    """The adapter directory and the output directory of a merge, refused before anything loads or downloads."""
+    adapter, out = adapter.expanduser().resolve(), out.expanduser()
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelStoreError(f"{adapter} has no adapter_config.json: give the directory a PEFT adapter was saved to")
+    require_new_directory(out)
+    return adapter, out
 
 
 def weights_size(folder: Path) -> int:
