@@ -89,7 +89,8 @@ def timeline(argv: list[str]) -> list[tuple[float, str]]:
     ended = time.time() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    marks = [(float(at), text) for at, text in (line.split("\t", 1) for line in done.stderr.splitlines() if "\t" in line)]
+    lines = [line.split("\t", 1) for line in done.stderr.splitlines() if "\t" in line]
+    marks = [(float(at), text) for at, text in lines]
     return marks + [(ended, "process ended")]
 
 

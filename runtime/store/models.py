@@ -1,8 +1,8 @@
 """The job store's tables: `Job`, its audit trail `JobEvent` and its curves `JobMetric`.
 
 Their column types are in `columns` (SQLAlchemy Core), which the read path of `llmplan jobs`/`show`
-(`reading`) uses without importing SQLModel. The tables live in their own SQLAlchemy metadata (`STORE_METADATA`), not SQLModel's shared default,
-so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
+(`reading`) uses without importing SQLModel. The tables live in their own SQLAlchemy metadata
+(`STORE_METADATA`), not SQLModel's shared default, so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
 `migrations/versions/`; `tests/runtime/store/test_store_migrations.py` fails when the two disagree.
 """
 
