@@ -1,4 +1,8 @@
-"""`llmplan jobs` (the job history) and `llmplan show JOB` (everything about one job)."""
+"""`llmplan jobs` (the job history) and `llmplan show JOB` (everything about one job).
+
+Both read the store through `runtime.store.reading` (SQLAlchemy Core): rows, not SQLModel objects, so neither
+imports SQLModel, pydantic nor the ORM (`tests/test_light_imports.py`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from typing import Any, TypeVar
 
 import click
@@ -31,14 +36,14 @@ from llmplan.planner.units import format_gib
 from llmplan.runtime.store.db import database_url_from_environment, display_url, first_line
 from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.errors import DatabaseURLError, InvalidJobDataError, StoreError, UnknownJobError
-from llmplan.runtime.store.models import Job, JobEvent, JobMetric
-from llmplan.runtime.store.repository import (
+from llmplan.runtime.store.reading import (
     DEFAULT_LIST_LIMIT,
     JobDetails,
     JobFilter,
     count_jobs,
-    get_job_details,
-    list_jobs,
+    read_job_details,
+    read_jobs,
+    read_latest_metric,
 )
 from llmplan.runtime.store.status import JobKind, JobStatus
 
@@ -46,6 +51,7 @@ from .options import JOB_ID, ROWS, json_option, shown
 from .options import UserError as BadInput
 
 F = TypeVar("F", bound=Callable[..., Any])
+Job = JobEvent = JobMetric = Any  # rows of the store's tables (`runtime.store.reading`): the columns as attributes
 
 STATUS_STYLES = {
     JobStatus.QUEUED: "",
@@ -99,7 +105,7 @@ def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model:
         limit=limit,
     )
     with open_engine(db_url) as (engine, where):
-        found = list_jobs(engine, job_filter)
+        found = read_jobs(engine, job_filter)
         full_page = len(found) == job_filter.limit
         total = count_jobs(engine, job_filter, at_most=COUNT_CAP) if full_page else len(found)
         servers = serving_notes(engine, found)
@@ -118,7 +124,7 @@ def jobs(db_url: str | None, statuses: tuple[str, ...], kind: str | None, model:
 def show(job_id: int, db_url: str | None, as_json: bool) -> None:
     """Everything about one job: plan vs measurements, events and its loss curve."""
     with open_engine(db_url) as (engine, where):
-        details = get_job_details(engine, job_id)
+        details = read_job_details(engine, job_id)
     if as_json:
         emit_json(details_to_json(details))
         return
@@ -197,9 +203,16 @@ def job_to_json(job: Job) -> dict[str, Any]:
 
 
 def row_to_json(row: Job | JobEvent | JobMetric) -> dict[str, Any]:
-    """The row's columns in table order, JSON-ready (ISO-8601 UTC times, enum values)."""
-    dumped = row.model_dump(mode="json")
-    return {name: dumped[name] for name in type(row).model_fields}
+    """The row's columns in table order, JSON-ready (ISO-8601 UTC times ending in Z, enum values)."""
+    return {name: json_value(value) for name, value in row._mapping.items()}
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Enum):
+        return value.value
+    return value
 
 
 def details_to_json(details: JobDetails) -> dict[str, Any]:
@@ -268,11 +281,12 @@ def comparison_to_json(comparison: PlanComparison) -> dict[str, Any]:
 # ---- tables -------------------------------------------------------------------------------------
 def serving_notes(engine: Engine, found: list[Job]) -> dict[int, str]:
     """Each running server's address, requests answered and tokens/s (`llmplan serve`), by job id."""
+    servers = [job for job in found if job.kind is JobKind.SERVE and job.status is JobStatus.RUNNING]
+    if not servers:
+        return {}
     from llmplan.runtime.infer.serve import serving_text
-    from llmplan.runtime.store.repository import latest_metric
 
-    return {job.id: serving_text(job, latest_metric(engine, job.id)) for job in found
-            if job.kind is JobKind.SERVE and job.status is JobStatus.RUNNING}
+    return {job.id: serving_text(job, read_latest_metric(engine, job.id)) for job in servers}
 
 
 def render_job_list(console: Console, found: list[Job], *, total: int, where: str, filtered: bool,

@@ -8,6 +8,7 @@ read must exist and be readable; an inference job's output must not be an existi
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -87,22 +88,22 @@ def candidate_spec(report: Any, candidate: Any) -> dict[str, Any]:
 
 def list_jobs_json(engine: Any, statuses: list[str], kind: str | None, model: str | None,
                    limit: int | None) -> list[dict[str, Any]]:
-    from llmplan.runtime.store.repository import DEFAULT_LIST_LIMIT, JobFilter, list_jobs
+    from llmplan.runtime.store.reading import DEFAULT_LIST_LIMIT, JobFilter, read_jobs
 
     from .jobs import job_to_json, parse_kind, parse_statuses
 
     wanted = tuple(value for values in statuses for value in values.split(",") if value)
     job_filter = JobFilter(statuses=parse_statuses(wanted), kind=parse_kind(kind), model=model,
                            limit=min(limit or DEFAULT_LIST_LIMIT, 1000))
-    return [job_to_json(job) for job in list_jobs(engine, job_filter)]
+    return [job_to_json(job) for job in read_jobs(engine, job_filter)]
 
 
 def job_json(engine: Any, job_id: int) -> dict[str, Any]:
-    from llmplan.runtime.store.repository import get_job_details
+    from llmplan.runtime.store.reading import read_job_details
 
     from .jobs import details_to_json
 
-    return details_to_json(get_job_details(engine, job_id))
+    return details_to_json(read_job_details(engine, job_id))
 
 
 def log_tail(engine: Any, job_id: int, offset: int) -> dict[str, Any]:
@@ -305,6 +306,7 @@ def merge_json(scope: Scope, engine: Any, job_id: int, body: dict[str, Any]) -> 
         raise FieldError("output", f"output: {body['output']} already exists; name a new folder (the dashboard "
                                    "never overwrites one)")
     failed = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"the merge of job {job_id}'s adapter did not finish")
-    merged = call_in_child(merge_keeping_template, job.model, Path(job.adapter_path), output, timeout=MERGE_TIMEOUT_S,
+    quietly = functools.partial(merge_keeping_template, progress=False)  # the page shows no step lines
+    merged = call_in_child(quietly, job.model, Path(job.adapter_path), output, timeout=MERGE_TIMEOUT_S,
                            late=failed, ended=lambda code: failed)
     return {"id": job_id, "output": str(merged)}

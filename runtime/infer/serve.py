@@ -15,9 +15,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmplan.planner.plan import InferencePlan
+if TYPE_CHECKING:  # the plan is read only where a server starts: `llmplan jobs`/`show` need serving_text alone
+    from llmplan.planner.plan import InferencePlan
 
 SERVE_KEY = "serve"  # in a serve job's request
 STATS_S = 2.0
@@ -85,6 +86,7 @@ class ServerReplica:
         from llmplan.runtime.infer.ray_inference import runtime_device
         from llmplan.runtime.infer.serve_api import ServeConfig, create_app
         from llmplan.runtime.infer.serve_batching import Batcher
+        from llmplan.planner.plan import InferencePlan
 
         planned, served = InferencePlan.from_dict(plan), ServeOptions(**options)
         template = resolve_template(served.template, model_dir, served.adapter)
@@ -173,6 +175,7 @@ def start(engine: Any, job: Any) -> Any:
 
     from llmplan.runtime.jobs.failures import mark_scheduled
     from llmplan.runtime.models.model_store import ensure_model
+    from llmplan.planner.plan import InferencePlan
 
     plan = InferencePlan.from_dict(job.plan)
     mark_scheduled(engine, job.id, f"a server on {plan.device}")

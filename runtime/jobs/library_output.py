@@ -1,8 +1,9 @@
 """Third-party output kept out of the terminal: what torch, transformers, peft, bitsandbytes and DeepSpeed
 print while llmplan works (warnings, log lines, progress bars, C-level messages) goes to a log file.
 
-    with library_output_to(command_log("merge")):
-        ...                              # anything written to file descriptors 1 and 2 lands in the log
+    with terminal_stderr() as terminal, library_output_to(command_log("merge")):
+        ...                              # anything written to file descriptors 1 and 2 lands in the log,
+        print("saving ...", file=terminal)  # llmplan's own progress lines reach the terminal
     click.echo(result)                   # llmplan's own lines reach the terminal as before
 
 The redirection is at the file-descriptor level, so it catches what libraries write from C too and
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from llmplan.runtime.jobs.paths import jobs_dir
 
@@ -54,3 +56,14 @@ def _flush() -> None:
                 stream.flush()
         except (OSError, ValueError):  # a closed or detached stream has nothing to flush
             pass
+
+
+@contextmanager
+def terminal_stderr() -> Iterator[TextIO]:
+    """A stream on stderr as it is now (the terminal), which keeps reaching it while `library_output_to` sends file
+    descriptor 2 to a log: where llmplan's own progress lines go inside that block."""
+    stream = os.fdopen(os.dup(STDERR), "w", buffering=1)
+    try:
+        yield stream
+    finally:
+        stream.close()

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 # Bump when the files a conversion writes change, so older cached conversions are made again.
 CONVERTER_VERSION = 1
@@ -88,9 +88,10 @@ def read_provenance(folder: Path) -> dict[str, Any]:
 # ---- progress ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Steps:
-    """Say what a long conversion is doing, on stderr, when progress is on; stay silent otherwise."""
+    """Say what a long conversion is doing, on stderr (or `stream`), when progress is on; stay silent otherwise."""
 
     progress: bool
+    stream: TextIO | None = None  # e.g. the terminal while the libraries' output goes to a log (`llmplan merge`)
 
     @contextlib.contextmanager
     def step(self, text: str, *, spinner: bool = True, expect: str = "") -> Iterator[None]:
@@ -101,16 +102,29 @@ class Steps:
             return
         from rich.console import Console
 
-        console = Console(stderr=True)
+        # soft_wrap: a long path stays on its line where stderr is a log, not the terminal's 80 columns
+        console = Console(file=self.stream, stderr=self.stream is None, soft_wrap=True)
         start = time.monotonic()
         running = f"{text} ({expect}) ..." if expect else f"{text} ..."
         if spinner and console.is_terminal:
-            with console.status(running):
+            with _spinner(console, running, keep_library_output_out=self.stream is not None):
                 yield
         else:
             console.print(running)
             yield
         console.print(f"[green]done[/green] {text} ({time.monotonic() - start:.1f} s)")
+
+
+def _spinner(console: Any, text: str, *, keep_library_output_out: bool) -> Any:
+    """A spinner with `text` until the block ends (rich's `Console.status`). Rich shows what the block prints to
+    sys.stdout/stderr above its spinner, on its console: with `keep_library_output_out`, it leaves them alone, so that
+    the libraries' output stays where `library_output_to` sends it and only the step lines reach `console`."""
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    redirect = not keep_library_output_out
+    return Live(Spinner("dots", text=text, style="status.spinner"), console=console, refresh_per_second=12.5,
+                transient=True, redirect_stdout=redirect, redirect_stderr=redirect)
 
 
 def gist(error: Exception, limit: int = 240) -> str:

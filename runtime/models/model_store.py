@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llmplan.planner.resolve import find_model
+from llmplan.planner.units import format_bytes
 
 from llmplan.runtime.models.model_files import (
     CONVERTER_VERSION,
@@ -350,29 +351,51 @@ def convert_meta_checkpoint(src: Path, dst: Path, *, progress: bool = False) -> 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = None) -> Path:
-    """Fold a PEFT LoRA adapter into its base model and save the result (and a tokenizer) at `out`."""
+def merge_adapter(base: str, adapter: Path, out: Path, *, cache: Path | None = None,
+                  steps: Steps | None = None) -> Path:
+    """Fold a PEFT LoRA adapter into its base model and save the result (and a tokenizer) at `out`; `steps` says
+    what it is doing (loading, applying, merging, saving: a 1.5-minute silence on a CPU otherwise)."""
+    adapter, out = check_merge_paths(adapter, out)
+    local = ensure_model(base, cache=cache)
+    steps = steps or Steps(False)
+    with steps.step("loading torch, transformers and peft"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with building(out) as tmp:
+        with steps.step(f"loading {local.name} ({format_bytes(weights_size(local.path))} of weights)"):
+            model = AutoModelForCausalLM.from_pretrained(local.path, dtype="auto")
+        with steps.step(f"applying the adapter {adapter.name} ({format_bytes(weights_size(adapter))})"):
+            try:
+                peft_model = PeftModel.from_pretrained(model, adapter)
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise ModelStoreError(f"cannot apply the adapter {adapter} to {local.name} ({gist(error)}): was it "
+                                      "trained on this base model?") from error
+        with steps.step("merging the adapter into the weights"):
+            merged = peft_model.merge_and_unload()
+        size = sum(weight.numel() * weight.element_size() for weight in merged.parameters())  # tied ones once
+        with steps.step(f"saving the merged model ({format_bytes(size)}) and its tokenizer"):
+            merged.save_pretrained(tmp)
+            tokenizer_dir = next((d for d in (adapter, local.path)
+                                  if any((d / f).exists() for f in TOKENIZER_FILES)), None)
+            if tokenizer_dir is not None:
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+            write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
+    return out
+
+
+def check_merge_paths(adapter: Path, out: Path) -> tuple[Path, Path]:
+    """The adapter directory and the output directory of a merge, refused before anything loads or downloads."""
     adapter, out = adapter.expanduser().resolve(), out.expanduser()
     if not (adapter / "adapter_config.json").exists():
         raise ModelStoreError(f"{adapter} has no adapter_config.json: give the directory a PEFT adapter was saved to")
     require_new_directory(out)
-    local = ensure_model(base, cache=cache)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return adapter, out
 
-    with building(out) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(local.path, dtype="auto")
-        try:
-            merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise ModelStoreError(f"cannot apply the adapter {adapter} to {local.name} ({gist(error)}): was it "
-                                  "trained on this base model?") from error
-        merged.save_pretrained(tmp)
-        tokenizer_dir = next((d for d in (adapter, local.path) if any((d / f).exists() for f in TOKENIZER_FILES)), None)
-        if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        write_provenance(tmp, name=out.name, source="merged adapter", origin=f"{local.path} + {adapter}")
-    return out
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files (safetensors, PyTorch .bin) in a model or adapter directory."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix in {".safetensors", ".bin"})
 
 
 # ---- what the cache holds --------------------------------------------------------------------------

@@ -16,15 +16,13 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError
-from sqlmodel import Session
 
 from llmplan.runtime.store.errors import DatabaseUnavailableError, DatabaseURLError
 
@@ -181,19 +179,6 @@ def _create_postgres_engine(url: URL) -> Engine:
 def writing(engine: Engine) -> Engine:
     """The same engine, marked so that its transactions take the write lock first (SQLite)."""
     return engine.execution_options(**{WRITE_OPTION: True})
-
-
-@contextmanager
-def write_session(engine: Engine) -> Iterator[Session]:
-    """One write transaction: commits on success, rolls back on any exception."""
-    with Session(writing(engine), expire_on_commit=False) as session, session.begin():
-        yield session
-
-
-@contextmanager
-def read_session(engine: Engine) -> Iterator[Session]:
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
 
 
 def read_schema_revision(connection: Connection) -> str | None:

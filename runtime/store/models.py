@@ -1,96 +1,24 @@
 """The job store's tables: `Job`, its audit trail `JobEvent` and its curves `JobMetric`.
 
-The tables live in their own SQLAlchemy metadata (`STORE_METADATA`), not SQLModel's shared default,
-so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
+Their column types are in `columns` (SQLAlchemy Core), which the read path of `llmplan jobs`/`show`
+(`reading`) uses without importing SQLModel. The tables live in their own SQLAlchemy metadata
+(`STORE_METADATA`), not SQLModel's shared default, so the store's migrations only ever see llmplan's tables. Any change here needs a new migration in
 `migrations/versions/`; `tests/runtime/store/test_store_migrations.py` fails when the two disagree.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
+from llmplan.runtime.store.columns import BYTES, JSON_DOCUMENT, NAMING_CONVENTION, UTCDateTime, enum_column, utc_now
 from llmplan.runtime.store.status import ErrorClass, JobKind, JobStatus
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
 STORE_METADATA = sa.MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class UTCDateTime(sa.types.TypeDecorator[datetime]):
-    """Timezone-aware UTC in Python on every backend.
-
-    PostgreSQL stores `timestamptz`; SQLite has no time zones, so values are stored as naive UTC
-    (which also keeps SQLite's text timestamps sortable) and come back with UTC attached.
-    """
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value.isoformat()} given; the store only takes timezone-aware times")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-def _enum_values(enum_class: type[Enum]) -> list[str]:
-    return [member.value for member in enum_class]
-
-
-def enum_column_type(enum_class: type[Enum], name: str) -> sa.Enum:
-    """A VARCHAR holding the enum's *value*: adding a status later needs no ALTER TYPE."""
-    return sa.Enum(
-        enum_class,
-        name=name,
-        native_enum=False,
-        create_constraint=False,
-        length=32,
-        values_callable=_enum_values,
-        validate_strings=True,
-    )
-
-
-class JSONDocument(sa.types.TypeDecorator[Any]):
-    """JSON; JSONB on PostgreSQL. Picked per dialect so that importing the store does not import
-    SQLAlchemy's PostgreSQL dialects (and asyncio with them): a tenth of `llmplan jobs`'s start-up."""
-
-    impl = sa.JSON
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import JSONB
-
-            return dialect.type_descriptor(JSONB())
-        return dialect.type_descriptor(sa.JSON())
-
-
-JSON_DOCUMENT = JSONDocument()
-BYTES = sa.BigInteger()
 
 
 class StoreModel(SQLModel, registry=registry(metadata=STORE_METADATA)):
@@ -111,8 +39,8 @@ class Job(StoreModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(sa_type=sa.String(200))
-    kind: JobKind = Field(sa_type=enum_column_type(JobKind, "job_kind"))
-    status: JobStatus = Field(sa_type=enum_column_type(JobStatus, "job_status"))
+    kind: JobKind = Field(sa_type=enum_column("kind"))
+    status: JobStatus = Field(sa_type=enum_column("status"))
     priority: int = Field(default=0)
     submitter: str = Field(sa_type=sa.String(200))
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
@@ -146,7 +74,7 @@ class Job(StoreModel, table=True):
     log_path: str | None = Field(default=None, sa_type=sa.Text)
 
     # How it ended, when it did not succeed.
-    error_class: ErrorClass | None = Field(default=None, sa_type=enum_column_type(ErrorClass, "error_class"))
+    error_class: ErrorClass | None = Field(default=None, sa_type=enum_column("error_class"))
     error_message: str | None = Field(default=None, sa_type=sa.Text)
 
     # Retries are new jobs: attempt 2 has retry_of = attempt 1's id.
@@ -163,8 +91,8 @@ class JobEvent(StoreModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", ondelete="CASCADE")
     at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
-    from_status: JobStatus | None = Field(default=None, sa_type=enum_column_type(JobStatus, "job_status"))
-    to_status: JobStatus = Field(sa_type=enum_column_type(JobStatus, "job_status"))
+    from_status: JobStatus | None = Field(default=None, sa_type=enum_column("from_status"))
+    to_status: JobStatus = Field(sa_type=enum_column("to_status"))
     message: str = Field(default="", sa_type=sa.Text)
 
 

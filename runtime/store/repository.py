@@ -20,16 +20,19 @@ from the same status, and its JobEvent is written in that same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
-from llmplan.runtime.store.db import read_session, write_session
+from llmplan.runtime.store.columns import utc_now
+from llmplan.runtime.store.db import writing
 from llmplan.runtime.store.errors import (
     IllegalTransitionError,
     InvalidJobDataError,
@@ -37,7 +40,17 @@ from llmplan.runtime.store.errors import (
     TerminalJobError,
     UnknownJobError,
 )
-from llmplan.runtime.store.models import Job, JobEvent, JobMetric, utc_now
+from llmplan.runtime.store.models import Job, JobEvent, JobMetric
+from llmplan.runtime.store.reading import (  # noqa: F401  (JobFilter, DEFAULT_LIST_LIMIT, count_jobs: used from here)
+    DEFAULT_LIST_LIMIT,
+    JobDetails,
+    JobFilter,
+    count_jobs,
+    events_query,
+    job_list_query,
+    latest_metric_query,
+    metrics_query,
+)
 from llmplan.runtime.store.status import (
     FAILURE_ERROR_CLASSES,
     INITIAL_STATUS,
@@ -47,7 +60,6 @@ from llmplan.runtime.store.status import (
     is_allowed,
 )
 
-DEFAULT_LIST_LIMIT = 50
 RETRYABLE_STATUSES = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
 
 
@@ -125,22 +137,6 @@ class MetricPoint:
     tokens_per_s: float | None = None
     memory_bytes: int | None = None
     recorded_at: datetime | None = None  # default: now
-
-
-@dataclass(frozen=True)
-class JobFilter:
-    statuses: tuple[JobStatus, ...] = ()
-    kind: JobKind | None = None
-    model: str | None = None  # case-insensitive substring of the model name
-    since: datetime | None = None  # created at or after
-    limit: int = DEFAULT_LIST_LIMIT
-
-
-@dataclass(frozen=True)
-class JobDetails:
-    job: Job
-    events: list[JobEvent] = field(default_factory=list)
-    metrics: list[JobMetric] = field(default_factory=list)
 
 
 # ---- writes -------------------------------------------------------------------------------------
@@ -267,9 +263,8 @@ def get_job_details(engine: Engine, job_id: int) -> JobDetails:
 
 def latest_metric(engine: Engine, job_id: int) -> JobMetric | None:
     """The job's metric with the highest step (what a progress display shows), or None before the first."""
-    statement = select(JobMetric).where(JobMetric.job_id == job_id).order_by(col(JobMetric.step).desc()).limit(1)
     with read_session(engine) as session:
-        return session.exec(statement).first()
+        return _entities(session, JobMetric, latest_metric_query(JobMetric.__table__, job_id)).first()
 
 
 def job_events(engine: Engine, job_id: int) -> list[JobEvent]:
@@ -279,28 +274,26 @@ def job_events(engine: Engine, job_id: int) -> list[JobEvent]:
 
 def list_jobs(engine: Engine, job_filter: JobFilter) -> list[Job]:
     """Newest first (creation time, then id)."""
-    statement = list_query(job_filter)
     with read_session(engine) as session:
-        return list(session.exec(statement).all())
+        return list(_entities(session, Job, list_query(job_filter)))
 
 
 def list_query(job_filter: JobFilter) -> Any:
     """The SELECT behind list_jobs (for EXPLAIN in benchmarks)."""
-    if job_filter.limit < 1:
-        raise InvalidJobDataError(f"limit must be at least 1, got {job_filter.limit}")
-    newest_first = (col(Job.created_at).desc(), col(Job.id).desc())
-    return _filtered(select(Job), job_filter).order_by(*newest_first).limit(job_filter.limit)
+    return job_list_query(Job.__table__, job_filter)
 
 
-def count_jobs(engine: Engine, job_filter: JobFilter, *, at_most: int | None = None) -> int:
-    """How many jobs match the filter, ignoring its limit; counting stops at `at_most`, which keeps
-    the cost bounded on a huge history (a plain COUNT reads every matching row)."""
-    matching = _filtered(select(col(Job.id)), job_filter)
-    if at_most is not None:
-        matching = matching.limit(at_most)
-    statement = select(func.count()).select_from(matching.subquery())
-    with read_session(engine) as session:
-        return int(session.exec(statement).one())
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """One write transaction: commits on success, rolls back on any exception."""
+    with Session(writing(engine), expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -442,25 +435,14 @@ def _metric_row(job_id: int, point: MetricPoint, now: datetime) -> JobMetric:
     )
 
 
-def _filtered(statement: Any, job_filter: JobFilter) -> Any:
-    if job_filter.statuses:
-        statement = statement.where(col(Job.status).in_([JobStatus(s) for s in job_filter.statuses]))
-    if job_filter.kind is not None:
-        statement = statement.where(col(Job.kind) == JobKind(job_filter.kind))
-    if job_filter.model:
-        statement = statement.where(col(Job.model).icontains(job_filter.model, autoescape=True))
-    if job_filter.since is not None:
-        statement = statement.where(col(Job.created_at) >= job_filter.since)
-    return statement
+def _entities(session: Session, table_class: type[Any], statement: sa.Select[Any]) -> sa.ScalarResult[Any]:
+    """The rows of a query built in `reading` (on the table of `table_class`) as `table_class` objects."""
+    return session.scalars(sa.select(table_class).from_statement(statement))
 
 
 def _events_of(session: Session, job_id: int) -> list[JobEvent]:
-    statement = select(JobEvent).where(col(JobEvent.job_id) == job_id).order_by(col(JobEvent.id))
-    return list(session.exec(statement).all())
+    return list(_entities(session, JobEvent, events_query(JobEvent.__table__, job_id)))
 
 
 def _metrics_of(session: Session, job_id: int) -> list[JobMetric]:
-    statement = (
-        select(JobMetric).where(col(JobMetric.job_id) == job_id).order_by(col(JobMetric.step), col(JobMetric.id))
-    )
-    return list(session.exec(statement).all())
+    return list(_entities(session, JobMetric, metrics_query(JobMetric.__table__, job_id)))

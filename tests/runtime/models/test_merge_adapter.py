@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -74,9 +75,14 @@ def test_merging_refuses_what_is_not_an_adapter_for_this_base(tmp_path: Path, se
     assert not (tmp_path / "merged").exists()
 
 
-def test_llmplan_merge_prints_only_its_own_line_and_keeps_the_template(tmp_path: Path, sentencepiece_model: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """What transformers, peft, bitsandbytes and DeepSpeed print (warnings, progress bars) goes to the log."""
+MERGE_STEPS = ("loading torch, transformers and peft", "loading base (", "applying the adapter adapter (",
+               "merging the adapter into the weights", "saving the merged model (")
+
+
+def test_llmplan_merge_says_each_step_prints_no_library_output_and_keeps_the_template(
+        tmp_path: Path, sentencepiece_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step of a merge (1.5 min on a CPU) on stderr as it starts and with its time when it ends; what
+    transformers, peft, bitsandbytes and DeepSpeed print (warnings, progress bars) goes to the log."""
     from llmplan.runtime.text.prompt_templates import TEMPLATE_FILE, write_template
 
     from ..conftest import run_llmplan
@@ -87,7 +93,32 @@ def test_llmplan_merge_prints_only_its_own_line_and_keeps_the_template(tmp_path:
     monkeypatch.setenv("LLMPLAN_JOBS_DIR", str(tmp_path / "jobs"))
     result = run_llmplan("merge", str(base), str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    lines = result.stderr.splitlines()
+    for step in MERGE_STEPS:
+        started = next(i for i, line in enumerate(lines) if line.startswith(step) and line.endswith("..."))
+        assert re.fullmatch(rf"done {re.escape(step)}.* \([0-9.]+ s\)", lines[started + 1]), result.stderr
+    assert len(lines) == 2 * len(MERGE_STEPS), result.stderr  # nothing but llmplan's own lines
+    assert re.search(r"saving the merged model \([0-9.]+ KiB\)", result.stderr), result.stderr  # its size
     assert result.stdout == f"{tmp_path / 'merged'}\n"
     assert "Loading weights" in (tmp_path / "logs" / "merge.log").read_text()  # transformers' bar, kept
     assert (tmp_path / "merged" / TEMPLATE_FILE).read_text() == (tmp_path / "adapter" / TEMPLATE_FILE).read_text()
+
+
+def test_on_a_terminal_a_step_spins_and_leaves_what_libraries_print_where_it_was_sent(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`merge` on a terminal: a spinner per step, then its `done` line; what a library prints meanwhile (to
+    sys.stderr, which `library_output_to` sends to the merge log) must not be drawn on the terminal above it."""
+    import os
+    import sys
+
+    from llmplan.runtime.models.model_files import Steps
+
+    controller, terminal_end = os.openpty()
+    with os.fdopen(terminal_end, "w", buffering=1) as terminal:
+        with Steps(True, terminal).step("saving the merged model"):
+            print("Writing model shards: 100%", file=sys.stderr)
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", os.read(controller, 1 << 16).decode())  # colours, cursor moves
+    os.close(controller)
+    assert "done saving the merged model" in shown and "⠋" in shown  # the spinner ran: it is a terminal
+    assert "Writing model shards" not in shown
+    assert "Writing model shards: 100%" in capsys.readouterr().err
