@@ -85,9 +85,12 @@ COMPILE_SECONDS = 20.0
 COMPILE_SAVES = 0.2  # fraction of the eager time
 EAGER_FLOPS_PER_S = 3.2e14
 COMPILE_BREAK_EVEN_FLOPS = COMPILE_SECONDS / COMPILE_SAVES * EAGER_FLOPS_PER_S  # 3.2e16: ~1M tokens of an 8B model
-# Whether `compile` auto (None) compiles where the run pays the compile back. Off until the H200 shows compiled
-# LoRA training as eager does (benchmarks/compile_grad_probe.py; BENCHMARKS.md, "Closing the LoRA target").
-COMPILE_BY_DEFAULT = False
+# Whether `compile` auto (None) compiles where the run pays the compile back. On: the H200 probe
+# (benchmarks/results/compile-grad-h200.jsonl) shows compiled LoRA gradients as far from eager's as eager's own
+# from eager on another SDPA kernel or Liger's layers (2.8e-2 vs 2.1-2.8e-2), lora_A's first gradient exactly zero
+# in every variant, and compiled losses between eager's and an fp32 run's: Inductor keeps fp32 where eager rounds
+# to bf16 (and loses 92% of each small LoRA update); with its casts emulated it follows eager to 1e-5.
+COMPILE_BY_DEFAULT = True
 
 
 # ---- what the recipe reports ----------------------------------------------------------------------
