@@ -40,7 +40,8 @@ from llmplan.cli.jobs import COUNT_CAP
 from llmplan.runtime.store.db import parse_database_url
 from llmplan.runtime.store.opening import open_store
 from llmplan.runtime.store.models import Job, JobEvent
-from llmplan.runtime.store.repository import JobFilter, count_jobs, list_jobs, list_query
+from llmplan.runtime.store.reading import count_jobs
+from llmplan.runtime.store.repository import JobFilter, list_jobs, list_query
 from llmplan.runtime.store.status import ErrorClass, JobKind, JobStatus
 
 BATCH = 5_000

@@ -70,7 +70,8 @@ def stop() -> None:
 
 def placed_and_queued(engine: Any) -> tuple[list[Any], int]:
     from llmplan.runtime.jobs.scheduler import PLACED_STATUSES
-    from llmplan.runtime.store.repository import JobFilter, JobStatus, count_jobs, list_jobs
+    from llmplan.runtime.store.reading import count_jobs
+    from llmplan.runtime.store.repository import JobFilter, JobStatus, list_jobs
 
     placed = list_jobs(engine, JobFilter(statuses=tuple(JobStatus(s) for s in PLACED_STATUSES), limit=10_000))
     return placed, count_jobs(engine, JobFilter(statuses=(JobStatus.QUEUED,)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .estimator import estimate
 from .defaults import ALL_LINEAR, lora_alpha, parse_lora_targets
-from .request import EstimateRequest, Kernels, LoraSpec, Method, Optimizer, Precision, Quant, Task
+from .request import Engine, EstimateRequest, Kernels, LoraSpec, Method, Optimizer, Precision, Quant, Task
 from .resolve import find_model
 
 
@@ -44,6 +44,8 @@ def request_from_case(case: dict) -> EstimateRequest:
         kernels=Kernels(case.get("kernels", "none")),
         lora_dropout=case.get("lora_dropout", 0.0),
         activation_offload=case.get("activation_offload", False),
+        # Inference cases before the slots engine ran one batch through plain generate.
+        engine=Engine(case.get("engine", "generate")),
     )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import ModelSpec
-from .request import EstimateRequest, Method, Offload, Optimizer, Quant, Task
+from .request import SLOTS_PREFILL_TOKENS, EstimateRequest, Method, Offload, Optimizer, Quant, Task, slots_cache_len
 
 # ---- constants --------------------------------------------------------------------------------
 BF16 = 2
@@ -472,9 +472,10 @@ def kv_cache_term(req: EstimateRequest, tokens_per_sequence: int) -> Term:
                 + (f" / {shards} GPUs" if shards > 1 else ""))
 
 
-def prefill_term(req: EstimateRequest) -> Term:
+def prefill_term(req: EstimateRequest, tokens: int | None = None) -> Term:
+    """One layer's temporaries over the prompt tokens one forward takes in (default: the whole batch's)."""
     m = req.model
-    tokens = req.micro_batch_size * req.prompt_len
+    tokens = req.micro_batch_size * req.prompt_len if tokens is None else tokens
     per_token = req.precision.compute_bytes * (PREFILL_MLP_WIDTHS * m.intermediate_size + PREFILL_HIDDEN_WIDTHS * m.hidden_size / 2)
     eager = 0.0
     if m.attention == "eager":
@@ -490,10 +491,35 @@ FAST_ENGINE_STEP_TOKENS = 2048
 
 
 def engine_workspace_term(req: EstimateRequest) -> Term:
-    runs_fast = req.on_cuda and req.quant is Quant.NONE and req.parallel.gpus == 1
-    size = FAST_ENGINE_STEP_TOKENS * req.model.vocab_size * FP32 if runs_fast else 0
+    size = FAST_ENGINE_STEP_TOKENS * req.model.vocab_size * FP32 if req.transformers_fast_engine else 0
     return Term("engine workspace", size, f"fp32 logits of a {FAST_ENGINE_STEP_TOKENS}-token continuous-batching step"
                 " (CUDA graph pools fit inside)")
+
+
+# The slots engine (runtime.infer.slots) allocates its static cache whole at the start: every slot's longest
+# sequence, rounded up to SLOTS_CACHE_ALIGN positions. Its peak is a refill: the whole cache, plus the prefill's
+# own dynamic cache of up to SLOTS_PREFILL_TOKENS padded prompt tokens (copied into the slots after the forward)
+# and that forward's activations. Its CUDA graphs keep one step's logits each (in one pool).
+def slots_cache_term(req: EstimateRequest) -> Term:
+    m, positions = req.model, slots_cache_len(req.prompt_len, req.max_new_tokens)
+    size = req.micro_batch_size * positions * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
+    return Term("kv cache (static slots)", int(size),
+                f"2 x {m.num_layers} layers x {m.kv_dim} (K,V width) x {positions} positions x {req.micro_batch_size} slots")
+
+
+def slots_prefill_tokens(req: EstimateRequest) -> int:
+    return min(SLOTS_PREFILL_TOKENS, req.micro_batch_size * req.prompt_len)
+
+
+def slots_prefill_cache_term(req: EstimateRequest) -> Term:
+    tokens = slots_prefill_tokens(req)
+    size = tokens * req.model.kv_cache_bytes_per_token(req.precision.compute_bytes)
+    return Term("prefill cache", int(size), f"the refill's keys and values of {tokens} prompt tokens before they go into slots")
+
+
+def slots_step_logits_term(req: EstimateRequest) -> Term:
+    size = req.micro_batch_size * req.model.vocab_size * req.precision.compute_bytes
+    return Term("decode step logits", int(size), f"one step's logits, {req.micro_batch_size} slots (CUDA graph pool)")
 
 
 def generate_logits_term(req: EstimateRequest) -> Term:
@@ -569,6 +595,13 @@ def _finetune_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
 
 def _infer_phases(req: EstimateRequest) -> dict[str, tuple[Term, ...]]:
     weights = _sharded_weights(weight_bytes(req), req)
+    if req.slots_engine:
+        cache = slots_cache_term(req)
+        return {
+            "refill": (weights, cache, slots_prefill_cache_term(req), prefill_term(req, slots_prefill_tokens(req)),
+                       generate_logits_term(req), slots_step_logits_term(req)),
+            "decode": (weights, cache, slots_step_logits_term(req), generate_logits_term(req)),
+        }
     return {
         "prefill": (weights, kv_cache_term(req, req.prompt_len), prefill_term(req), generate_logits_term(req)),
         "last token": (weights, kv_cache_term(req, req.prompt_len + req.max_new_tokens), generate_logits_term(req),

@@ -70,6 +70,16 @@ class Quant(str, Enum):
     NF4 = "nf4"
 
 
+class Engine(str, Enum):
+    """Which generation engine runs an inference request (runtime.infer.engine); AUTO: the runtime's choice."""
+
+    AUTO = "auto"
+    GENERATE = "generate"  # plain model.generate in batches: the CPU, quantized and sharded models
+    SLOTS = "slots"  # runtime.infer.slots: static slot cache, continuous refill, captured decode step
+    CONTINUOUS = "continuous"  # transformers' continuous batching
+    GRAPHS = "graphs"  # generate on a compiled static cache
+
+
 class Optimizer(str, Enum):
     ADAMW = "adamw"
     ADAMW_8BIT = "adamw-8bit"
@@ -100,6 +110,13 @@ LIGER_MIN_COMPUTE_CAPABILITY = (7, 0)
 # Architectures the slots inference engine runs (runtime.infer.slots: plain full attention through transformers'
 # cache API); the runtime refuses others, and the estimator models its static cache for these only.
 SLOTS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+SLOTS_CACHE_ALIGN = 64  # cache positions per slot, rounded up to this
+SLOTS_PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward of the slots engine takes in
+
+
+def slots_cache_len(prompt_len: int, max_new_tokens: int) -> int:
+    """Positions one slot of the slots engine holds: its longest sequence, rounded up to SLOTS_CACHE_ALIGN."""
+    return -(-(prompt_len + max_new_tokens) // SLOTS_CACHE_ALIGN) * SLOTS_CACHE_ALIGN
 
 
 def liger_runs_on(compute_capability: tuple[int, int] | None) -> bool:
@@ -184,6 +201,7 @@ class EstimateRequest:
     lora_dropout: float = 0.0
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient checkpointing)
     on_cuda: bool = True  # inference on a CUDA GPU, where the fast engines may run (runtime.infer.engine); False: CPU
+    engine: Engine = Engine.AUTO  # inference: the engine that runs (a measured run says which one did)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -239,9 +257,22 @@ class EstimateRequest:
 
     @property
     def slots_engine(self) -> bool:
-        """Inference runs on the slots engine: one CUDA GPU, 16/32-bit weights, full attention of a family it runs."""
-        return (self.task is Task.INFER and self.on_cuda and self.quant is Quant.NONE and self.parallel.gpus == 1
-                and self.model.model_type in SLOTS_MODEL_TYPES and not self.model.sliding_window)
+        """Inference runs on the slots engine: asked for, or by default on one CUDA GPU with 16/32-bit weights of a
+        full-attention family it runs."""
+        if self.task is not Task.INFER or self.engine not in (Engine.AUTO, Engine.SLOTS):
+            return False
+        return self.engine is Engine.SLOTS or (self.on_cuda and self.quant is Quant.NONE and self.parallel.gpus == 1
+                                               and self.model.model_type in SLOTS_MODEL_TYPES
+                                               and not self.model.sliding_window)
+
+    @property
+    def transformers_fast_engine(self) -> bool:
+        """Inference runs on transformers' continuous batching or compiled static cache (by default where the slots
+        engine cannot: one CUDA GPU, 16/32-bit weights)."""
+        if self.task is not Task.INFER or self.engine in (Engine.CONTINUOUS, Engine.GRAPHS):
+            return self.task is Task.INFER
+        return (self.engine is Engine.AUTO and not self.slots_engine and self.on_cuda and self.quant is Quant.NONE
+                and self.parallel.gpus == 1)
 
     @property
     def tokens(self) -> int:

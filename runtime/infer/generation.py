@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from llmplan.planner.request import Engine
 
-ENGINES = ("auto", "generate", "slots", "continuous", "graphs")  # runtime.infer.engine: which one runs a call
+
+ENGINES = tuple(engine.value for engine in Engine)  # runtime.infer.engine: which one runs a call
 
 
 class InferenceError(ValueError):

@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 
+from llmplan.planner.request import SLOTS_CACHE_ALIGN as CACHE_ALIGN
 from llmplan.planner.request import SLOTS_MODEL_TYPES
+from llmplan.planner.request import SLOTS_PREFILL_TOKENS as PREFILL_TOKENS
+from llmplan.planner.request import slots_cache_len
 
 from .generation import Finished, GenerationSettings
 
-PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward takes in (bounds its activations)
 REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots are free (or the waiting prompts all fit)
-CACHE_ALIGN = 64  # cache positions per slot, rounded up to this
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (cuBLAS and allocator warm-up)
 
 
@@ -59,8 +60,8 @@ def supports(model: Any) -> str | None:
 
 
 def cache_len(longest_prompt: int, max_new_tokens: int) -> int:
-    """Positions one slot holds: its longest possible sequence, rounded up to CACHE_ALIGN."""
-    return math.ceil((longest_prompt + max_new_tokens) / CACHE_ALIGN) * CACHE_ALIGN
+    """Positions one slot holds: its longest possible sequence, rounded up to CACHE_ALIGN (as the plan counts)."""
+    return slots_cache_len(longest_prompt, max_new_tokens)
 
 
 def kv_cache_bytes(model_config: Any, slots: int, positions: int, bytes_per_value: int) -> int:

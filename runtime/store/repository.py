@@ -41,11 +41,9 @@ from llmplan.runtime.store.errors import (
     UnknownJobError,
 )
 from llmplan.runtime.store.models import Job, JobEvent, JobMetric
-from llmplan.runtime.store.reading import (  # noqa: F401  (JobFilter, DEFAULT_LIST_LIMIT, count_jobs: used from here)
-    DEFAULT_LIST_LIMIT,
+from llmplan.runtime.store.reading import (  # JobFilter is also used from here
     JobDetails,
     JobFilter,
-    count_jobs,
     events_query,
     job_list_query,
     latest_metric_query,

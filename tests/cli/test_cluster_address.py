@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from llmplan.runtime.store.opening import open_store
-from llmplan.runtime.store.repository import JobFilter, JobKind, JobSpec, JobStatus, count_jobs, create_job, transition
+from llmplan.runtime.store.reading import count_jobs
+from llmplan.runtime.store.repository import JobFilter, JobKind, JobSpec, JobStatus, create_job, transition
 
 NOTHING_LISTENS = "127.0.0.1:1"
 REFUSED = f"Error: cannot reach the Ray cluster at {NOTHING_LISTENS} (connection refused); start one there with "

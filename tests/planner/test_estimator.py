@@ -78,19 +78,43 @@ def test_zero_partitions_optimizer_states_and_offload_removes_them() -> None:
 def test_peak_phase_depends_on_what_dominates() -> None:
     assert estimate(finetune(method=Method.FULL, gradient_checkpointing=True)).peak_phase == "end of backward"
     assert estimate(finetune(micro_batch_size=8, seq_len=2048)).peak_phase == "loss backward"
-    # Quantized (the plain generate path): the prompt's prefill; 16-bit: the fast engine's cache and workspace.
+    # Quantized (the plain generate path): the prompt's prefill; 16-bit Gemma-2 (transformers' fast engines): their
+    # cache and workspace; 16-bit Llama (the slots engine): a refill, its prompts' cache beside the whole static one.
     assert estimate(infer(micro_batch_size=1, prompt_len=2048, max_new_tokens=16, quant=Quant.NF4)).peak_phase == "prefill"
-    assert estimate(infer(micro_batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "last token"
+    assert estimate(infer("Gemma-2-9B", micro_batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "last token"
+    assert estimate(infer(micro_batch_size=1, prompt_len=2048, max_new_tokens=16)).peak_phase == "refill"
 
 
 def test_the_fast_engines_workspace_is_planned_where_they_run() -> None:
-    """One GPU, 16-bit weights: the fp32 logits of a 2,048-token continuous-batching step; quantized or sharded
-    models, and the CPU, run on the plain generate path, which has none."""
-    terms = {t.name: t.bytes for t in estimate(infer(micro_batch_size=64, prompt_len=64)).terms}
-    assert terms["engine workspace"] == 2048 * find_model("Llama-2-7B").vocab_size * 4
+    """One GPU, 16-bit weights of a family the slots engine does not run (Gemma-2): the fp32 logits of a 2,048-token
+    continuous-batching step; quantized or sharded models, and the CPU, run on the plain generate path, which has
+    none."""
+    terms = {t.name: t.bytes for t in estimate(infer("Gemma-2-9B", micro_batch_size=64, prompt_len=64)).terms}
+    assert terms["engine workspace"] == 2048 * find_model("Gemma-2-9B").vocab_size * 4
     for other in (infer(micro_batch_size=64, quant=Quant.NF4), infer(micro_batch_size=64, parallel=Parallelism(gpus=2)),
-                  infer(micro_batch_size=64, on_cuda=False)):
+                  infer(micro_batch_size=64, on_cuda=False), infer(micro_batch_size=64)):
         assert "engine workspace" not in {t.name for t in estimate(other).terms}
+
+
+def test_the_slots_engine_plans_its_whole_static_cache_and_a_refill_beside_it() -> None:
+    """Llama-2-7B, 64 slots, 34-token prompts, 256 new tokens: 64 x 320 positions (290 rounded up to blocks of 64)
+    x 512 KiB a position; a refill of 64 x 34 = 2,176 prompt tokens keeps their own cache too (H200: 24.34 GiB
+    reserved, planned 24.42; benchmarks/results/engine-h200.jsonl)."""
+    req = infer(micro_batch_size=64, prompt_len=34, max_new_tokens=256)
+    assert req.slots_engine
+    result = estimate(req)
+    terms = {t.name: t.bytes for t in result.terms}
+    assert result.peak_phase == "refill"
+    assert terms["kv cache (static slots)"] == 64 * 320 * 512 * 1024
+    assert terms["prefill cache"] == 2176 * 512 * 1024
+    assert terms["decode step logits"] == 64 * 32000 * 2
+    assert "kv cache" not in terms and "engine workspace" not in terms
+    # A large batch of long prompts refills SLOTS_PREFILL_TOKENS at a time.
+    big = {t.name: t.bytes for t in estimate(infer(micro_batch_size=256, prompt_len=1024)).terms}
+    assert big["prefill cache"] == 8192 * 512 * 1024
+    for other in (infer(micro_batch_size=64, quant=Quant.NF4), infer("Gemma-2-9B", micro_batch_size=64),
+                  infer("Mistral-7B", micro_batch_size=64), infer(micro_batch_size=64, on_cuda=False)):
+        assert not other.slots_engine
 
 
 def test_checkpointing_trades_activations_for_recompute() -> None:
