@@ -46,6 +46,7 @@ def request_from_case(case: dict) -> EstimateRequest:
         activation_offload=case.get("activation_offload", False),
         # Inference cases before the slots engine ran one batch through plain generate.
         engine=Engine(case.get("engine", "generate")),
+        compiled_layers=case.get("compile") == "layers",
     )
 
 

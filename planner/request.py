@@ -202,6 +202,7 @@ class EstimateRequest:
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (needs gradient checkpointing)
     on_cuda: bool = True  # inference on a CUDA GPU, where the fast engines may run (runtime.infer.engine); False: CPU
     engine: Engine = Engine.AUTO  # inference: the engine that runs (a measured run says which one did)
+    compiled_layers: bool = False  # fine-tuning: decoder layers through torch.compile (runtime.train: regional)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lora_dropout < 1.0:
