@@ -72,16 +72,17 @@ def kv_cache_bytes(model_config: Any, slots: int, positions: int, bytes_per_valu
 
 
 class Decoders:
-    """The captured decoder of a loaded model, kept between calls: a later call of the same slots and cache
-    length (a server's next batch, the next file of prompts) reuses its cache and graph instead of capturing
-    again. One at a time: a call of another shape replaces it (and frees its cache)."""
+    """The captured decoder of a loaded model, kept between calls: a later call with as many slots and a cache
+    length it holds (a server's next batch, the next file of prompts) reuses its cache and graphs instead of
+    capturing again (a longer cache costs memory, not time: steps read the positions in use). One at a time: a
+    call of another shape replaces it (and frees its cache)."""
 
     def __init__(self) -> None:
         self._kept: _Decoder | None = None
 
     def get(self, model: Any, slots: int, length: int) -> _Decoder:
         kept = self._kept
-        if kept is None or kept.model is not model or (kept.slots, kept.length) != (slots, length):
+        if kept is None or kept.model is not model or kept.slots != slots or kept.length < length:
             self._kept = None  # free the old cache before allocating the new one
             kept = self._kept = _Decoder(model, slots=slots, length=length)
         return kept

@@ -129,7 +129,7 @@ def test_slots_attend_over_the_positions_in_use_and_still_give_generates_tokens(
     assert ids(fast) == ids(plain)
 
 
-def test_a_later_call_of_the_same_shape_reuses_the_slots_decoder_and_another_shape_replaces_it(tiny) -> None:
+def test_a_later_call_that_fits_reuses_the_slots_decoder_and_another_shape_replaces_it(tiny) -> None:
     settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine="slots")
     first = complete(tiny, MANY, settings)
     kept = tiny.decoders.current
@@ -138,6 +138,11 @@ def test_a_later_call_of_the_same_shape_reuses_the_slots_decoder_and_another_sha
     longer = complete(tiny, MANY, GenerationSettings(max_new_tokens=90, batch_size=2, engine="slots"))
     assert tiny.decoders.current is not kept and tiny.decoders.current.length > kept.length
     assert [c.token_ids[:6] for c in longer] == ids(first)
+    longest = tiny.decoders.current
+    shorter = complete(tiny, MANY, settings)  # fits the longer cache: reused
+    assert tiny.decoders.current is longest and ids(shorter) == ids(first)
+    complete(tiny, MANY, GenerationSettings(max_new_tokens=6, batch_size=3, engine="slots"))  # other slots
+    assert tiny.decoders.current is not longest and tiny.decoders.current.slots == 3
 
 
 def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks() -> None:
