@@ -149,16 +149,27 @@ KERNELS = tuple(kind.value for kind in Kernels)
 
 
 def kernels_that_run(requested: str | None, model_type: str, device_type: str,
-                     compute_capability: tuple[int, int] | None = None) -> str:
+                     compute_capability: tuple[int, int] | None = None, liger_installed: bool = True) -> str:
     """The kernels a run really uses: Liger where asked (default: on CUDA) and supported (the architecture, and
-    the card: Triton needs compute capability 7.0+), else none."""
+    the card: Triton needs compute capability 7.0+), else none. By default a run without the `liger-kernel`
+    package (the `gpu` extra) runs without it; asked for by name, its absence is an error that says what to do."""
     if requested not in (None, *KERNELS):
         raise ValueError(f"unknown kernels {requested!r}: use {' or '.join(KERNELS)}")
     wanted = requested or ("liger" if device_type == "cuda" else "none")
     if (wanted == "liger" and device_type == "cuda" and model_type in LIGER_MODEL_TYPES
             and liger_runs_on(compute_capability)):
-        return "liger"
+        if liger_installed:
+            return "liger"
+        if requested == "liger":
+            raise ValueError("--kernels liger needs the liger-kernel package on the GPU machine: "
+                             "pip install 'llmplan[gpu]' (or pip install liger-kernel), or use --kernels none")
     return "none"
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def apply_liger_kernels(model: Any, layers: bool = True) -> None:

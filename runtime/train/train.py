@@ -69,6 +69,7 @@ from llmplan.runtime.models.modeling import (
     compiled_layers,
     configure_allocator,
     kernels_that_run,
+    liger_installed,
     load_pretrained,
     make_optimizer,
     prepare_for_training,
@@ -277,7 +278,8 @@ def build_model(config: TrainConfig, precision: PrecisionSetup, device: torch.de
         targets = config.lora_targets[0] if config.lora_targets == (ALL_LINEAR,) else config.lora_targets
         lora = LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     capability = torch.cuda.get_device_capability() if config.device == "cuda" else None
-    kernels = kernels_that_run(config.kernels, model.config.model_type, config.device, capability)
+    kernels = kernels_that_run(config.kernels, model.config.model_type, config.device, capability,
+                               liger_installed=liger_installed())
     compile_layers = compile_that_runs(config, model.num_parameters(), tokens) == "layers"
     return prepare_for_training(model, config.method, config.gradient_checkpointing, lora, kernels,
                                 activation_offload=config.activation_offload, compile_layers=compile_layers)

@@ -108,6 +108,14 @@ def test_liger_runs_only_on_cuda_and_supported_architectures() -> None:
         kernels_that_run("triton", "llama", "cuda")
 
 
+def test_without_the_liger_package_a_default_run_goes_without_and_an_explicit_ask_says_what_to_install() -> None:
+    assert kernels_that_run(None, "llama", "cuda", liger_installed=False) == "none"
+    assert kernels_that_run("none", "llama", "cuda", liger_installed=False) == "none"
+    with pytest.raises(ValueError, match=r"pip install 'llmplan\[gpu\]'"):
+        kernels_that_run("liger", "llama", "cuda", liger_installed=False)
+    assert kernels_that_run("liger", "llama", "cpu", liger_installed=False) == "none"  # never on the CPU anyway
+
+
 # ---- CUDA (device machine) --------------------------------------------------------------------------
 def _small_gqa_llama(root: Path) -> Path:
     """A 4-layer grouped-query Llama (8 query heads, 2 KV heads), saved in bf16 for the NF4 loader."""
