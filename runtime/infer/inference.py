@@ -46,7 +46,8 @@ from . import slots
 from llmplan.runtime.text.chat import Dialog, DialogError, Message, PromptItem, format_chat
 from llmplan.runtime.infer.generation import (Completion, Finished, FinishReason, GenerationReport, GenerationSettings,
                                               InferenceError)
-from llmplan.runtime.models.modeling import configure_allocator, load_pretrained
+from llmplan.runtime.models.modeling import (apply_liger_layer_kernels, configure_allocator, inference_kernels_that_run,
+                                            liger_installed, load_pretrained)
 
 DTYPES = ("bf16", "fp16", "fp32")
 QUANTS = ("none", "int8", "nf4")
@@ -96,6 +97,10 @@ def setup(
     tokenizer = load_tokenizer(model_dir)
     model = load_pretrained(str(model_dir), dtype, quant, device)
     torch_device = model.device if sharded else torch.device(device)  # sharded: where the embeddings are
+    capability = torch.cuda.get_device_capability(torch_device) if torch_device.type == "cuda" else None
+    if inference_kernels_that_run(model.config.model_type, torch_device.type, quant, capability,
+                                  liger_installed()) == "liger":
+        apply_liger_layer_kernels(model)
     stop_ids = stop_token_ids(model, tokenizer)
     model.generation_config = _plain_generation_config(tokenizer, stop_ids)  # on the base: PEFT generates with it
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)

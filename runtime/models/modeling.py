@@ -181,6 +181,24 @@ def apply_liger_kernels(model: Any, layers: bool = True) -> None:
                                     cross_entropy=False, fused_linear_cross_entropy=True)
 
 
+def inference_kernels_that_run(model_type: str, device_type: str, quant: str,
+                                compute_capability: tuple[int, int] | None, liger_installed: bool) -> str:
+    """Liger's layer kernels (RMSNorm, RoPE, SwiGLU: fewer, fused kernels in every decode step) for generation on
+    CUDA with 16/32-bit weights of a supported architecture when the package is there; quantized models keep
+    bitsandbytes' layers as they are."""
+    if quant != "none" or not liger_installed:
+        return "none"
+    return kernels_that_run(None, model_type, device_type, compute_capability)
+
+
+def apply_liger_layer_kernels(model: Any) -> None:
+    """Liger's RMSNorm, RoPE and SwiGLU on this model instance, no loss (generation computes no loss)."""
+    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+
+
 def compile_decoder_layers(model: Any) -> None:
     """Regional compilation: each decoder layer through torch.compile (Inductor); the layers share one graph
     (their weights are its inputs), so the compile time is one layer's, whatever the depth."""

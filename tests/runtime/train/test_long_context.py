@@ -257,3 +257,15 @@ def test_the_recipe_offloads_activations_when_its_config_says_so(tiny_llama, tin
     model = build_model(config, PRECISIONS["fp32"], torch.device("cpu"))
     layers = model.base_model.model.model.layers
     assert all(layer._gradient_checkpointing_func is checkpoint_offloading_inputs for layer in layers)
+
+
+def test_generation_takes_liger_layer_kernels_on_cuda_for_16_bit_weights_only() -> None:
+    from llmplan.runtime.models.modeling import inference_kernels_that_run
+
+    assert inference_kernels_that_run("llama", "cuda", "none", (9, 0), liger_installed=True) == "liger"
+    assert inference_kernels_that_run("llama", "cuda", "nf4", (9, 0), liger_installed=True) == "none"
+    assert inference_kernels_that_run("llama", "cuda", "int8", (9, 0), liger_installed=True) == "none"
+    assert inference_kernels_that_run("llama", "cuda", "none", (9, 0), liger_installed=False) == "none"
+    assert inference_kernels_that_run("llama", "cpu", "none", None, liger_installed=True) == "none"
+    assert inference_kernels_that_run("phi3", "cuda", "none", (9, 0), liger_installed=True) == "none"
+    assert inference_kernels_that_run("llama", "cuda", "none", (6, 1), liger_installed=True) == "none"
