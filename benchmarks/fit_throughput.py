@@ -7,11 +7,19 @@ The runs are `benchmarks/results/memory-h200.jsonl` (each has measured `tokens_p
 `step_s`, inference runs `generate_s`). Fine-tuning time per step and generate time are linear in the
 fitted constants (1/efficiency, bytes per element, seconds per call), so a least-squares fit on relative
 errors finds them; `planner/throughput.py` holds the rounded values. Pure Python, no numpy.
+
+The slots engine's constants come from `benchmarks/results/engine-h200.jsonl` (`"path": "slots"`, measured
+`wall_seconds` of one call): the Llama-2-7B shape with SmolLM2's 49,152-token vocabulary (benchmarks/bench_model.py),
+bf16, the longest prompt as the plan's prompt length. Only the last run of each (slots, prompts) case is the
+current engine: the earlier ones read the whole static cache every step (attention now reads the positions in
+use), which the model no longer describes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -20,10 +28,13 @@ from llmplan.planner import throughput as tp
 from llmplan.planner.calibration import load_runs
 from llmplan.planner.calibration import request_from_case as request_for
 from llmplan.planner.gpus import lookup_gpu
-from llmplan.planner.request import Precision, Quant, Task
+from llmplan.planner.request import Engine, EstimateRequest, Precision, Quant, Task
+from llmplan.planner.resolve import find_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory-h200.jsonl"
 HELD_OUT = Path(__file__).resolve().parent / "results" / "memory-h200-heldout.jsonl"
+ENGINE_RESULTS = Path(__file__).resolve().parent / "results" / "engine-h200.jsonl"
+BENCH_VOCAB = 49_152  # SmolLM2's tokenizer, which the benchmark's Llama-2-7B-shaped model uses
 H200 = lookup_gpu("H200")
 
 # Runs the model does not claim to cover, and why (also in tests/planner/test_throughput.py).
@@ -106,6 +117,54 @@ def fit_generation(runs: list[dict]) -> dict[str, float]:
             "INT8_LINEAR_CALL_S": int8, "NF4_LINEAR_CALL_S": nf4}
 
 
+# ---- the slots engine ----------------------------------------------------------------------------------------
+def slots_runs(path: Path = ENGINE_RESULTS) -> list[dict]:
+    """The current engine's runs: the last of each (slots, prompts) case."""
+    latest: dict[tuple[int, int], dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("path") == "slots":
+            latest[(row["batch"], row["prompts"])] = row
+    return list(latest.values())
+
+
+def slots_request(run: dict) -> EstimateRequest:
+    model = dataclasses.replace(find_model("Llama-2-7B"), vocab_size=BENCH_VOCAB)
+    return EstimateRequest(model=model, task=Task.INFER, precision=Precision.BF16_TRUE, engine=Engine.SLOTS,
+                           micro_batch_size=run["batch"], prompt_len=run["longest_prompt_tokens"],
+                           max_new_tokens=run["max_new_tokens"])
+
+
+def slots_predicted_tokens_per_s(run: dict) -> float:
+    return tp.generation_throughput(slots_request(run), H200, prompts=run["prompts"]).tokens_per_s
+
+
+def fit_slots(runs: list[dict]) -> dict[str, float]:
+    """Wall time of a call = steps x (bytes / (bandwidth x efficiency) + layers x kernel cost) + eager layer
+    passes x their cost + the prefill's FLOPs (every fitted run is memory bound: checked by the table)."""
+    rates = tp.card_rates(H200, Precision.BF16_TRUE)
+    rows, targets, fixed = [], [], []
+    for run in runs:
+        work = tp.slots_work(slots_request(run), run["prompts"])
+        rows.append([work.steps * work.bytes_per_step / rates.bandwidth, work.steps * work.layers,
+                     work.eager_layer_passes])
+        targets.append(run["wall_seconds"])
+        fixed.append(work.prefill_flops / (rates.flops * tp.MATMUL_EFFICIENCY))
+    inv_e, layer, eager = solve(rows, targets, fixed)
+    return {"SLOTS_BANDWIDTH_EFFICIENCY": 1 / inv_e, "SLOTS_LAYER_STEP_S": layer, "SLOTS_EAGER_LAYER_S": eager}
+
+
+def slots_table(runs: list[dict]) -> tuple[str, list[float]]:
+    lines = ["| slots | prompts | measured tokens/s | predicted | error |", "|---:|---:|---:|---:|---:|"]
+    errors = []
+    for run in runs:
+        measured, predicted = run["tokens_per_s"], slots_predicted_tokens_per_s(run)
+        errors.append(abs(predicted / measured - 1))
+        lines.append(f"| {run['batch']} | {run['prompts']:,} | {measured:,.0f} | {predicted:,.0f} | "
+                     f"{predicted / measured - 1:+.1%} |")
+    return "\n".join(lines), errors
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def table(runs: list[dict]) -> tuple[str, list[float]]:
     """Markdown rows (measured vs predicted tokens/s) and the absolute errors of the covered runs."""
@@ -132,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         covered = [run for run in runs if run["case"]["id"] not in UNCOVERED]
         fitted = {**fit_training([r for r in covered if r["case"]["task"] == "finetune"]),
-                  **fit_generation([r for r in covered if r["case"]["task"] == "infer"])}
+                  **fit_generation([r for r in covered if r["case"]["task"] == "infer"]),
+                  **fit_slots(slots_runs())}
         for name, value in fitted.items():
             print(f"{name} = {value:.4g}   (committed: {getattr(tp, name):.4g})")
         print()
@@ -141,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{title} {path.name}:\n\n{text}\n")
         print(f"{len(errors)} covered runs: median abs. error {statistics.median(errors):.0%}, "
               f"max {max(errors):.0%}; {sum(e <= 0.25 for e in errors)} within 25%\n")
+    text, errors = slots_table(slots_runs())
+    print(f"The slots engine, {ENGINE_RESULTS.name}:\n\n{text}\n")
+    print(f"{len(errors)} runs: max abs. error {max(errors):.1%}\n")
     return 0
 
 

@@ -18,11 +18,13 @@ from typing import Any
 import click
 
 from llmplan.planner.hardware import Hardware, HardwareError, Preflight, deepspeed_preflight, find_nvcc, plan_hardware
-from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_LORA_R, DEFAULT_MARGIN, DEFAULT_MAX_NEW_TOKENS,
-                                      DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha, parse_lora_targets)
+from llmplan.planner.defaults import (ALL_LINEAR, DEFAULT_GLOBAL_BATCH, DEFAULT_LORA_R, DEFAULT_MARGIN,
+                                      DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT_LEN, DEFAULT_SEQ_LEN, lora_alpha,
+                                      parse_lora_targets)
 from llmplan.planner.request import Kernels, LoraSpec, Method, Offload, Quant, RequestError, Task
 from llmplan.planner.resolve import ModelConfigError, ResolvedModel, UnknownModelError, resolve_model
-from llmplan.planner.search import ALL_METHODS, Backend, Candidate, FitError, FitRequest, FitResult, search
+from llmplan.planner.search import (ALL_METHODS, SLOTS_MAX_BATCH, Backend, Candidate, FitError, FitRequest, FitResult,
+                                    search)
 from llmplan.planner.throughput import CHARS_PER_TOKEN, Throughput, approx_tokens
 from llmplan.planner.units import format_gib
 
@@ -316,6 +318,8 @@ class Report:
             "margin": fit.margin,
             "deepspeed": self.preflight.to_dict(),
             "batch_size": fit.batch_size,
+            "prompts": fit.prompts,
+            "max_slots": fit.max_slots,
             "tokens_per_epoch": fit.tokens,
             "epochs": fit.epochs if fit.tokens is not None else None,
             "data": self.data_note or None,
@@ -350,7 +354,7 @@ def render(report: Report, console) -> None:
     console.print(f"[bold]{escape(fit.model.name)}[/bold] ({fit.model.params / 1e9:.2f}B params; "
                   f"{escape(report.resolved.how)}), {what} on {escape(hardware.describe())}")
     shape = (f"sequences of {fit.seq_len} tokens, global batch {fit.batch_size}" if fit.task is Task.FINETUNE else
-             f"{fit.batch_size} sequences of {fit.prompt_len} + {fit.max_new_tokens} tokens")
+             _inference_shape(fit))
     console.print(escape(f"{shape}; a plan may use {format_gib(fit.budget_bytes)} per GPU "
                          f"({1 - fit.margin:.0%} of {format_gib(hardware.memory_bytes)})"))
     if fit.tokens is not None:
@@ -376,6 +380,14 @@ def render(report: Report, console) -> None:
         console.print()
         for message in dict.fromkeys(messages):
             console.print(escape(f"note: {message}"), soft_wrap=True)
+
+
+def _inference_shape(fit: FitRequest) -> str:
+    """"1,000 prompts of 128 + 256 tokens, up to 256 at once on the slots engine (16 on others)"."""
+    what = f"{fit.prompts:,} prompts" if fit.prompts is not None else "sequences"
+    at_once = (f"up to {fit.max_slots} at once on the slots engine ({fit.batch_size} on others)" if fit.max_slots
+               else f"{fit.batch_size} at once")
+    return f"{what} of {fit.prompt_len} + {fit.max_new_tokens} tokens, {at_once}"
 
 
 def _render_feasible(report: Report, console) -> None:
@@ -432,10 +444,14 @@ def _render_infeasible(report: Report, console) -> None:
 @click.option("--method", type=click.Choice(["auto", *(m.value for m in Method)], case_sensitive=False), default="auto",
               show_default=True, help="auto: full, LoRA and QLoRA, whichever is fastest.")
 @click.option("--seq-len", type=TOKENS, default=DEFAULT_SEQ_LEN, show_default=True, help="Fine-tuning sequence length.")
-@click.option("--batch-size", type=BATCH, default=16, show_default=True,
-              help="Global: sequences per optimizer step (fine-tuning) or generated at once (inference).")
+@click.option("--batch-size", type=BATCH, default=None,
+              help=f"Global: sequences per optimizer step (fine-tuning) [default: {DEFAULT_GLOBAL_BATCH}], or at most this "
+                   f"many generated at once (inference) [default: the slots engine's fastest up to {SLOTS_MAX_BATCH} "
+                   f"slots, other engines {DEFAULT_GLOBAL_BATCH}].")
 @click.option("--prompt-len", type=TOKENS, default=DEFAULT_PROMPT_LEN, show_default=True, help="Inference prompt tokens.")
 @click.option("--max-new-tokens", type=TOKENS, default=DEFAULT_MAX_NEW_TOKENS, show_default=True)
+@click.option("--prompts", type=BATCH, default=None,
+              help="Inference: prompts to complete; the slots engine's batch is chosen for them (they run in waves).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Data set file (.jsonl, .json, text): sizes the run.")
 @former_spelling("--dataset", "data", type=click.Path(path_type=Path))
 @click.option("--tokens", type=DATA_TOKENS, default=None, help="Tokens per epoch (instead of --data).")
@@ -455,7 +471,7 @@ def _render_infeasible(report: Report, console) -> None:
 @user_errors(FitError, HardwareError, DatasetError, RequestError, UnknownModelError, ModelConfigError)
 def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, gpu_mem: str | None, task: str,
         method: str, data: Path | None, tokens: int | None, epochs: float, margin: float, top: int, lora_r: int,
-        lora_targets: str, deepspeed: bool | None, as_json: bool, **sizes: int) -> None:
+        lora_targets: str, deepspeed: bool | None, prompts: int | None, as_json: bool, **sizes: int | None) -> None:
     """Find the configurations of MODEL that fit the GPUs at hand, ranked by estimated throughput.
 
     Fine-tuning (default) searches method, quantization, precision, parallelism, micro-batch, gradient
@@ -464,7 +480,7 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
     """
     report = build_report(model, probe=_probe(ctx), preflight=_preflight(ctx, deepspeed), gpus=gpus, gpu_name=gpu_name,
                           gpu_mem=gpu_mem, task=task, method=method, dataset=data, tokens=tokens, epochs=epochs,
-                          margin=margin, top=top, lora_r=lora_r, lora_targets=lora_targets, sizes=sizes)
+                          margin=margin, top=top, lora_r=lora_r, lora_targets=lora_targets, prompts=prompts, sizes=sizes)
     result = report.result
     if as_json:
         print_json(report.to_dict())
@@ -479,13 +495,16 @@ def fit(ctx: click.Context, model: str, gpus: int | None, gpu_name: str | None, 
 def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = None, gpu_name: str | None = None,
                  gpu_mem: str | None = None, task: str = "finetune", method: str = "auto", dataset: Path | None = None,
                  tokens: int | None = None, epochs: float = 1.0, margin: float = 0.10, top: int = 5, lora_r: int = 8,
-                 lora_targets: str = ALL_LINEAR, sizes: dict[str, int]) -> Report:
+                 lora_targets: str = ALL_LINEAR, prompts: int | None = None, sizes: dict[str, int | None]) -> Report:
     """What `llmplan fit` answers (and the dashboard's plan form shows): the search and everything to print."""
     if dataset is not None and tokens is not None:
         raise UserError("--data and --tokens both size the run: give one")
     task_ = Task(task)
     if task_ is Task.INFER and method != "auto":
         raise UserError(f"--method {method} describes fine-tuning: drop it or use --task finetune")
+    if task_ is Task.FINETUNE and prompts is not None:
+        raise UserError("--prompts sizes inference: use --task infer (fine-tuning is sized by --data or --tokens)")
+    sizes, max_slots = _batch_limits(task_, sizes)
     resolved = resolve_model(model)
     hardware = plan_hardware(gpus, gpu_name, gpu_mem, probe)
     data_note = ""
@@ -494,12 +513,21 @@ def build_report(model: str, *, probe, preflight: Preflight, gpus: int | None = 
     fit_request = FitRequest(
         model=resolved.spec, hardware=hardware, task=task_, methods=_methods(method), lora=LoraSpec(
             r=lora_r, alpha=lora_alpha(lora_r), targets=parse_lora_targets(lora_targets)),
-        tokens=tokens, epochs=epochs, margin=margin, deepspeed=preflight.deepspeed, **sizes)
+        tokens=tokens, epochs=epochs, margin=margin, deepspeed=preflight.deepspeed, prompts=prompts, max_slots=max_slots,
+        **sizes)
     result = search(fit_request)
     inference = search(_inference_request(fit_request), advise=False) if task_ is Task.FINETUNE else None
     return Report(resolved, model, hardware, preflight, result, inference,
                   str(dataset) if dataset is not None else DATA_PLACEHOLDER, data_note,
                   epochs if tokens is not None else None, top)
+
+
+def _batch_limits(task: Task, sizes: dict[str, int | None]) -> tuple[dict[str, int], int | None]:
+    """--batch-size, or its default: fine-tuning's global batch; for inference the plain engines' batch, and the
+    slots engine may go up to SLOTS_MAX_BATCH (the search picks its fastest). Given, it binds every engine."""
+    given = sizes.get("batch_size")
+    max_slots = SLOTS_MAX_BATCH if given is None and task is Task.INFER else None
+    return {**sizes, "batch_size": DEFAULT_GLOBAL_BATCH if given is None else given}, max_slots
 
 
 def _inference_request(fit_request: FitRequest) -> FitRequest:

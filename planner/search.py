@@ -10,7 +10,11 @@ binary search over the divisors of the per-GPU batch finds it); gradient accumul
 of the global batch. Precision: bf16 where the card has it, else fp16; fp32 as well where the card
 computes 16-bit slower than fp32 (Pascal: a P40 runs fp16 at 1/64 of its fp32 rate). Parallelism: one
 GPU; DDP; DeepSpeed ZeRO-2/3 and CPU offload where DeepSpeed can run, else FSDP (estimated as the ZeRO
-stage it equals). Inference: quantization x precision x (replicas x sharding) x batch.
+stage it equals). Inference: quantization x precision x (replicas x sharding) x batch. Where the slots engine
+runs (`EstimateRequest.slots_engine`), the batch is its slots: of the slot counts that fit (up to --batch-size,
+or SLOTS_MAX_BATCH and the prompts per copy when the user gave no --batch-size), the one the throughput model
+gives the most tokens/s (prompts run in waves of the slots, so with a known prompt count fewer slots can finish
+as soon: 257 prompts take two waves on 256 slots or on 129, and 129 slots step faster).
 
 Ranking: fine-tuning by training tokens/s. Inference by weights first (unquantized, then int8, then nf4:
 quantization changes the model's outputs, so it is recommended only where 16-bit weights do not fit;
@@ -50,6 +54,9 @@ MORE_GPUS = (2, 4, 8, 16, 32, 64)
 SHORTEST_SEQUENCE = 128
 # A more complex parallelism must be this much faster than a simpler one to be listed.
 DOMINANCE_TOLERANCE = 0.02
+# The most slots `fit --task infer` tries on the slots engine when --batch-size is not given: the largest the
+# engine was measured at (benchmarks/results/engine-h200.jsonl: 11,533-13,494 tokens/s at 256 on the H200).
+SLOTS_MAX_BATCH = 256
 # A precision is "slow" on a card when its matmuls run below this share of the card's fp32 rate.
 SLOW_PRECISION_SHARE = 1.0
 
@@ -147,6 +154,8 @@ class FitRequest:
     # Checkpointed layer inputs in CPU memory: None lets the search add it only where nothing fits without it,
     # True plans only with it, False never.
     activation_offload: bool | None = None
+    prompts: int | None = None  # inference: prompts to complete (None: not known; one batch per copy)
+    max_slots: int | None = None  # inference on the slots engine: the most slots per copy (None: --batch-size)
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin < 1:
@@ -160,6 +169,10 @@ class FitRequest:
             raise FitError(f"--epochs must be positive, got {self.epochs:g}")
         if self.tokens is not None and self.tokens <= 0:
             raise FitError(f"--tokens must be positive, got {self.tokens}")
+        if self.prompts is not None and self.prompts <= 0:
+            raise FitError(f"--prompts must be positive, got {self.prompts}")
+        if self.max_slots is not None and self.max_slots <= 0:
+            raise FitError(f"the slots cap must be positive, got {self.max_slots}")
         if not self.methods:
             raise FitError("no fine-tuning method to search")
         if self.task is Task.FINETUNE and set(self.methods) - {Method.FULL}:
@@ -478,11 +491,45 @@ class _Counter:
 
 def _batch_sizes(fit: FitRequest, family: _Family) -> list[int]:
     """Batch sizes to try, ascending: the divisors of the per-GPU share of the global batch (fine-tuning:
-    the rest is gradient accumulation), or powers of two up to each copy's share (inference)."""
+    the rest is gradient accumulation), the slot counts of the slots engine, or powers of two up to each
+    copy's share (inference)."""
     if fit.task is Task.FINETUNE:
         return [fit.micro_batch] if fit.micro_batch else divisors(fit.batch_size // fit.hardware.count)
+    if _runs_on_slots(fit, family):
+        return _slot_counts(fit, family)
     per_copy = math.ceil(fit.batch_size / family.strategy.replicas)
     return sorted({min(2**k, per_copy) for k in range(per_copy.bit_length() + 1)})
+
+
+def _runs_on_slots(fit: FitRequest, family: _Family) -> bool:
+    return fit.task is Task.INFER and _request(fit, family, 1).slots_engine
+
+
+def _prompts_per_copy(fit: FitRequest, family: _Family) -> int | None:
+    return None if fit.prompts is None else math.ceil(fit.prompts / family.strategy.replicas)
+
+
+def slots_cap(fit: FitRequest, replicas: int = 1) -> tuple[int, str]:
+    """The most slots one copy of the slots engine gets, and what sets it."""
+    if fit.max_slots is None:
+        cap, why = math.ceil(fit.batch_size / replicas), "--batch-size"
+    else:
+        cap, why = fit.max_slots, ("the most the engine was measured at" if fit.max_slots == SLOTS_MAX_BATCH
+                                   else "the slots cap")
+    if fit.prompts is not None and math.ceil(fit.prompts / replicas) < cap:
+        cap, why = math.ceil(fit.prompts / replicas), "the prompts" + (" per copy" if replicas > 1 else "")
+    return cap, why
+
+
+def _slot_counts(fit: FitRequest, family: _Family) -> list[int]:
+    """Powers of two up to the cap, the cap, and with a known prompt count the fewest slots for each number of
+    waves (more slots than that run the same waves with slower steps)."""
+    cap, _ = slots_cap(fit, family.strategy.replicas)
+    counts = {min(2**k, cap) for k in range(cap.bit_length() + 1)}
+    prompts = _prompts_per_copy(fit, family)
+    if prompts is not None:
+        counts |= {math.ceil(prompts / math.ceil(prompts / slots)) for slots in range(1, cap + 1)}
+    return sorted(counts)
 
 
 def _largest_fitting(fit: FitRequest, family: _Family, counter: _Counter) -> tuple[EstimateRequest, MemoryEstimate, bool]:
@@ -505,13 +552,25 @@ def _largest_fitting(fit: FitRequest, family: _Family, counter: _Counter) -> tup
     return best[0], best[1], True
 
 
+def _fastest_slots(fit: FitRequest, family: _Family, largest: EstimateRequest) -> EstimateRequest:
+    """Of the slot counts up to the largest that fits (memory grows with the slots), the fastest by the
+    throughput model; the fewer slots on a tie."""
+    sizes = [size for size in _batch_sizes(fit, family) if size <= largest.micro_batch_size]
+
+    def speed(size: int) -> float:
+        req = _request(fit, family, size)
+        return generation_throughput(req, fit.gpu, family.strategy.replicas, fit.prompts).tokens_per_s
+
+    return _request(fit, family, max(sizes, key=lambda size: (speed(size), -size)))
+
+
 def _candidate(fit: FitRequest, family: _Family, req: EstimateRequest, memory: MemoryEstimate) -> Candidate:
     if fit.task is Task.FINETUNE:
         accum = (fit.batch_size // fit.hardware.count) // req.micro_batch_size
         throughput = finetune_throughput(req, fit.gpu, accum)
     else:
         accum = 1
-        throughput = generation_throughput(req, fit.gpu, family.strategy.replicas)
+        throughput = generation_throughput(req, fit.gpu, family.strategy.replicas, fit.prompts)
     return Candidate(req, family.strategy, accum, memory, throughput, fit.budget_bytes, fit.host_memory_bytes)
 
 
@@ -521,6 +580,10 @@ def _evaluate(fit: FitRequest, counter: _Counter, activation_offload: bool = Fal
     fitting, misses = [], []
     for family in families:
         req, memory, fits = _largest_fitting(fit, family, counter)
+        if fits and _runs_on_slots(fit, family):
+            fastest = _fastest_slots(fit, family, req)
+            if fastest != req:
+                req, memory = fastest, counter.estimate(fastest)
         candidate = _candidate(fit, family, req, memory)
         (fitting if fits else misses).append(candidate)
     return fitting, misses
@@ -595,6 +658,22 @@ def candidate_warnings(candidate: Candidate, gpu: GpuSpec) -> tuple[str, ...]:
     return tuple(found)
 
 
+def slots_note(fit: FitRequest, candidate: Candidate) -> tuple[str, ...]:
+    """Why the slots engine got the batch it did."""
+    req, replicas = candidate.request, candidate.strategy.replicas
+    if not req.slots_engine:
+        return ()
+    cap, why = slots_cap(fit, replicas)
+    where = " per GPU" if replicas > 1 else ""
+    text = (f"batch {req.micro_batch_size} is the slots engine's slots{where}: of 1 to {cap} ({why}), the most tokens/s "
+            f"the throughput model gives within memory")
+    if fit.prompts is not None:
+        prompts = math.ceil(fit.prompts / replicas)
+        waves = math.ceil(prompts / req.micro_batch_size)
+        text += f"; {prompts:,} prompts{where} run in {waves} wave{'s' if waves > 1 else ''} of slots"
+    return (text,)
+
+
 # ---- search ---------------------------------------------------------------------------------------------
 def search(fit: FitRequest, *, advise: bool = True) -> FitResult:
     """The configurations that fit, best first; when none does, the nearest one and what would fit."""
@@ -606,7 +685,8 @@ def search(fit: FitRequest, *, advise: bool = True) -> FitResult:
     ranked = rank(fitting, fit.gpu)
     warnings = hardware_warnings(fit)
     if ranked:
-        return FitResult(fit, ranked, warnings=warnings + candidate_warnings(ranked[0], fit.gpu), considered=counter.count)
+        return FitResult(fit, ranked, warnings=warnings + candidate_warnings(ranked[0], fit.gpu) + slots_note(fit, ranked[0]),
+                         considered=counter.count)
     nearest = min(misses, key=lambda c: c.memory_bytes, default=None)
     short_of_host = min((c for c in misses if c.memory_bytes <= c.budget_bytes and not c.fits_host),
                         key=lambda c: c.host_bytes, default=None)

@@ -36,7 +36,20 @@ Generation (HF `generate`), per new token:
   slower (121-124 ms per step on 1.5B and 3B models): they get their own fitted cost per layer call. The
   prompt is prefilled once at matmul efficiency.
 
-Fitted constants come from `benchmarks/results/memory-h200.jsonl` (NVIDIA H200, torch 2.11,
+Generation on the slots engine (runtime/infer/slots.py: `EstimateRequest.slots_engine`), per call of P prompts
+on S slots, every sequence taken to max_new_tokens (N): ceil(P / S) waves of N - 1 captured decode steps (a
+refill's prefill gives each sequence its first token). The step runs every slot, busy or not, and is replayed
+from a CUDA graph, so there is no host term per step:
+  step = max((weights + S x visible x KV bytes per position) / (bandwidth x efficiency), FLOPs / (peak x eff.))
+         + layers x a fitted kernel cost per layer (the step's many small kernels: norms, RoPE, casts, GEMV tails)
+  visible: the cache positions attention reads, the furthest slot's rounded up to SLOTS_CACHE_ALIGN, averaged
+  over a wave's steps. Per call: the prefills (eager forwards of up to SLOTS_PREFILL_TOKENS padded prompt tokens,
+  host bound: a cost per layer, plus their FLOPs), and one capture per visible length reached (two eager warm-up
+  passes and the captured one). On the H200 the step of the 7B shape is 8.4 ms at 8 slots and 19 ms at 256,
+  against 58 ms for HF generate's.
+
+Fitted constants come from `benchmarks/results/memory-h200.jsonl` (the slots engine's from
+`benchmarks/results/engine-h200.jsonl`) (NVIDIA H200, torch 2.11,
 transformers 5.17, peft 0.21, bitsandbytes 0.50.2; 2026-11-30) by `benchmarks/fit_throughput.py`, which
 re-derives them; `tests/planner/test_throughput.py` holds the model to every run it covers. Constants not
 fitted there (multi-GPU communication, CPU offload) are first-principles figures, marked as such.
@@ -46,6 +59,7 @@ and above all on CUDA-core (fp32, Pascal) math, expect larger errors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from .estimator import (
@@ -59,7 +73,19 @@ from .estimator import (
 )
 from .gpus import GpuSpec
 from .models import ModelSpec
-from .request import EstimateRequest, Method, Offload, Optimizer, Parallelism, Precision, Quant, Task
+from .request import (
+    SLOTS_CACHE_ALIGN,
+    SLOTS_PREFILL_TOKENS,
+    EstimateRequest,
+    Method,
+    Offload,
+    Optimizer,
+    Parallelism,
+    Precision,
+    Quant,
+    Task,
+    slots_cache_len,
+)
 
 # ---- fitted on the H200 runs (benchmarks/fit_throughput.py) -----------------------------------------
 # Share of the dense peak the matmuls reach: full fine-tuning and LoRA (one constant fits both).
@@ -96,6 +122,19 @@ NF4_LINEAR_CALL_S = 0.000034
 # 36 ms at 2B nf4): its fixed part, fitted on those two runs. Likely cause: its hybrid (static-shape)
 # cache, which avoids DynamicCache's per-layer concatenation; not established.
 HYBRID_CACHE_STEP_OVERHEAD_S = 0.010
+# The slots engine (fitted on the four runs of the current engine in benchmarks/results/engine-h200.jsonl, 7B
+# shape, 8-256 slots, 64-2,048 prompts; the step's split is the probe's, benchmarks/results/slots-probe-h200.jsonl).
+# Share of the card's bandwidth a captured step reads its weights and KV cache at: the KV term's slope (the
+# step grows 10.8 ms from 8 to 256 slots at ~194 visible positions) lumps in the elementwise work that grows
+# with the slots too (the probe: 7.7 ms of non-attention kernels at 8 slots, 10.9 ms at 256).
+SLOTS_BANDWIDTH_EFFICIENCY = 0.56
+# Per decoder layer and captured step, whatever the slots: the step's kernels (two dozen a layer) past what
+# their bytes explain (the probe's step at 8 slots: 7.7 ms, the weights' read 2.9 ms).
+SLOTS_LAYER_STEP_S = 0.000079
+# Per decoder layer and eager pass (a refill's prefill forward, a capture's warm-up and captured passes): host
+# bound like HF's forward; a capture's passes also pay the graph's instantiation, which is why this is above
+# the probe's eager step (22-28 ms for 32 layers).
+SLOTS_EAGER_LAYER_S = 0.0022
 
 # ---- first principles (not fitted) ------------------------------------------------------------------
 # Logits and loss traffic per logit: write fp32 upcast (4), log-softmax read + write (8), backward reads
@@ -115,6 +154,9 @@ HOST_LINK_BYTES_PER_S = 32e9
 # DeepSpeed's CPU Adam (ZeRO-Offload, Ren et al. 2021), parameters updated per second. Assumption, not
 # measured: about half a second per billion parameters on a many-core CPU.
 CPU_ADAM_PARAMS_PER_S = 2e9
+# The slots engine captures a visible length with WARMUP_STEPS = 2 eager passes and the captured one
+# (runtime/infer/slots.py).
+SLOTS_CAPTURE_PASSES = 3
 # Characters per token of English text with a Llama-style tokenizer (rule of thumb: ~4); used to turn a
 # data set's size into tokens when only the file is given.
 CHARS_PER_TOKEN = 4.0
@@ -506,14 +548,20 @@ def _quant_bytes(quant: Quant) -> str:
             Quant.NF4: f"nf4 ({NF4_BYTES_PER_PARAM:.2f} B/param)"}[quant]
 
 
-def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1) -> Throughput:
-    """Generated tokens per second: `req.micro_batch_size` sequences per model copy, `replicas` copies
-    (each on its own GPU or GPUs). A model sharded over `req.parallel.gpus` GPUs runs them one after
-    another (HF device_map pipeline), so it reads its weights at one card's bandwidth."""
+def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1, prompts: int | None = None) -> Throughput:
+    """Generated tokens per second: `req.micro_batch_size` sequences per model copy (the slots engine's slots),
+    `replicas` copies (each on its own GPU or GPUs), `prompts` in all (None: one batch per copy). A model
+    sharded over `req.parallel.gpus` GPUs runs them one after another (HF device_map pipeline), so it reads
+    its weights at one card's bandwidth."""
     if req.task is not Task.INFER:
         raise ValueError("generation_throughput needs an inference request")
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if prompts is not None and prompts < 1:
+        raise ValueError(f"prompts must be at least 1, got {prompts}")
+    if req.slots_engine:
+        per_copy = req.micro_batch_size if prompts is None else math.ceil(prompts / replicas)
+        return slots_throughput(req, gpu, per_copy, replicas)
     rates = card_rates(gpu, req.precision)
     work = decode_work(req)
     memory_s = work.bytes_per_step / rates.bandwidth
@@ -534,6 +582,94 @@ def generation_throughput(req: EstimateRequest, gpu: GpuSpec, replicas: int = 1)
         notes = (f"sharded over {req.parallel.gpus} GPUs: they work in turn, so it runs at one card's speed",)
     return Throughput(tokens_per_s=tokens / total, step_s=total, tokens_per_step=tokens, terms=terms,
                       flops_per_token=work.flops_per_step / req.micro_batch_size, known=rates.known, notes=notes)
+
+
+# ---- the slots engine --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SlotsWork:
+    """What one call of the slots engine asks of one model copy, before any rate is applied (what the fit
+    regresses on)."""
+
+    prompts: int
+    slots: int
+    waves: int  # refills of every slot: all sequences run max_new_tokens, so they finish together
+    steps: int  # captured decode steps
+    visible: float  # cache positions attention reads, averaged over a wave's steps
+    bytes_per_step: float  # weights + every slot's KV cache over the visible positions
+    flops_per_step: float
+    prefill_forwards: int
+    prefill_flops: float
+    graphs: int  # visible lengths captured
+    layers: int
+
+    @property
+    def eager_layer_passes(self) -> int:
+        return (self.prefill_forwards + self.graphs * SLOTS_CAPTURE_PASSES) * self.layers
+
+
+def _visible_lengths(req: EstimateRequest) -> list[int]:
+    """The positions each decode step of a wave reads: the furthest slot's next write, in whole blocks."""
+    cache = slots_cache_len(req.prompt_len, req.max_new_tokens)
+    return [min(cache, -(-(req.prompt_len + step + 1) // SLOTS_CACHE_ALIGN) * SLOTS_CACHE_ALIGN)
+            for step in range(req.max_new_tokens - 1)]
+
+
+def _prefill_forwards(prompts: int, slots: int, prompt_len: int) -> int:
+    """Forwards of the refills: each wave's prompts in groups of at most SLOTS_PREFILL_TOKENS padded tokens."""
+    per_forward = max(1, SLOTS_PREFILL_TOKENS // prompt_len)
+    full, rest = divmod(prompts, slots)
+    return full * math.ceil(slots / per_forward) + math.ceil(rest / per_forward)
+
+
+def slots_work(req: EstimateRequest, prompts: int) -> SlotsWork:
+    m, slots = req.model, req.micro_batch_size
+    n = matmul_params(m)
+    visible = _visible_lengths(req)
+    average = sum(visible) / len(visible) if visible else float(req.prompt_len)
+    waves = math.ceil(prompts / slots)
+    kv_read = slots * average * m.kv_cache_bytes_per_token(req.precision.compute_bytes)
+    return SlotsWork(
+        prompts=prompts,
+        slots=slots,
+        waves=waves,
+        steps=waves * len(visible),
+        visible=average,
+        bytes_per_step=_weights_read_per_step(req) + kv_read,
+        flops_per_step=slots * (2 * n + attention_flops_per_token(m, average)),
+        prefill_forwards=_prefill_forwards(prompts, slots, req.prompt_len),
+        prefill_flops=prompts * req.prompt_len * (2 * n + attention_flops_per_token(m, req.prompt_len / 2)),
+        graphs=len(set(visible)),
+        layers=m.num_layers,
+    )
+
+
+def slots_throughput(req: EstimateRequest, gpu: GpuSpec, prompts: int, replicas: int = 1) -> Throughput:
+    """Generated tokens per second of the slots engine: `prompts` per copy on `req.micro_batch_size` slots."""
+    rates = card_rates(gpu, req.precision)
+    work = slots_work(req, prompts)
+    memory_s = work.bytes_per_step / (rates.bandwidth * SLOTS_BANDWIDTH_EFFICIENCY)
+    compute_s = work.flops_per_step / (rates.flops * MATMUL_EFFICIENCY)
+    bound = "memory bound" if memory_s >= compute_s else "compute bound"
+    kernels_s = work.layers * SLOTS_LAYER_STEP_S
+    eager_s = SLOTS_EAGER_LAYER_S * work.layers
+    waves = f"{work.waves} wave{'s' if work.waves > 1 else ''} of {work.slots} slots"
+    terms = (
+        TimeTerm("prefill", work.prefill_forwards * eager_s + work.prefill_flops / (rates.flops * MATMUL_EFFICIENCY),
+                 f"{work.prefill_forwards} eager forward{'s' if work.prefill_forwards > 1 else ''} of up to "
+                 f"{SLOTS_PREFILL_TOKENS:,} prompt tokens, {eager_s * 1e3:.0f} ms each plus the FLOPs"),
+        TimeTerm("decode: weights and KV cache", work.steps * max(memory_s, compute_s),
+                 f"{work.steps} captured steps ({waves}), {bound}: weights and {work.visible:.0f} cache positions "
+                 f"a slot at {SLOTS_BANDWIDTH_EFFICIENCY:.0%} of the bandwidth"),
+        TimeTerm("decode: step kernels", work.steps * kernels_s,
+                 f"{kernels_s * 1e3:.1f} ms per step, measured (a graph replay of the step's small kernels)"),
+        TimeTerm("graph capture", work.graphs * SLOTS_CAPTURE_PASSES * eager_s,
+                 f"{work.graphs} visible lengths, each captured once ({SLOTS_CAPTURE_PASSES} eager passes)"),
+    )
+    total = sum(term.seconds for term in terms)
+    tokens = prompts * req.max_new_tokens * replicas
+    return Throughput(tokens_per_s=tokens / total, step_s=total, tokens_per_step=tokens, terms=terms,
+                      flops_per_token=work.flops_per_step / work.slots, known=rates.known,
+                      notes=("slots engine: CUDA-graph decode steps, slots refilled as sequences finish",))
 
 
 def approx_tokens(chars: int) -> int:

@@ -145,6 +145,29 @@ def test_task_infer_shards_70b_over_two_80gb_cards() -> None:
     assert "inference" not in data
 
 
+def test_task_infer_picks_the_slots_engines_fastest_batch_for_the_prompts() -> None:
+    """No --batch-size: the slots engine goes up to 256 slots, and 300 prompts run fastest as two waves of 150."""
+    code, data = run_json("7B", "--gpu", "H200", "--task", "infer", "--prompt-len", "32", "--prompts", "300")
+    assert code == 0 and data["prompts"] == 300 and data["max_slots"] == 256
+    best = data["recommendation"]
+    assert best["micro_batch"] == 150 and "--batch-size 150" in best["command"]
+    assert best["job"]["batch-size"] == 150
+    assert any(w.startswith("batch 150 is the slots engine's slots") for w in data["warnings"])
+    code, data = run_json("7B", "--gpu", "H200", "--task", "infer", "--prompt-len", "32")
+    assert data["recommendation"]["micro_batch"] == 256 and data["batch_size"] == 16
+    # Given, --batch-size binds.
+    code, data = run_json("7B", "--gpu", "H200", "--task", "infer", "--prompt-len", "32", "--batch-size", "16")
+    assert data["recommendation"]["micro_batch"] == 16 and data["max_slots"] is None
+
+
+def test_task_infer_output_says_how_the_batch_was_chosen() -> None:
+    result = run("7B", "--gpu", "H200", "--task", "infer", "--prompt-len", "32", "--prompts", "257")
+    assert result.exit_code == 0, result.output
+    assert "257 prompts of 32 + 256 tokens, up to 256 at once on the slots engine (16 on others)" in result.output
+    assert "note: batch 129 is the slots engine's slots: of 1 to 256" in result.output
+    assert "257 prompts run in 2 waves" in result.output
+
+
 def test_p40_plans_never_use_bf16() -> None:
     code, data = run_json("7B", "--gpu", "P40")
     assert code == 0
@@ -186,6 +209,8 @@ def test_records_are_cut_at_the_sequence_length(tmp_path: Path) -> None:
     (["7B", "--margin", "1.5"], "--margin"),
     (["7B", "--gpus", "0"], "--gpus must be positive"),
     (["7B", "--lora-targets", "q_proj,nonsense"], "no linear layer named nonsense"),
+    (["7B", "--prompts", "100"], "--prompts sizes inference"),
+    (["7B", "--task", "infer", "--prompts", "0"], "--prompts"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args: list[str], message: str) -> None:
     result = run(*args)

@@ -99,6 +99,7 @@ FIT_ASKS = {
     "inference, replicas": ("7B", "--gpu", "H100", "--gpus", "2", "--task", "infer"),
     "inference, one sharded copy": ("70B", "--gpu", "H100", "--gpus", "2", "--task", "infer"),
     "quantized inference": ("70B", "--gpu", "A100 80GB", "--task", "infer"),
+    "slots engine, batch for the prompts": ("7B", "--gpu", "H200", "--task", "infer", "--prompts", "300"),
     "long context, activation offload": ("Llama-3-8B", "--gpu", "RTX 4090", "--method", "qlora", "--seq-len", "32768",
                                          "--batch-size", "1"),
 }

@@ -19,6 +19,7 @@ from llmplan.planner.hardware import (
 from llmplan.planner.request import EstimateRequest, Kernels, Method, Offload, Precision, Quant, Task
 from llmplan.planner.resolve import find_model
 from llmplan.planner.search import (
+    SLOTS_MAX_BATCH,
     Backend,
     FitError,
     FitRequest,
@@ -96,6 +97,45 @@ def test_70b_inference_on_two_80gb_cards_is_sharded_16_bit() -> None:
     assert best.quant is Quant.NONE and best.strategy.shard == 2 and best.strategy.replicas == 1
     assert not any(c.quant is Quant.NONE and c.strategy.replicas == 2 for c in result.candidates)
     assert estimate(best.request).device_bytes <= result.request.budget_bytes
+
+
+# ---- the slots engine's batch: the fastest that fits ------------------------------------------------------------
+def _slots_fit(gpu: str = "H200", count: int = 1, **kwargs) -> FitRequest:
+    return fit(LLAMA7, gpu, count, task=Task.INFER, **{"prompt_len": 32, "max_new_tokens": 256, **kwargs})
+
+
+def test_slots_batch_is_the_fastest_for_the_prompts_not_the_largest() -> None:
+    """257 prompts: two waves on 256 slots or on 129, and 129 slots step faster (the throughput model's waves)."""
+    result = search(_slots_fit(max_slots=SLOTS_MAX_BATCH, prompts=257))
+    best = result.best
+    assert best.request.slots_engine and best.micro_batch == 129
+    assert best.throughput.tokens_per_step == 257 * 256
+    assert any("batch 129 is the slots engine's slots" in w and "2 waves" in w for w in result.warnings)
+    # 300 prompts: 150 slots, two waves.
+    assert search(_slots_fit(max_slots=SLOTS_MAX_BATCH, prompts=300)).best.micro_batch == 150
+
+
+def test_slots_batch_without_a_prompt_count_is_the_cap_or_what_memory_allows() -> None:
+    assert search(_slots_fit(max_slots=SLOTS_MAX_BATCH)).best.micro_batch == 256
+    small = search(_slots_fit("RTX 4090", max_slots=SLOTS_MAX_BATCH, prompt_len=512))
+    slots = small.best.micro_batch
+    assert 1 < slots < 256  # 24 GB: the cache of 256 slots does not fit beside 13 GB of weights
+    doubled = replace(small.best.request, micro_batch_size=2 * slots)  # the next slot count tried
+    assert estimate(doubled).device_bytes > small.request.budget_bytes
+
+
+def test_batch_size_given_binds_the_slots_and_plain_engines_keep_powers_of_two() -> None:
+    assert search(_slots_fit(batch_size=64, prompts=100)).best.micro_batch == 50  # two waves of 50
+    assert search(_slots_fit(batch_size=16)).best.micro_batch == 16
+    quantized = [c for c in search(_slots_fit(max_slots=SLOTS_MAX_BATCH)).candidates if c.quant is not Quant.NONE]
+    assert quantized and all(c.micro_batch == 16 and not c.request.slots_engine for c in quantized)
+
+
+def test_slots_replicas_each_take_their_share_of_the_prompts() -> None:
+    result = search(_slots_fit("H100 SXM", 2, max_slots=SLOTS_MAX_BATCH, prompts=600))
+    best = result.best
+    assert best.strategy.replicas == 2 and best.micro_batch == 150  # 300 prompts a copy, two waves
+    assert any("300 prompts per GPU run in 2 waves" in w for w in result.warnings)
 
 
 # ---- 7B LoRA on 8 GPUs: DeepSpeed or not ------------------------------------------------------------------

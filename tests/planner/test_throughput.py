@@ -3,7 +3,7 @@
 Fitted runs: `benchmarks/results/memory-h200.jsonl` (the constants were fitted on them by
 `benchmarks/fit_throughput.py`); each run the model covers must be within 25% of its measured tokens/s.
 Held-out runs (`memory-h200-heldout.jsonl`, never used by the fit) are held to the same 25%, with one
-recorded miss.
+recorded miss. The slots engine's runs (`engine-h200.jsonl`, the current engine's four) are held to 15%.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import pytest
 from llmplan.planner import throughput as tp
 from llmplan.planner.calibration import load_runs, request_from_case
 from llmplan.planner.gpus import lookup_gpu
-from llmplan.planner.request import EstimateRequest, LoraSpec, Method, Offload, Parallelism, Precision, Quant, Task
+from llmplan.planner.request import (
+    Engine,
+    EstimateRequest,
+    LoraSpec,
+    Method,
+    Offload,
+    Parallelism,
+    Precision,
+    Quant,
+    Task,
+)
 from llmplan.planner.resolve import find_model
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -42,6 +52,18 @@ HELD_OUT_MISSES = {
     "val-qlora-qwen25-3b-b2-s2048": "QLoRA at 4,096 tokens a step runs faster than the fitted per-call cost says",
 }
 
+SLOTS_TARGET = 0.15
+
+
+def _fit_module():
+    spec = importlib.util.spec_from_file_location("fit_throughput", RESULTS.parent / "fit_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FIT = _fit_module()
+SLOTS_RUNS = FIT.slots_runs()
 FITTED = load_runs(RESULTS / "memory-h200.jsonl")
 HELD_OUT = load_runs(RESULTS / "memory-h200-heldout.jsonl")
 COVERED = [run for run in FITTED if run["case"]["id"] not in UNCOVERED]
@@ -93,15 +115,64 @@ def test_the_uncovered_run_is_flagged_as_optimistic() -> None:
 
 
 def test_constants_are_what_the_fit_script_derives() -> None:
-    spec = importlib.util.spec_from_file_location("fit_throughput", RESULTS.parent / "fit_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = FIT
     covered = [run for run in load_runs(module.RESULTS) if run["case"]["id"] not in module.UNCOVERED]
     assert set(module.UNCOVERED) == UNCOVERED
     fitted = {**module.fit_training([r for r in covered if r["case"]["task"] == "finetune"]),
-              **module.fit_generation([r for r in covered if r["case"]["task"] == "infer"])}
+              **module.fit_generation([r for r in covered if r["case"]["task"] == "infer"]),
+              **module.fit_slots(module.slots_runs())}
     for name, value in fitted.items():
         assert getattr(tp, name) == pytest.approx(value, rel=0.05), name
+
+
+# ---- the slots engine ----------------------------------------------------------------------------------------
+def test_the_slots_fit_uses_the_current_engines_four_runs() -> None:
+    """The last run of each case: attention over the positions in use (the earlier ones read the whole cache)."""
+    assert sorted((run["batch"], run["prompts"]) for run in SLOTS_RUNS) == [(8, 64), (64, 256), (256, 256), (256, 2048)]
+    assert {round(run["tokens_per_s"]) for run in SLOTS_RUNS} == {951, 5123, 11533, 13494}
+
+
+@pytest.mark.parametrize("run", SLOTS_RUNS, ids=[f"{run['batch']}-slots-{run['prompts']}-prompts" for run in SLOTS_RUNS])
+def test_each_slots_run_within_15_percent(run: dict) -> None:
+    predicted = FIT.slots_predicted_tokens_per_s(run)
+    assert abs(predicted / run["tokens_per_s"] - 1) <= SLOTS_TARGET, f"predicted {predicted:,.0f} vs {run['tokens_per_s']:,.0f}"
+
+
+def test_the_slots_engine_is_not_host_bound_and_generate_stays_for_other_requests() -> None:
+    shape = dict(micro_batch_size=64, prompt_len=32, max_new_tokens=256)  # the measured runs' shape
+    slots = tp.generation_throughput(_infer(**shape), H200, prompts=256)
+    generate = tp.generation_throughput(_infer(**shape, engine=Engine.GENERATE), H200)
+    assert "decode: host overhead" not in {term.name for term in slots.terms}
+    assert "decode: host overhead" in {term.name for term in generate.terms}
+    assert slots.tokens_per_s > 5 * generate.tokens_per_s
+    nf4 = tp.generation_throughput(_infer(micro_batch_size=64, quant=Quant.NF4), H200)
+    assert "decode: host overhead" in {term.name for term in nf4.terms}  # quantized: plain generate
+
+
+def test_slots_read_the_cache_positions_in_use_in_blocks_of_64() -> None:
+    """30-token prompts, 100 new tokens: the steps read 64 positions until the furthest write reaches 64, then 128,
+    then 192 (the cache holds 192: 130 rounded up)."""
+    work = tp.slots_work(_infer(micro_batch_size=8, prompt_len=30, max_new_tokens=100), prompts=8)
+    assert work.steps == 99 and work.graphs == 3
+    assert work.visible == pytest.approx((34 * 64 + 64 * 128 + 1 * 192) / 99)
+
+
+def test_slots_run_in_waves_so_one_prompt_past_the_slots_costs_a_wave() -> None:
+    req = _infer(micro_batch_size=256, prompt_len=32, max_new_tokens=256)
+    one_wave = tp.slots_work(req, prompts=256)
+    two_waves = tp.slots_work(req, prompts=257)
+    assert (one_wave.waves, two_waves.waves) == (1, 2) and two_waves.steps == 2 * one_wave.steps
+    # 257 prompts: 129 slots do the same two waves with cheaper steps than 256 slots.
+    half = tp.generation_throughput(_infer(micro_batch_size=129, prompt_len=32, max_new_tokens=256), H200, prompts=257)
+    full = tp.generation_throughput(req, H200, prompts=257)
+    assert half.tokens_per_s > full.tokens_per_s
+    assert full.tokens_per_step == 257 * 256
+
+
+def test_slots_refills_prefill_up_to_the_padded_token_budget() -> None:
+    # 256 prompts of 40 tokens: 204 per forward (8,192 // 40), so two forwards a wave.
+    assert tp.slots_work(_infer(micro_batch_size=256, prompt_len=40), prompts=512).prefill_forwards == 4
+    assert tp.slots_work(_infer(micro_batch_size=64, prompt_len=40), prompts=100).prefill_forwards == 2
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------------
@@ -174,10 +245,11 @@ def _infer(model: str = "Llama-2-7B", **kwargs) -> EstimateRequest:
 
 
 def test_generation_is_host_bound_on_the_h200_and_memory_bound_on_a_slow_card() -> None:
-    h200 = tp.generation_throughput(_infer(micro_batch_size=1), H200)
+    h200 = tp.generation_throughput(_infer(micro_batch_size=1, engine=Engine.GENERATE), H200)
     terms = {term.name: term.seconds for term in h200.terms}
     assert terms["decode: host overhead"] > 5 * terms["decode: weights and KV cache"]
-    t4 = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=1, precision=Precision.FP16_TRUE), lookup_gpu("T4"))
+    t4 = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=1, precision=Precision.FP16_TRUE,
+                                       engine=Engine.GENERATE), lookup_gpu("T4"))
     terms = {term.name: term.seconds for term in t4.terms}
     assert terms["decode: weights and KV cache"] > terms["decode: host overhead"]  # 26 GB at 320 GB/s
 
@@ -190,11 +262,15 @@ def test_int8_generation_is_much_slower_than_16_bit() -> None:
 
 def test_sharding_runs_at_one_cards_speed_and_replicas_multiply() -> None:
     a100 = lookup_gpu("A100 80GB")
-    one = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100)
+    one = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8, engine=Engine.GENERATE), a100)
     sharded = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8, parallel=Parallelism(gpus=2)), a100)
-    replicas = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100, replicas=2)
+    replicas = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8, engine=Engine.GENERATE), a100, replicas=2)
     assert sharded.tokens_per_s == pytest.approx(one.tokens_per_s)
     assert replicas.tokens_per_s == pytest.approx(2 * one.tokens_per_s)
+    # The slots engine's replicas split the prompts.
+    slots = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100, prompts=16)
+    slots_replicas = tp.generation_throughput(_infer("Llama-2-13B", micro_batch_size=8), a100, replicas=2, prompts=16)
+    assert slots_replicas.tokens_per_s == pytest.approx(2 * slots.tokens_per_s, rel=0.2)
 
 
 # ---- the P40 ---------------------------------------------------------------------------------------------
