@@ -119,11 +119,12 @@ def fit_generation(runs: list[dict]) -> dict[str, float]:
 
 # ---- the slots engine ----------------------------------------------------------------------------------------
 def slots_runs(path: Path = ENGINE_RESULTS) -> list[dict]:
-    """The current engine's runs: the last of each (slots, prompts) case."""
+    """The engine's runs with attention over the positions in use: the last of each (slots, prompts) case of one
+    call (the fourth: without Liger's layer kernels, which the fifth call measured for three cases only)."""
     latest: dict[tuple[int, int], dict] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("path") == "slots":
+        if row.get("path") == "slots" and not row.get("liger_layers"):
             latest[(row["batch"], row["prompts"])] = row
     return list(latest.values())
 
