@@ -10,11 +10,11 @@ from sqlalchemy.engine import Engine
 
 from llmplan.runtime.store.errors import InvalidJobDataError
 from llmplan.runtime.store.models import Job
+from llmplan.runtime.store.reading import count_jobs
 from llmplan.runtime.store.repository import (
     JobFailure,
     JobFilter,
     MetricPoint,
-    count_jobs,
     create_job,
     get_job,
     get_job_details,
