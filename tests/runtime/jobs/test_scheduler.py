@@ -267,9 +267,15 @@ def test_after_a_ray_restart_lost_jobs_fail_and_checkpointed_training_resumes(
         site.node.kill()
 
 
+# The head's GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: Ray's
+# defaults (5 x 3 s) keep the test waiting 15 s for a killed node; a killed raylet fails each check at once, while
+# a slow one still has the default 10 s timeout per check before it counts as failed.
+QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+
+
 def test_a_job_on_a_worker_node_that_dies_fails_as_infrastructure(
         tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
-    head = start_node(cpus=2)
+    head = start_node(cpus=2, env=QUICK_NODE_DEATH)
     worker = start_node(head_address=head.address, cpus=2, gpus=1, gpu_mib=24 * 1024)
     site = Site(tmp_path, head, tiny_llama, tiny_alpaca)
     try:
