@@ -351,7 +351,7 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
         if turn == 0:
             site.cluster()  # starts the scheduler
         new_group(ray, seen)
-        stopped = site.llmplan("cancel", str(job_id))
+        stopped = cancel_in_this_process(site, job_id)
         assert stopped.stdout.strip() == f"job {job_id}: cancelled", stopped.stderr
 
     killed = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name="driver-killed")
@@ -367,6 +367,18 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
     while reserved_groups(ray) != groups_before:
         assert time.monotonic() < deadline, reserved_groups(ray) - groups_before
         time.sleep(0.5)
+
+
+def cancel_in_this_process(site: Site, job_id: int) -> Any:
+    """`llmplan cancel JOB` run here, where `ray_client` has joined the site's cluster already: a process of its own
+    would pay its start-up and Ray's connection (3-4 s of each turn on 2 busy cores). RAY_AUTH_MODE is pinned for
+    the call: joining by address would otherwise switch this process to token authentication for good."""
+    from click.testing import CliRunner
+
+    from llmplan.cli.main import cli
+
+    env = {name: value for name, value in site.env().items() if name.startswith("LLMPLAN_")}
+    return CliRunner().invoke(cli, ["cancel", str(job_id)], env={**env, "RAY_AUTH_MODE": "disabled"})
 
 
 def wait_until_freed(ray: Any, groups_before: set[str], actors_before: set[str], timeout: float = 120) -> None:
