@@ -9,6 +9,7 @@ read the plans, so they are exercised exactly as on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,17 +52,39 @@ class Site:
     node: RayNode
     model: Path
     data: Path
+    joined: bool = False  # this process has joined the node's cluster (`joined_to`): commands run here
 
     @property
     def db(self) -> str:
         return f"sqlite:///{self.tmp / 'jobs.db'}"
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "LLMPLAN_DB": self.db, "LLMPLAN_JOBS_DIR": str(self.tmp / "jobs"),
+    def llmplan_env(self) -> dict[str, str]:
+        return {"LLMPLAN_DB": self.db, "LLMPLAN_JOBS_DIR": str(self.tmp / "jobs"),
                 "LLMPLAN_RAY_ADDRESS": self.node.address, "LLMPLAN_CACHE": str(TEST_CACHE)}
 
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.llmplan_env()}
+
     def llmplan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        """`llmplan ARGS`: in a process of its own, or, once this process has joined the cluster, here (a process
+        of its own pays its start-up and Ray's connection: seconds per command on 2 busy cores)."""
+        if self.joined:
+            return self.llmplan_here(*args)
         return subprocess.run([LLMPLAN, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
+
+    def llmplan_here(self, *args: str) -> subprocess.CompletedProcess:
+        """RAY_AUTH_MODE is pinned for the call: joining by address would otherwise switch this process to token
+        authentication for good."""
+        import traceback
+
+        from click.testing import CliRunner
+
+        from llmplan.cli.main import cli
+
+        done = CliRunner().invoke(cli, list(args), env={**self.llmplan_env(), "RAY_AUTH_MODE": "disabled"})
+        crashed = done.exception is not None and not isinstance(done.exception, SystemExit)
+        stderr = done.stderr + ("".join(traceback.format_exception(done.exception)) if crashed else "")
+        return subprocess.CompletedProcess(["llmplan", *args], done.exit_code, done.stdout, stderr)
 
     def cluster(self) -> dict[str, Any]:
         """`llmplan cluster --json` (which also starts the scheduler when it is not running)."""
@@ -142,9 +165,27 @@ def gpu_site(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_al
         node.kill()
 
 
+@contextlib.contextmanager
+def joined_to(site: Site) -> Iterator[Site]:
+    """This test process joined to the site's cluster for the block: the site's commands run here."""
+    import ray
+
+    ray.init(address=site.node.address, log_to_driver=False, configure_logging=False)
+    try:
+        yield dataclasses.replace(site, joined=True)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def joined_gpu_site(gpu_site: Site) -> Iterator[Site]:
+    with joined_to(gpu_site) as site:
+        yield site
+
+
 # ---- queueing -----------------------------------------------------------------------------------------
-def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site: Site) -> None:
-    site = gpu_site
+def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site
     blocker = site.queue(gpu_gib=16, steps=FOREVER, name="blocker")
     site.cluster()  # starts the scheduler
     site.wait(blocker, status_is(JobStatus.RUNNING))
@@ -183,8 +224,8 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
     assert "step 2: loss " in log.stdout, log.stdout  # each logged optimizer step, from the driver
 
 
-def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
-    site = gpu_site  # one 24 GiB GPU
+def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site  # one 24 GiB GPU
     llama_7b = site.tmp / "llama-2-7b"  # its config and a weights file: nothing is loaded before the refusal
     llama_7b.mkdir(exist_ok=True)
     (llama_7b / "config.json").write_text(json.dumps({
@@ -202,8 +243,8 @@ def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: 
     assert site.cluster()["queued"] == 0
 
 
-def test_out_of_memory_is_replanned_with_more_headroom_and_retried(gpu_site: Site) -> None:
-    site = gpu_site
+def test_out_of_memory_is_replanned_with_more_headroom_and_retried(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site
     first = site.queue(gpu_gib=None, steps=2, micro_batch=2, name="oom")
     site.cluster()
     failed = site.wait(first, ended)
@@ -342,7 +383,7 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
     driver killed by SIGKILL, each once its workers have their group, then a fifth job runs, and nothing of
     theirs is left reserved or alive."""
     ray = ray_client
-    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca)
+    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca, joined=True)
     groups_before, actors_before = reserved_groups(ray), live_train_actors(ray)
     seen = set(groups_before)
 
@@ -351,7 +392,7 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
         if turn == 0:
             site.cluster()  # starts the scheduler
         new_group(ray, seen)
-        stopped = cancel_in_this_process(site, job_id)
+        stopped = site.llmplan("cancel", str(job_id))
         assert stopped.stdout.strip() == f"job {job_id}: cancelled", stopped.stderr
 
     killed = site.queue(gpu_gib=None, steps=FOREVER, workers=2, name="driver-killed")
@@ -367,18 +408,6 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
     while reserved_groups(ray) != groups_before:
         assert time.monotonic() < deadline, reserved_groups(ray) - groups_before
         time.sleep(0.5)
-
-
-def cancel_in_this_process(site: Site, job_id: int) -> Any:
-    """`llmplan cancel JOB` run here, where `ray_client` has joined the site's cluster already: a process of its own
-    would pay its start-up and Ray's connection (3-4 s of each turn on 2 busy cores). RAY_AUTH_MODE is pinned for
-    the call: joining by address would otherwise switch this process to token authentication for good."""
-    from click.testing import CliRunner
-
-    from llmplan.cli.main import cli
-
-    env = {name: value for name, value in site.env().items() if name.startswith("LLMPLAN_")}
-    return CliRunner().invoke(cli, ["cancel", str(job_id)], env={**env, "RAY_AUTH_MODE": "disabled"})
 
 
 def wait_until_freed(ray: Any, groups_before: set[str], actors_before: set[str], timeout: float = 120) -> None:
