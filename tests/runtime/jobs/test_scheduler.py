@@ -9,7 +9,6 @@ read the plans, so they are exercised exactly as on GPUs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,8 +34,8 @@ from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 from llmplan.runtime.train.train import TEST_OOM_ENV  # noqa: E402
 from llmplan.runtime.train.train_config import DataConfig, TrainConfig  # noqa: E402
 
-from ..conftest import TEST_CACHE  # noqa: E402
-from ..ray_nodes import RayNode, free_port, start_node  # noqa: E402
+from ..conftest import TEST_CACHE, run_llmplan_here  # noqa: E402
+from ..ray_nodes import RayNode, free_port, joined, start_node  # noqa: E402
 
 GIB = 2**30
 LLMPLAN = str(Path(sys.executable).with_name("llmplan"))
@@ -52,7 +51,7 @@ class Site:
     node: RayNode
     model: Path
     data: Path
-    joined: bool = False  # this process has joined the node's cluster (`joined_to`): commands run here
+    joined: bool = False  # this process has joined the node's cluster (`ray_nodes.joined`): commands run here
 
     @property
     def db(self) -> str:
@@ -66,25 +65,10 @@ class Site:
         return {**os.environ, **self.llmplan_env()}
 
     def llmplan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        """`llmplan ARGS`: in a process of its own, or, once this process has joined the cluster, here (a process
-        of its own pays its start-up and Ray's connection: seconds per command on 2 busy cores)."""
+        """`llmplan ARGS`: in a process of its own, or here once this process has joined the cluster."""
         if self.joined:
-            return self.llmplan_here(*args)
+            return run_llmplan_here(*args, env=self.llmplan_env())
         return subprocess.run([LLMPLAN, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
-
-    def llmplan_here(self, *args: str) -> subprocess.CompletedProcess:
-        """RAY_AUTH_MODE is pinned for the call: joining by address would otherwise switch this process to token
-        authentication for good."""
-        import traceback
-
-        from click.testing import CliRunner
-
-        from llmplan.cli.main import cli
-
-        done = CliRunner().invoke(cli, list(args), env={**self.llmplan_env(), "RAY_AUTH_MODE": "disabled"})
-        crashed = done.exception is not None and not isinstance(done.exception, SystemExit)
-        stderr = done.stderr + ("".join(traceback.format_exception(done.exception)) if crashed else "")
-        return subprocess.CompletedProcess(["llmplan", *args], done.exit_code, done.stdout, stderr)
 
     def cluster(self) -> dict[str, Any]:
         """`llmplan cluster --json` (which also starts the scheduler when it is not running)."""
@@ -165,22 +149,11 @@ def gpu_site(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_al
         node.kill()
 
 
-@contextlib.contextmanager
-def joined_to(site: Site) -> Iterator[Site]:
-    """This test process joined to the site's cluster for the block: the site's commands run here."""
-    import ray
-
-    ray.init(address=site.node.address, log_to_driver=False, configure_logging=False)
-    try:
-        yield dataclasses.replace(site, joined=True)
-    finally:
-        ray.shutdown()
-
-
 @pytest.fixture
 def joined_gpu_site(gpu_site: Site) -> Iterator[Site]:
-    with joined_to(gpu_site) as site:
-        yield site
+    """`gpu_site`, with this test process joined to its cluster: its commands run here."""
+    with joined(gpu_site.node.address):
+        yield dataclasses.replace(gpu_site, joined=True)
 
 
 # ---- queueing -----------------------------------------------------------------------------------------
@@ -344,14 +317,11 @@ TRAIN_ACTORS = frozenset({"TrainController", "RayTrainWorker", "PlacementGroupCl
 
 @pytest.fixture
 def ray_client(ray_head: RayNode) -> Iterator[Any]:
-    """This test process joined to the session's cluster, to read Ray's own tables."""
+    """This test process joined to the session's cluster, to read Ray's own tables (and run its commands here)."""
     import ray
 
-    ray.init(address=ray_head.address, log_to_driver=False, configure_logging=False)
-    try:
+    with joined(ray_head.address):
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def reserved_groups(ray: Any) -> set[str]:
