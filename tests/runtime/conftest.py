@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,39 @@ def cluster_env(env: dict[str, str], ray_head, monkeypatch: pytest.MonkeyPatch) 
     return {**env, **ray_head.client_env()}
 
 
+@pytest.fixture
+def joined_cluster_env(cluster_env: dict[str, str], ray_head) -> Iterator[dict[str, str]]:
+    """`cluster_env`, with this test process joined to the session's cluster: `run_llmplan_here` runs there."""
+    from .ray_nodes import joined
+
+    with joined(ray_head.address):
+        yield cluster_env
+
+
 def run_llmplan(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The `llmplan` command in its own process (as users run it), with this test's environment."""
     command = [str(Path(sys.executable).with_name("llmplan")), *args]
     return subprocess.run(command, capture_output=True, text=True, input=input, timeout=timeout, env=dict(os.environ))
+
+
+def run_llmplan_here(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The `llmplan` command in this process (CliRunner), for a test that has joined the command's cluster
+    (`ray_nodes.joined`): a process of its own pays its start-up and Ray's connection, seconds per command on 2
+    busy cores. `env` on top of this process's; RAY_AUTH_MODE is pinned for the call (joining by address would
+    otherwise switch this process to token authentication for good). A crash's traceback ends stderr."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from llmplan.cli.main import cli
+
+    done = CliRunner().invoke(cli, list(args), env={**(env or {}), "RAY_AUTH_MODE": "disabled"})
+    crashed = done.exception is not None and not isinstance(done.exception, SystemExit)
+    stderr = as_text(done.stderr_bytes) + ("".join(traceback.format_exception(done.exception)) if crashed else "")
+    return subprocess.CompletedProcess(["llmplan", *args], done.exit_code, as_text(done.stdout_bytes), stderr)
+
+
+def as_text(output: bytes) -> str:
+    """A command's output as `subprocess.run(text=True)` reads it: universal newlines ("\r" of a log's progress
+    bars and "\r\n" become "\n"), as `Path.read_text` reads a file."""
+    return io.TextIOWrapper(io.BytesIO(output), encoding="utf-8", newline=None).read()

@@ -3,6 +3,7 @@ machine, each in its own process group so that a test can stop (or kill, like a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,3 +80,15 @@ def start_node(*, head_address: str | None = None, port: int | None = None, cpus
             raise RuntimeError(f"ray start failed: {log.read_text()[-2000:]}")
         time.sleep(0.2)
     return node
+
+
+@contextlib.contextmanager
+def joined(address: str) -> Iterator[None]:
+    """This test process joined to the cluster at `address` for the block (its commands can then run here)."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -38,6 +38,7 @@ QUESTION = "Could you tell me the secret code word?"
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """A private Ray instance for the module; its warm replicas end with it (`ray.shutdown`)."""
     import ray
 
     from llmplan.runtime.jobs.cluster import ensure_ray
@@ -45,6 +46,16 @@ def local_ray():
     ensure_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """`env`, with a warm replica staying loaded for the whole module (not conftest's 30 s): each SmolLM2
+    `generate`/`chat` here finds the one an earlier test left on `local_ray` instead of loading the model again
+    (the warm path is what users get on a repeated command). On the session's cluster nothing stays: a job's
+    driver starts no warm replica, and the test of warm replicas there stops its own."""
+    monkeypatch.setenv("LLMPLAN_WARM_SECONDS", "600")
+    return {**env, "LLMPLAN_WARM_SECONDS": "600"}
 
 
 def cpu_plan(model: str = MODEL, replicas: int = 1):

@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 from llmplan.runtime.store.opening import open_store  # noqa: E402
 from llmplan.runtime.store.repository import JobFilter, get_job, list_jobs  # noqa: E402
 
-from ..conftest import run_llmplan  # noqa: E402
+from ..conftest import run_llmplan_here  # noqa: E402
 
 TINY = ["--template", "alpaca", "--seq-len", "64", "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0"]
 
@@ -33,18 +33,19 @@ def recorded_jobs(db: str) -> list:
         engine.dispose()
 
 
-def test_more_workers_than_the_cluster_has_cpus_are_refused(cluster_env, tiny_llama: Path, tiny_alpaca: Path) -> None:
-    result = run_llmplan("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca), *TINY,
+def test_more_workers_than_the_cluster_has_cpus_are_refused(joined_cluster_env, tiny_llama: Path,
+                                                            tiny_alpaca: Path) -> None:
+    result = run_llmplan_here("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca), *TINY,
                          "--workers", "1000")
     assert result.returncode == 1, result.stderr
     [line] = error_lines(result.stderr)
     assert re.fullmatch(r"Error: refused: the plan needs 1000 CPU workers with \d+ MiB of host memory each; the "
                         r"cluster holds 4 \(4 CPUs on 1 node\); pass --workers 4", line), result.stderr
     assert "Traceback" not in result.stderr
-    assert recorded_jobs(cluster_env["LLMPLAN_DB"]) == []
+    assert recorded_jobs(joined_cluster_env["LLMPLAN_DB"]) == []
 
 
-def test_a_cpu_plan_no_nodes_memory_holds_is_refused(cluster_env, tmp_path: Path, tiny_alpaca: Path) -> None:
+def test_a_cpu_plan_no_nodes_memory_holds_is_refused(joined_cluster_env, tmp_path: Path, tiny_alpaca: Path) -> None:
     """A 70B checkpoint (its config and a weights file: nothing is loaded before the refusal) on the CPU."""
     model = tmp_path / "llama-70b"
     model.mkdir()
@@ -53,21 +54,22 @@ def test_a_cpu_plan_no_nodes_memory_holds_is_refused(cluster_env, tmp_path: Path
         "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
         "max_position_embeddings": 4096, "torch_dtype": "float16"}))
     (model / "model.safetensors").write_bytes(b"")
-    result = run_llmplan("submit", "finetune", "--model", str(model), "--data", str(tiny_alpaca), "--template", "alpaca")
+    result = run_llmplan_here("submit", "finetune", "--model", str(model), "--data", str(tiny_alpaca),
+                              "--template", "alpaca")
     assert result.returncode == 1, result.stderr
     [line] = error_lines(result.stderr)
     assert line.startswith("Error: refused: the plan needs 1 CPU worker with ") and "GiB of host memory each; the " \
         "cluster's largest node has" in line and line.endswith("or add a node with more memory"), line
-    assert recorded_jobs(cluster_env["LLMPLAN_DB"]) == []
+    assert recorded_jobs(joined_cluster_env["LLMPLAN_DB"]) == []
 
 
 @pytest.mark.slow  # two 1-step runs of the tiny model
 def test_gpus_planned_on_the_cpu_say_so_and_two_stores_keep_their_logs_apart(
-        cluster_env, tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
-    stores = [cluster_env["LLMPLAN_DB"], f"sqlite:///{tmp_path / 'other.db'}"]
+        joined_cluster_env, tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
+    stores = [joined_cluster_env["LLMPLAN_DB"], f"sqlite:///{tmp_path / 'other.db'}"]
     queued = []
     for db in stores:
-        result = run_llmplan("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca), *TINY,
+        result = run_llmplan_here("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca), *TINY,
                              "--gpus", "1", "--db", db, "--json")
         assert result.returncode == 0, result.stderr
         assert "note: --gpus 1 asked for GPUs but the cluster has none: planned for the CPU instead" in result.stderr
@@ -77,7 +79,7 @@ def test_gpus_planned_on_the_cpu_say_so_and_two_stores_keep_their_logs_apart(
     for db, document in zip(stores, queued):
         job = wait_until_ended(db, 1)
         assert job.log_path == document["log"] and Path(job.log_path).is_file()
-        shown = run_llmplan("logs", "1", "--db", db)
+        shown = run_llmplan_here("logs", "1", "--db", db)
         assert shown.returncode == 0 and shown.stdout == Path(document["log"]).read_text()
 
 

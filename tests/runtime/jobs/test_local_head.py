@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,6 +47,16 @@ def session_of(head_file: Path) -> Path:
     raise AssertionError(f"no gcs_server under pid {pid}")
 
 
+def kill_head(head_file: Path) -> None:
+    """Kill a local head at once, with everything under it (`stop_local_head` gives Ray up to 10 s to drain)."""
+    if not head_file.exists():
+        return
+    pid = json.loads(head_file.read_text())["pid"]
+    for process in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+
+
 @pytest.fixture
 def two_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
     """Two llmplan local heads (two head files, as two users' settings or two `LLMPLAN_RAY_HEAD_FILE`s give)."""
@@ -57,8 +69,7 @@ def two_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
         yield files
     finally:
         for head_file in files:
-            monkeypatch.setenv(HEAD_FILE_ENV, str(head_file))
-            stop_local_head()
+            kill_head(head_file)
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -83,9 +94,13 @@ def test_each_local_head_keeps_its_own_temp_dir_and_is_joined_after_another_stop
 def test_generate_prints_no_ray_lines(tiny_llama: Path, tmp_path: Path) -> None:
     """Every `generate` printed Ray's "Token authentication is enabled..." (and its other log lines) among
     llmplan's; they go to the log file next to the head file."""
-    done = llmplan("generate", str(tiny_llama), "hello there", "--max-new-tokens", "2",
-                   env={HEAD_FILE_ENV: str(tmp_path / "ray-head"), "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}",
-                        "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs")})
+    head_file = tmp_path / "ray-head"
+    try:
+        done = llmplan("generate", str(tiny_llama), "hello there", "--max-new-tokens", "2",
+                       env={HEAD_FILE_ENV: str(head_file), "LLMPLAN_DB": f"sqlite:///{tmp_path / 'jobs.db'}",
+                            "LLMPLAN_JOBS_DIR": str(tmp_path / "jobs")})
+    finally:  # the head `generate` started (and its warm replica) would idle through the rest of the session
+        kill_head(head_file)
     assert done.returncode == 0, done.stderr
     for ray_line in ("Token authentication", "Ray instance", "(raylet)", "\x1b["):
         assert ray_line not in done.stderr, done.stderr

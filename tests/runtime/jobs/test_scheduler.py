@@ -34,8 +34,8 @@ from llmplan.runtime.store.status import ErrorClass  # noqa: E402
 from llmplan.runtime.train.train import TEST_OOM_ENV  # noqa: E402
 from llmplan.runtime.train.train_config import DataConfig, TrainConfig  # noqa: E402
 
-from ..conftest import TEST_CACHE  # noqa: E402
-from ..ray_nodes import RayNode, free_port, start_node  # noqa: E402
+from ..conftest import TEST_CACHE, run_llmplan_here  # noqa: E402
+from ..ray_nodes import RayNode, free_port, joined, start_node  # noqa: E402
 
 GIB = 2**30
 LLMPLAN = str(Path(sys.executable).with_name("llmplan"))
@@ -51,16 +51,23 @@ class Site:
     node: RayNode
     model: Path
     data: Path
+    joined: bool = False  # this process has joined the node's cluster (`ray_nodes.joined`): commands run here
 
     @property
     def db(self) -> str:
         return f"sqlite:///{self.tmp / 'jobs.db'}"
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "LLMPLAN_DB": self.db, "LLMPLAN_JOBS_DIR": str(self.tmp / "jobs"),
+    def llmplan_env(self) -> dict[str, str]:
+        return {"LLMPLAN_DB": self.db, "LLMPLAN_JOBS_DIR": str(self.tmp / "jobs"),
                 "LLMPLAN_RAY_ADDRESS": self.node.address, "LLMPLAN_CACHE": str(TEST_CACHE)}
 
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.llmplan_env()}
+
     def llmplan(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        """`llmplan ARGS`: in a process of its own, or here once this process has joined the cluster."""
+        if self.joined:
+            return run_llmplan_here(*args, env=self.llmplan_env())
         return subprocess.run([LLMPLAN, *args], capture_output=True, text=True, env=self.env(), timeout=timeout)
 
     def cluster(self) -> dict[str, Any]:
@@ -142,9 +149,16 @@ def gpu_site(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_al
         node.kill()
 
 
+@pytest.fixture
+def joined_gpu_site(gpu_site: Site) -> Iterator[Site]:
+    """`gpu_site`, with this test process joined to its cluster: its commands run here."""
+    with joined(gpu_site.node.address):
+        yield dataclasses.replace(gpu_site, joined=True)
+
+
 # ---- queueing -----------------------------------------------------------------------------------------
-def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site: Site) -> None:
-    site = gpu_site
+def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site
     blocker = site.queue(gpu_gib=16, steps=FOREVER, name="blocker")
     site.cluster()  # starts the scheduler
     site.wait(blocker, status_is(JobStatus.RUNNING))
@@ -183,8 +197,8 @@ def test_jobs_wait_for_gpu_memory_and_start_by_priority_then_submission(gpu_site
     assert "step 2: loss " in log.stdout, log.stdout  # each logged optimizer step, from the driver
 
 
-def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: Site) -> None:
-    site = gpu_site  # one 24 GiB GPU
+def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site  # one 24 GiB GPU
     llama_7b = site.tmp / "llama-2-7b"  # its config and a weights file: nothing is loaded before the refusal
     llama_7b.mkdir(exist_ok=True)
     (llama_7b / "config.json").write_text(json.dumps({
@@ -202,8 +216,8 @@ def test_a_plan_the_cluster_could_never_hold_is_refused_at_submission(gpu_site: 
     assert site.cluster()["queued"] == 0
 
 
-def test_out_of_memory_is_replanned_with_more_headroom_and_retried(gpu_site: Site) -> None:
-    site = gpu_site
+def test_out_of_memory_is_replanned_with_more_headroom_and_retried(joined_gpu_site: Site) -> None:
+    site = joined_gpu_site
     first = site.queue(gpu_gib=None, steps=2, micro_batch=2, name="oom")
     site.cluster()
     failed = site.wait(first, ended)
@@ -267,9 +281,15 @@ def test_after_a_ray_restart_lost_jobs_fail_and_checkpointed_training_resumes(
         site.node.kill()
 
 
+# The head's GCS declares a node dead after `failure_threshold` failed health checks `period_ms` apart: Ray's
+# defaults (5 x 3 s) keep the test waiting 15 s for a killed node; a killed raylet fails each check at once, while
+# a slow one still has the default 10 s timeout per check before it counts as failed.
+QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+
+
 def test_a_job_on_a_worker_node_that_dies_fails_as_infrastructure(
         tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
-    head = start_node(cpus=2)
+    head = start_node(cpus=2, env=QUICK_NODE_DEATH)
     worker = start_node(head_address=head.address, cpus=2, gpus=1, gpu_mib=24 * 1024)
     site = Site(tmp_path, head, tiny_llama, tiny_alpaca)
     try:
@@ -297,14 +317,11 @@ TRAIN_ACTORS = frozenset({"TrainController", "RayTrainWorker", "PlacementGroupCl
 
 @pytest.fixture
 def ray_client(ray_head: RayNode) -> Iterator[Any]:
-    """This test process joined to the session's cluster, to read Ray's own tables."""
+    """This test process joined to the session's cluster, to read Ray's own tables (and run its commands here)."""
     import ray
 
-    ray.init(address=ray_head.address, log_to_driver=False, configure_logging=False)
-    try:
+    with joined(ray_head.address):
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def reserved_groups(ray: Any) -> set[str]:
@@ -336,7 +353,7 @@ def test_cancelled_and_dead_drivers_leave_no_placement_group_or_actor(
     driver killed by SIGKILL, each once its workers have their group, then a fifth job runs, and nothing of
     theirs is left reserved or alive."""
     ray = ray_client
-    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca)
+    site = Site(tmp_path, ray_head, tiny_llama, tiny_alpaca, joined=True)
     groups_before, actors_before = reserved_groups(ray), live_train_actors(ray)
     seen = set(groups_before)
 

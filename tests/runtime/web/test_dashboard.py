@@ -42,6 +42,8 @@ STARTED = re.compile(r"llmplan dashboard on (http://\S+?)/?\s")
 # A fine-tuning run small enough for a CPU: SmolLM2 LoRA, short sequences, two sequences a step.
 SMALL_RUN = {"model": "smollm2-135m-instruct", "method": "lora", "precision": "fp32", "micro-batch": "2",
              "grad-accum": "1", "seq-len": "64"}
+TINY_MODEL = "tiny-llama"  # the browser's run trains, merges and chats with the tiny Llama: the page's flow is the
+# subject, and SmolLM2 would add its loads, steps and a 0.5 GB merge to it
 HUMAN_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # local time to the second
 ENDED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
@@ -85,13 +87,14 @@ def without_root_reads() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dashboard(ray_head, smollm2, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
-    """`llmplan ui --root ROOT --port 0` (ROOT holding the example data as train.jsonl), submitting to the
-    session's Ray cluster; SmolLM2 is in the shared test cache."""
+def dashboard(ray_head, smollm2, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    """`llmplan ui --root ROOT --port 0` (ROOT holding the example data as train.jsonl and the tiny Llama as
+    tiny-llama/), submitting to the session's Ray cluster; SmolLM2 is in the shared test cache."""
     base = tmp_path_factory.mktemp("dashboard")
     root = base / "root"
     root.mkdir()
     shutil.copyfile(EXAMPLE_DATA, root / "train.jsonl")
+    shutil.copytree(tiny_llama, root / TINY_MODEL)
     site = Dashboard(url="", root=root, db=f"sqlite:///{base / 'jobs.db'}")
     env = {**os.environ, "LLMPLAN_DB": site.db, "LLMPLAN_JOBS_DIR": str(base / "jobs"),
            "LLMPLAN_CACHE": str(TEST_CACHE), **ray_head.client_env(),
@@ -215,7 +218,7 @@ def test_a_job_submitted_from_a_plan_candidate_runs_and_shows_its_loss_curve(das
         page.element("#submit-form button[type=submit]").click()
         page.wait(lambda: "outside the folders" in page.text('.field-error[data-field="data"]'))
 
-        page.fill({**SMALL_RUN, "data": "train.jsonl", "max-steps": "4",
+        page.fill({**SMALL_RUN, "model": str(dashboard.root / TINY_MODEL), "data": "train.jsonl", "max-steps": "4",
                    "output": "out/browser"})
         page.element("#data-preview-button").click()  # the data set as the job will read it
         records = len(EXAMPLE_DATA.read_text().splitlines())

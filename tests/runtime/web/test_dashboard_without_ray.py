@@ -24,7 +24,7 @@ from ..conftest import TEST_CACHE  # noqa: E402
 from ..ray_nodes import start_node  # noqa: E402
 from .test_dashboard import EXAMPLE_DATA, LLMPLAN, SMALL_RUN, Dashboard, wait_for_address  # noqa: E402
 
-RECONNECT_TIMEOUT_S = 3  # Ray's own limit for a driver, set low for the dashboard's process
+RECONNECT_TIMEOUT_S = 1  # Ray's own limit for a driver, set low for the dashboard's process
 
 
 def placed_job(db: str) -> int:
