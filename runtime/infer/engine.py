@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .generation import Finished
+from .generation import Finished, InferenceError
 
 # Where the slots engine cannot run, when "auto" takes which other engine, from the H200 runs (BENCHMARKS.md, "Inference engines"; 7B shape, bf16):
 # the compiled static-cache path decodes 64 rows in 9.5 ms a step but compiles for ~30 s first; the continuous
@@ -50,6 +50,8 @@ def choose(requested: str, *, device: torch.device, quantized: bool, sharded: bo
     `slots_refusal` is `slots.supports(model)`: None when the slots engine can run the model."""
     if prompts == 0:
         return "generate"
+    if requested == "slots" and slots_refusal is not None:
+        raise InferenceError(f"the slots engine cannot run this model ({slots_refusal}): use --engine auto")
     if requested != "auto":
         return requested
     if device.type == "cuda" and not sharded and slots_refusal is None:

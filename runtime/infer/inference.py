@@ -328,9 +328,6 @@ def _finished(generator: Generator, encoded: list[list[int]],
 def _run_engine(engine: str, generator: Generator, encoded: list[list[int]], settings: GenerationSettings,
                 first_token: list[float]) -> Iterator[Finished]:
     if engine == "slots":
-        refusal = slots.supports(generator.model)
-        if refusal is not None:
-            raise InferenceError(f"the slots engine cannot run this model ({refusal}): use --engine auto")
         return slots.generate(generator.model, encoded, settings, stop_ids=sorted(generator.stop_token_ids),
                               decoders=generator.decoders)
     if engine == "continuous":
