@@ -64,13 +64,6 @@ def cache_len(longest_prompt: int, max_new_tokens: int) -> int:
     return slots_cache_len(longest_prompt, max_new_tokens)
 
 
-def kv_cache_bytes(model_config: Any, slots: int, positions: int, bytes_per_value: int) -> int:
-    """What the static cache takes: keys and values, every layer, every slot, every position."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    heads, head_dim = _kv_shape(config)
-    return 2 * config.num_hidden_layers * slots * heads * positions * head_dim * bytes_per_value
-
-
 class Decoders:
     """The captured decoder of a loaded model, kept between calls: a later call with as many slots and a cache
     length it holds (a server's next batch, the next file of prompts) reuses its cache and graphs instead of

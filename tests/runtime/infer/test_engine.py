@@ -145,14 +145,17 @@ def test_a_later_call_that_fits_reuses_the_slots_decoder_and_another_shape_repla
     assert tiny.decoders.current is not longest and tiny.decoders.current.slots == 3
 
 
-def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks() -> None:
+def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks(tiny) -> None:
     from llmplan.runtime.infer import slots
 
     assert slots.cache_len(100, 256) == 384  # 356 positions -> 6 blocks of 64
-    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                                      num_hidden_layers=32)
-    # keys and values x 32 layers x 8 slots x 8 KV heads x 384 positions x 128 dims x 2 bytes
-    assert slots.kv_cache_bytes(config, 8, 384, 2) == 2 * 32 * 8 * 8 * 384 * 128 * 2
+    # What a decoder really allocates (the planner counts the same: tests/planner/test_estimator.py):
+    # keys and values x layers x 8 slots x KV heads x 384 positions x head dims x 4 bytes (fp32)
+    config = tiny.model.config
+    heads, head_dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    decoder = slots._Decoder(tiny.model, slots=8, length=slots.cache_len(100, 256))
+    allocated = sum(t.numel() * t.element_size() for layer in decoder.cache.layers for t in (layer.keys, layer.values))
+    assert allocated == 2 * config.num_hidden_layers * 8 * heads * 384 * head_dim * 4
 
 
 def test_the_kv_cache_is_sized_by_the_call_in_whole_pages() -> None:
