@@ -194,6 +194,7 @@ def through_engine(path: str, texts: list[str], batch: int, new: int) -> dict:
             "longest_prompt_tokens": longest, "estimated_peak_bytes": estimate_for("none", batch, longest, new),
             "generated_tokens": report.generated_tokens, "prompt_tokens": report.prompt_tokens,
             "first_token_seconds": report.first_token_seconds, "engine": report.engine,
+            "slots_step": generator.decoders.current.step_kind if report.engine == "slots" else None,
             "peak_reserved_bytes": report.peak_reserved_bytes}
 
 

@@ -24,6 +24,7 @@ Mistral without a sliding window shorter than the cache, Qwen2, Qwen3), in 16 or
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import time
@@ -38,6 +39,7 @@ from llmplan.planner.request import SLOTS_MODEL_TYPES
 from llmplan.planner.request import SLOTS_PREFILL_TOKENS as PREFILL_TOKENS
 from llmplan.planner.request import slots_cache_len
 
+from . import slot_step
 from .generation import Finished, GenerationSettings
 
 REFILL_SHARE = 4  # refill once 1/REFILL_SHARE of the slots are free (or the waiting prompts all fit)
@@ -73,11 +75,16 @@ class Decoders:
     def __init__(self) -> None:
         self._kept: _Decoder | None = None
 
-    def get(self, model: Any, slots: int, length: int) -> _Decoder:
+    def get(self, model: Any, slots: int, length: int, planned_steps: int = 0) -> _Decoder:
+        """A decoder of `slots` slots holding `length` positions each; `planned_steps` (waves x max_new_tokens)
+        says whether compiling its step pays (`default_step`); a kept compiled one is always reused."""
         kept = self._kept
-        if kept is None or kept.model is not model or kept.slots != slots or kept.length < length:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        step = default_step(base, base.device, planned_steps)
+        if (kept is None or kept.model is not model or kept.slots != slots or kept.length < length
+                or kept.step_kind not in (step, "compiled")):
             self._kept = None  # free the old cache before allocating the new one
-            kept = self._kept = _Decoder(model, slots=slots, length=length)
+            kept = self._kept = _Decoder(model, slots=slots, length=length, step=step)
         return kept
 
     @property
@@ -93,8 +100,10 @@ def generate(model: Any, encoded: Sequence[list[int]], settings: GenerationSetti
     """Yield each prompt's generated ids (stop token included) as it finishes, in any order."""
     if not encoded:
         return
-    decoder = decoders.get(model, slots=min(settings.batch_size, len(encoded)),
-                           length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens))
+    slot_count = min(settings.batch_size, len(encoded))
+    decoder = decoders.get(model, slots=slot_count,
+                           length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens),
+                           planned_steps=math.ceil(len(encoded) / slot_count) * settings.max_new_tokens)
     decoder.reset()
     sampler = None if settings.greedy else _Sampler(settings, decoder.device)
     yield from _Schedule(decoder, sampler, encoded, settings, frozenset(stop_ids)).run()
@@ -153,6 +162,36 @@ def _text_config(model: Any) -> Any:
     return model.config.get_text_config()
 
 
+STEP_KINDS = ("transformers", "fused", "compiled", "liger")
+# Compiling the step (slot_step.compiled_kernels) costs 5.6 s on a fresh machine and 2.4-2.9 s for another slot
+# count (Inductor's cache on disk), and saves 0.4-0.5 ms a step against Liger's kernels, 2.3-3.7 ms against the
+# eager step (H200, 7B, 8-256 slots: benchmarks/results/slots-probe-h200.jsonl). From this many planned steps
+# (waves of prompts x max_new_tokens) it is paid back against the eager step on a fresh machine, and against
+# Liger's kernels with the cache warm at 8 slots; below it the step runs on Liger's kernels (eager without them).
+COMPILE_MIN_STEPS = 2048
+
+
+def default_step(base: Any, device: torch.device, planned_steps: int) -> str:
+    """The written-out step with fused projections where it runs the model (slot_step.supports); on CUDA compiled
+    for a long call, on Liger's kernels otherwise; transformers' forward for anything else (a model with
+    adapters: LoRA layers stay as they are)."""
+    if slot_step.supports(base) is not None:
+        return "transformers"
+    if device.type != "cuda":
+        return "fused"
+    if planned_steps >= COMPILE_MIN_STEPS:
+        return "compiled"
+    return "liger" if importlib.util.find_spec("liger_kernel") is not None else "fused"
+
+
+def _step_kernels(kind: str) -> slot_step.StepKernels | None:
+    if kind == "compiled":
+        return slot_step.compiled_kernels()
+    if kind == "liger":
+        return slot_step.liger_kernels()
+    return None if kind == "transformers" else slot_step.EAGER
+
+
 # ---- one decode step, captured ------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Captured:
@@ -168,10 +207,13 @@ class _Decoder:
     times as much at 256 (benchmarks/results/slots-probe-h200.jsonl). Each `visible` is its own graph, captured
     the first time a call reaches it, in one memory pool."""
 
-    def __init__(self, model: Any, *, slots: int, length: int) -> None:
+    def __init__(self, model: Any, *, slots: int, length: int, step: str | None = None) -> None:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.device = self.base.device
+        self.step_kind = step or default_step(self.base, self.device, planned_steps=0)
+        self.fused = None if self.step_kind == "transformers" else slot_step.fuse_projections(self.base)
+        self.kernels = _step_kernels(self.step_kind)
         self.slots = slots
         self.length = length
         self.write_at = torch.full((slots,), length - 1, dtype=torch.long, device=self.device)
@@ -179,6 +221,8 @@ class _Decoder:
         self.next = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.arange(length, device=self.device)
         self.cache = _slot_cache(self.base, slots, length, self.write_at)
+        self.caches = [(layer.keys, layer.values) for layer in self.cache.layers]
+        self.rows = self.cache.layers[0].rows
         self.cache_kwarg = _cache_keyword(self.base)
         self.logits: torch.Tensor | None = None
         self.graphs: dict[int, _Captured] = {}
@@ -201,9 +245,13 @@ class _Decoder:
 
     def _step(self, visible: int) -> None:
         mask = (self.positions[None, :visible] <= self.write_at[:, None])[:, None, None, :]
-        out = self.model(input_ids=self.tokens[:, None], position_ids=self.write_at[:, None], attention_mask=mask,
-                         use_cache=True, **{self.cache_kwarg: self.cache})
-        self.logits = out.logits[:, -1]
+        if self.fused is not None:
+            self.logits = slot_step.logits_step(self.fused, self.kernels, self.tokens, self.caches, self.rows,
+                                                self.write_at, mask, visible)
+        else:
+            out = self.model(input_ids=self.tokens[:, None], position_ids=self.write_at[:, None],
+                             attention_mask=mask, use_cache=True, **{self.cache_kwarg: self.cache})
+            self.logits = out.logits[:, -1]
         self.next.copy_(self.logits.argmax(dim=-1))
         self.write_at.add_(1).clamp_(max=self.length - 1)
 
