@@ -118,15 +118,17 @@ def fit_generation(runs: list[dict]) -> dict[str, float]:
 
 
 # ---- the slots engine ----------------------------------------------------------------------------------------
-def slots_runs(path: Path = ENGINE_RESULTS) -> list[dict]:
-    """The engine's runs with attention over the positions in use: the last of each (slots, prompts) case of one
-    call (the fourth: without Liger's layer kernels, which the fifth call measured for three cases only)."""
-    latest: dict[tuple[int, int], dict] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("path") == "slots" and not row.get("liger_layers"):
-            latest[(row["batch"], row["prompts"])] = row
-    return list(latest.values())
+SLOTS_STEP_RESULTS = Path(__file__).resolve().parent / "results" / "slots-step-engine-h200.jsonl"
+
+
+def slots_runs(path: Path = ENGINE_RESULTS, forced: Path = SLOTS_STEP_RESULTS) -> list[dict]:
+    """The engine's runs of the written-out step: the one run of the four cases (the step compiled or on Liger's
+    kernels as the engine chose), and the batch-8 case with Liger's kernels forced (a case the engine compiles
+    in that run). The run with the compiled step forced is left out: its compile found Inductor's cache warm."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows += [json.loads(line) for line in forced.read_text().splitlines()]
+    return [row for row in rows if row.get("path") == "slots" and row.get("slots_step")
+            and not (row.get("step_forced") and row["slots_step"] == "compiled")]
 
 
 def slots_request(run: dict) -> EstimateRequest:
@@ -140,19 +142,47 @@ def slots_predicted_tokens_per_s(run: dict) -> float:
     return tp.generation_throughput(slots_request(run), H200, prompts=run["prompts"]).tokens_per_s
 
 
+SLOTS_PROBE = Path(__file__).resolve().parent / "results" / "slots-step-probe-h200.jsonl"
+
+
+def fit_slots_step(path: Path = SLOTS_PROBE) -> dict[str, float]:
+    """A captured step (the probe's replays, compiled and on Liger's kernels) = weights / bandwidth + KV bytes /
+    (bandwidth x efficiency) + layers x the step kind's cost per layer."""
+    rates = tp.card_rates(H200, Precision.BF16_TRUE)
+    rows, targets, fixed = [], [], []
+    for probe in map(json.loads, path.read_text().splitlines()):
+        if probe["step"] not in ("compiled", "liger"):
+            continue
+        req = slots_request({"batch": probe["slots"], "longest_prompt_tokens": 12, "max_new_tokens": 256})
+        kv = probe["slots"] * probe["visible"] * req.model.kv_cache_bytes_per_token(req.precision.compute_bytes)
+        layers = req.model.num_layers
+        rows.append([kv / rates.bandwidth, layers if probe["step"] == "liger" else 0.0,
+                     layers if probe["step"] == "compiled" else 0.0])
+        targets.append(probe["replay_ms"] / 1e3)
+        fixed.append(tp._weights_read_per_step(req) / rates.bandwidth)
+    inv_e, layer, compiled_layer = solve(rows, targets, fixed)
+    return {"SLOTS_BANDWIDTH_EFFICIENCY": 1 / inv_e, "SLOTS_LAYER_STEP_S": layer,
+            "SLOTS_COMPILED_LAYER_STEP_S": compiled_layer}
+
+
 def fit_slots(runs: list[dict]) -> dict[str, float]:
-    """Wall time of a call = steps x (bytes / (bandwidth x efficiency) + layers x kernel cost) + eager layer
-    passes x their cost + the prefill's FLOPs (every fitted run is memory bound: checked by the table)."""
+    """Wall time of a call = steps x the step (the committed step constants, fitted on the probe) + eager layer
+    passes x their cost + the prefill's FLOPs + the compile (every fitted run is memory bound: checked by the
+    table)."""
     rates = tp.card_rates(H200, Precision.BF16_TRUE)
     rows, targets, fixed = [], [], []
     for run in runs:
         work = tp.slots_work(slots_request(run), run["prompts"])
-        rows.append([work.steps * work.bytes_per_step / rates.bandwidth, work.steps * work.layers,
-                     work.eager_layer_passes])
+        compiled = run["slots_step"] == "compiled"
+        layer_s = tp.SLOTS_COMPILED_LAYER_STEP_S if compiled else tp.SLOTS_LAYER_STEP_S
+        step = ((work.weight_bytes_per_step + work.kv_bytes_per_step / tp.SLOTS_BANDWIDTH_EFFICIENCY) / rates.bandwidth
+                + work.layers * layer_s)
+        rows.append([work.eager_layer_passes])
         targets.append(run["wall_seconds"])
-        fixed.append(work.prefill_flops / (rates.flops * tp.MATMUL_EFFICIENCY))
-    inv_e, layer, eager = solve(rows, targets, fixed)
-    return {"SLOTS_BANDWIDTH_EFFICIENCY": 1 / inv_e, "SLOTS_LAYER_STEP_S": layer, "SLOTS_EAGER_LAYER_S": eager}
+        fixed.append(work.steps * step + work.prefill_flops / (rates.flops * tp.MATMUL_EFFICIENCY)
+                     + (tp.SLOTS_COMPILE_S if compiled else 0.0))
+    (eager,) = solve(rows, targets, fixed)
+    return {**fit_slots_step(), "SLOTS_EAGER_LAYER_S": eager}
 
 
 def slots_table(runs: list[dict]) -> tuple[str, list[float]]:

@@ -6,6 +6,8 @@ Every choice is a `str` enum so that it prints, parses and serialises as the tex
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -112,6 +114,19 @@ LIGER_MIN_COMPUTE_CAPABILITY = (7, 0)
 SLOTS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 SLOTS_CACHE_ALIGN = 64  # cache positions per slot, rounded up to this
 SLOTS_PREFILL_TOKENS = 8192  # padded prompt tokens one prefill forward of the slots engine takes in
+
+
+# Compiling the slots engine's decode step (runtime/infer/slot_step.py) costs 5.6 s on a fresh machine and 2.4-2.9 s
+# for another slot count (Inductor's cache on disk), and saves 0.4-0.5 ms a step against Liger's kernels, 2.3-3.7 ms
+# against the eager step (H200, 7B, 8-256 slots: benchmarks/results/slots-step-probe-h200.jsonl). From this many
+# planned steps (waves of prompts x max_new_tokens) it is paid back against the eager step on a fresh machine, and
+# against Liger's kernels with the cache warm at 8 slots; below it the step runs on Liger's kernels.
+SLOTS_COMPILE_MIN_STEPS = 2048
+
+
+def slots_compile_step(prompts: int, slots: int, max_new_tokens: int) -> bool:
+    """Whether the slots engine compiles its decode step for a call of `prompts` on `slots` slots."""
+    return math.ceil(prompts / slots) * max_new_tokens >= SLOTS_COMPILE_MIN_STEPS
 
 
 def slots_cache_len(prompt_len: int, max_new_tokens: int) -> int:

@@ -40,13 +40,17 @@ Generation on the slots engine (runtime/infer/slots.py: `EstimateRequest.slots_e
 on S slots, every sequence taken to max_new_tokens (N): ceil(P / S) waves of N - 1 captured decode steps (a
 refill's prefill gives each sequence its first token). The step runs every slot, busy or not, and is replayed
 from a CUDA graph, so there is no host term per step:
-  step = max((weights + S x visible x KV bytes per position) / (bandwidth x efficiency), FLOPs / (peak x eff.))
-         + layers x a fitted kernel cost per layer (the step's many small kernels: norms, RoPE, casts, GEMV tails)
+  step = max(weights / bandwidth + S x visible x KV bytes per position / (bandwidth x efficiency),
+             FLOPs / (peak x eff.))
+         + layers x a fitted kernel cost per layer (what the weights' GEMMs take past their bytes, and the step's
+           small kernels: norms, RoPE, cache writes, attention's fixed part), one for the compiled step and one
+           for the step on Liger's kernels
+  The step is compiled when the call is long enough (`slots_compile_step`): the compile is one more term.
   visible: the cache positions attention reads, the furthest slot's rounded up to SLOTS_CACHE_ALIGN, averaged
   over a wave's steps. Per call: the prefills (eager forwards of up to SLOTS_PREFILL_TOKENS padded prompt tokens,
   host bound: a cost per layer, plus their FLOPs), and one capture per visible length reached (two eager warm-up
-  passes and the captured one). On the H200 the step of the 7B shape is 8.4 ms at 8 slots and 19 ms at 256,
-  against 58 ms for HF generate's.
+  passes and the captured one). On the H200 the compiled step of the 7B shape is 4.8 ms at 8 slots and 13.9 ms
+  at 256, against 7.6 and 17.6 for transformers' forward captured the same way and 58 ms for HF generate's.
 
 Fitted constants come from `benchmarks/results/memory-h200.jsonl` (the slots engine's from
 `benchmarks/results/engine-h200.jsonl`) (NVIDIA H200, torch 2.11,
@@ -75,6 +79,7 @@ from .gpus import GpuSpec
 from .models import ModelSpec
 from .request import (
     SLOTS_CACHE_ALIGN,
+    SLOTS_COMPILE_MIN_STEPS,
     SLOTS_PREFILL_TOKENS,
     EstimateRequest,
     Method,
@@ -85,6 +90,7 @@ from .request import (
     Quant,
     Task,
     slots_cache_len,
+    slots_compile_step,
 )
 
 # ---- fitted on the H200 runs (benchmarks/fit_throughput.py) -----------------------------------------
@@ -122,19 +128,22 @@ NF4_LINEAR_CALL_S = 0.000034
 # 36 ms at 2B nf4): its fixed part, fitted on those two runs. Likely cause: its hybrid (static-shape)
 # cache, which avoids DynamicCache's per-layer concatenation; not established.
 HYBRID_CACHE_STEP_OVERHEAD_S = 0.010
-# The slots engine (fitted on the four runs of the current engine in benchmarks/results/engine-h200.jsonl, 7B
-# shape, 8-256 slots, 64-2,048 prompts; the step's split is the probe's, benchmarks/results/slots-probe-h200.jsonl).
-# Share of the card's bandwidth a captured step reads its weights and KV cache at: the KV term's slope (the
-# step grows 10.8 ms from 8 to 256 slots at ~194 visible positions) lumps in the elementwise work that grows
-# with the slots too (the probe: 7.7 ms of non-attention kernels at 8 slots, 10.9 ms at 256).
-SLOTS_BANDWIDTH_EFFICIENCY = 0.56
-# Per decoder layer and captured step, whatever the slots: the step's kernels (two dozen a layer) past what
-# their bytes explain (the probe's step at 8 slots: 7.7 ms, the weights' read 2.9 ms).
-SLOTS_LAYER_STEP_S = 0.000079
+# The slots engine's step, fitted on the probe's captured steps (benchmarks/results/slots-step-probe-h200.jsonl:
+# 7B shape, 8, 64 and 256 slots at 192 visible positions, compiled and on Liger's kernels). The weights' bytes
+# are the same at every slot count, so their read and the per-layer cost cannot be told apart: the weights are
+# counted at the full bandwidth and the per-layer cost takes the rest.
+# Share of the bandwidth the KV cache is read at (attention at decode: one query row per KV head and slot).
+SLOTS_BANDWIDTH_EFFICIENCY = 0.57
+# Per decoder layer and captured step: on Liger's kernels (about 20 a layer) and compiled (about 15).
+SLOTS_LAYER_STEP_S = 0.000062
+SLOTS_COMPILED_LAYER_STEP_S = 0.0000475
 # Per decoder layer and eager pass (a refill's prefill forward, a capture's warm-up and captured passes): host
-# bound like HF's forward; a capture's passes also pay the graph's instantiation, which is why this is above
-# the probe's eager step (22-28 ms for 32 layers).
+# bound like HF's forward; a capture's passes also pay the graph's instantiation. Fitted on the engine's runs
+# (benchmarks/results/engine-h200.jsonl, the step's constants above held).
 SLOTS_EAGER_LAYER_S = 0.0022
+# Compiling the step (Inductor, both parts of a layer) on a fresh machine: the probe's first compiled step at
+# 8 slots (5.6 s; 2.4-2.9 s for another slot count once Inductor's cache is on disk). Measured, not fitted.
+SLOTS_COMPILE_S = 5.6
 
 # ---- first principles (not fitted) ------------------------------------------------------------------
 # Logits and loss traffic per logit: write fp32 upcast (4), log-softmax read + write (8), backward reads
@@ -595,12 +604,14 @@ class SlotsWork:
     waves: int  # refills of every slot: all sequences run max_new_tokens, so they finish together
     steps: int  # captured decode steps
     visible: float  # cache positions attention reads, averaged over a wave's steps
-    bytes_per_step: float  # weights + every slot's KV cache over the visible positions
+    weight_bytes_per_step: float
+    kv_bytes_per_step: float  # every slot's KV cache over the visible positions
     flops_per_step: float
     prefill_forwards: int
     prefill_flops: float
     graphs: int  # visible lengths captured
     layers: int
+    compiled: bool  # the step compiled (slots_compile_step)
 
     @property
     def eager_layer_passes(self) -> int:
@@ -634,12 +645,14 @@ def slots_work(req: EstimateRequest, prompts: int) -> SlotsWork:
         waves=waves,
         steps=waves * len(visible),
         visible=average,
-        bytes_per_step=_weights_read_per_step(req) + kv_read,
+        weight_bytes_per_step=_weights_read_per_step(req),
+        kv_bytes_per_step=kv_read,
         flops_per_step=slots * (2 * n + attention_flops_per_token(m, average)),
         prefill_forwards=_prefill_forwards(prompts, slots, req.prompt_len),
         prefill_flops=prompts * req.prompt_len * (2 * n + attention_flops_per_token(m, req.prompt_len / 2)),
         graphs=len(set(visible)),
         layers=m.num_layers,
+        compiled=slots_compile_step(prompts, slots, req.max_new_tokens),
     )
 
 
@@ -647,10 +660,10 @@ def slots_throughput(req: EstimateRequest, gpu: GpuSpec, prompts: int, replicas:
     """Generated tokens per second of the slots engine: `prompts` per copy on `req.micro_batch_size` slots."""
     rates = card_rates(gpu, req.precision)
     work = slots_work(req, prompts)
-    memory_s = work.bytes_per_step / (rates.bandwidth * SLOTS_BANDWIDTH_EFFICIENCY)
+    memory_s = (work.weight_bytes_per_step + work.kv_bytes_per_step / SLOTS_BANDWIDTH_EFFICIENCY) / rates.bandwidth
     compute_s = work.flops_per_step / (rates.flops * MATMUL_EFFICIENCY)
     bound = "memory bound" if memory_s >= compute_s else "compute bound"
-    kernels_s = work.layers * SLOTS_LAYER_STEP_S
+    kernels_s = work.layers * (SLOTS_COMPILED_LAYER_STEP_S if work.compiled else SLOTS_LAYER_STEP_S)
     eager_s = SLOTS_EAGER_LAYER_S * work.layers
     waves = f"{work.waves} wave{'s' if work.waves > 1 else ''} of {work.slots} slots"
     terms = (
@@ -658,10 +671,14 @@ def slots_throughput(req: EstimateRequest, gpu: GpuSpec, prompts: int, replicas:
                  f"{work.prefill_forwards} eager forward{'s' if work.prefill_forwards > 1 else ''} of up to "
                  f"{SLOTS_PREFILL_TOKENS:,} prompt tokens, {eager_s * 1e3:.0f} ms each plus the FLOPs"),
         TimeTerm("decode: weights and KV cache", work.steps * max(memory_s, compute_s),
-                 f"{work.steps} captured steps ({waves}), {bound}: weights and {work.visible:.0f} cache positions "
-                 f"a slot at {SLOTS_BANDWIDTH_EFFICIENCY:.0%} of the bandwidth"),
+                 f"{work.steps} captured steps ({waves}), {bound}: the weights at the bandwidth, {work.visible:.0f} "
+                 f"cache positions a slot at {SLOTS_BANDWIDTH_EFFICIENCY:.0%} of it"),
         TimeTerm("decode: step kernels", work.steps * kernels_s,
-                 f"{kernels_s * 1e3:.1f} ms per step, measured (a graph replay of the step's small kernels)"),
+                 f"{kernels_s * 1e3:.1f} ms per step, measured (a graph replay of the "
+                 f"{'compiled' if work.compiled else 'eager'} step's small kernels)"),
+        TimeTerm("step compile", SLOTS_COMPILE_S if work.compiled else 0.0,
+                 f"the step compiled once ({work.steps:,} steps: at least {SLOTS_COMPILE_MIN_STEPS:,})"
+                 if work.compiled else f"not compiled ({work.steps:,} steps: under {SLOTS_COMPILE_MIN_STEPS:,})"),
         TimeTerm("graph capture", work.graphs * SLOTS_CAPTURE_PASSES * eager_s,
                  f"{work.graphs} visible lengths, each captured once ({SLOTS_CAPTURE_PASSES} eager passes)"),
     )

@@ -37,7 +37,7 @@ import torch
 from llmplan.planner.request import SLOTS_CACHE_ALIGN as CACHE_ALIGN
 from llmplan.planner.request import SLOTS_MODEL_TYPES
 from llmplan.planner.request import SLOTS_PREFILL_TOKENS as PREFILL_TOKENS
-from llmplan.planner.request import slots_cache_len
+from llmplan.planner.request import slots_cache_len, slots_compile_step
 
 from . import slot_step
 from .generation import Finished, GenerationSettings
@@ -75,12 +75,12 @@ class Decoders:
     def __init__(self) -> None:
         self._kept: _Decoder | None = None
 
-    def get(self, model: Any, slots: int, length: int, planned_steps: int = 0) -> _Decoder:
-        """A decoder of `slots` slots holding `length` positions each; `planned_steps` (waves x max_new_tokens)
-        says whether compiling its step pays (`default_step`); a kept compiled one is always reused."""
+    def get(self, model: Any, slots: int, length: int, compile_step: bool = False) -> _Decoder:
+        """A decoder of `slots` slots holding `length` positions each, its step compiled when the call is long
+        enough to pay for it (`default_step`); a kept compiled one is always reused."""
         kept = self._kept
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        step = default_step(base, base.device, planned_steps)
+        step = default_step(base, base.device, compile_step)
         if (kept is None or kept.model is not model or kept.slots != slots or kept.length < length
                 or kept.step_kind not in (step, "compiled")):
             self._kept = None  # free the old cache before allocating the new one
@@ -103,7 +103,7 @@ def generate(model: Any, encoded: Sequence[list[int]], settings: GenerationSetti
     slot_count = min(settings.batch_size, len(encoded))
     decoder = decoders.get(model, slots=slot_count,
                            length=cache_len(max(len(ids) for ids in encoded), settings.max_new_tokens),
-                           planned_steps=math.ceil(len(encoded) / slot_count) * settings.max_new_tokens)
+                           compile_step=slots_compile_step(len(encoded), slot_count, settings.max_new_tokens))
     decoder.reset()
     sampler = None if settings.greedy else _Sampler(settings, decoder.device)
     yield from _Schedule(decoder, sampler, encoded, settings, frozenset(stop_ids)).run()
@@ -163,23 +163,15 @@ def _text_config(model: Any) -> Any:
 
 
 STEP_KINDS = ("transformers", "fused", "compiled", "liger")
-# Compiling the step (slot_step.compiled_kernels) costs 5.6 s on a fresh machine and 2.4-2.9 s for another slot
-# count (Inductor's cache on disk), and saves 0.4-0.5 ms a step against Liger's kernels, 2.3-3.7 ms against the
-# eager step (H200, 7B, 8-256 slots: benchmarks/results/slots-probe-h200.jsonl). From this many planned steps
-# (waves of prompts x max_new_tokens) it is paid back against the eager step on a fresh machine, and against
-# Liger's kernels with the cache warm at 8 slots; below it the step runs on Liger's kernels (eager without them).
-COMPILE_MIN_STEPS = 2048
-
-
-def default_step(base: Any, device: torch.device, planned_steps: int) -> str:
+def default_step(base: Any, device: torch.device, compile_step: bool) -> str:
     """The written-out step with fused projections where it runs the model (slot_step.supports); on CUDA compiled
-    for a long call, on Liger's kernels otherwise; transformers' forward for anything else (a model with
-    adapters: LoRA layers stay as they are)."""
+    for a long call (`slots_compile_step`), on Liger's kernels otherwise; transformers' forward for anything else
+    (a model with adapters: LoRA layers stay as they are)."""
     if slot_step.supports(base) is not None:
         return "transformers"
     if device.type != "cuda":
         return "fused"
-    if planned_steps >= COMPILE_MIN_STEPS:
+    if compile_step:
         return "compiled"
     return "liger" if importlib.util.find_spec("liger_kernel") is not None else "fused"
 
@@ -211,7 +203,7 @@ class _Decoder:
         self.model = model
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.device = self.base.device
-        self.step_kind = step or default_step(self.base, self.device, planned_steps=0)
+        self.step_kind = step or default_step(self.base, self.device, compile_step=False)
         self.fused = None if self.step_kind == "transformers" else slot_step.fuse_projections(self.base)
         self.kernels = _step_kernels(self.step_kind)
         self.slots = slots

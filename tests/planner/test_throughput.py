@@ -126,10 +126,19 @@ def test_constants_are_what_the_fit_script_derives() -> None:
 
 
 # ---- the slots engine ----------------------------------------------------------------------------------------
-def test_the_slots_fit_uses_the_current_engines_four_runs() -> None:
-    """The last run of each case: attention over the positions in use (the earlier ones read the whole cache)."""
-    assert sorted((run["batch"], run["prompts"]) for run in SLOTS_RUNS) == [(8, 64), (64, 256), (256, 256), (256, 2048)]
-    assert {round(run["tokens_per_s"]) for run in SLOTS_RUNS} == {951, 5123, 11533, 13494}
+def test_the_slots_fit_uses_the_written_out_steps_five_runs() -> None:
+    """The one run of the four cases (compiled where the call is long enough) and the batch-8 case on Liger's
+    kernels; not the earlier engine's runs (transformers' forward captured), nor the forced compiled run."""
+    assert sorted((run["batch"], run["prompts"], run["slots_step"]) for run in SLOTS_RUNS) == [
+        (8, 64, "compiled"), (8, 64, "liger"), (64, 256, "liger"), (256, 256, "liger"), (256, 2048, "compiled")]
+    assert {round(run["tokens_per_s"]) for run in SLOTS_RUNS} == {1020, 1048, 7897, 13173, 14741}
+
+
+def test_the_plan_compiles_the_step_where_the_engine_does() -> None:
+    """The planner's term and the runtime's choice are one function (slots_compile_step)."""
+    for run in SLOTS_RUNS:
+        if not run.get("step_forced"):
+            assert tp.slots_work(FIT.slots_request(run), run["prompts"]).compiled == (run["slots_step"] == "compiled")
 
 
 @pytest.mark.parametrize("run", SLOTS_RUNS, ids=[f"{run['batch']}-slots-{run['prompts']}-prompts" for run in SLOTS_RUNS])
