@@ -21,18 +21,24 @@ DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "alpaca_ll
 
 def prepare(tokenizer_dir: Path) -> Path:
     """Save the random 7B-shaped model once, with the tokenizer beside it; its directory."""
-    if (MODEL_DIR / "config.json").exists():
-        return MODEL_DIR
+    return save_random_model("Llama-2-7B", tokenizer_dir, MODEL_DIR)
+
+
+def save_random_model(catalog_name: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A catalog model's architecture with random weights (built on the GPU) and the tokenizer's vocabulary,
+    saved once as an HF directory named like `out`; its directory. `python bench_model.py NAME TOKENIZER OUT`."""
+    if (out / "config.json").exists():
+        return out
     from transformers import AutoTokenizer
 
     from llmplan.planner.resolve import find_model
     from llmplan.runtime.models.modeling import build_random_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = dataclasses.replace(find_model("Llama-2-7B"), name="llama2-7b-shape", vocab_size=len(tokenizer))
-    build_random_model(spec, "bf16", "cuda").save_pretrained(MODEL_DIR)
-    tokenizer.save_pretrained(MODEL_DIR)
-    return MODEL_DIR
+    spec = dataclasses.replace(find_model(catalog_name), name=out.name, vocab_size=len(tokenizer))
+    build_random_model(spec, "bf16", "cuda").save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def environment() -> dict:
@@ -67,3 +73,7 @@ def append(path: Path, record: dict) -> None:
     with path.open("a") as sink:
         sink.write(line + "\n")
     print(line, flush=True)
+
+
+if __name__ == "__main__":
+    print(save_random_model(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])))
