@@ -48,22 +48,23 @@ def generate_one_by_one(model, new: int) -> list[list[int]]:
     return out
 
 
-def through_slots(model, new: int, slot_count: int, decoders: slots.Decoders) -> list[list[int]]:
+def through_slots(model, new: int, slot_count: int) -> tuple[list[list[int]], str]:
+    """Every prompt's greedy tokens from the slots engine, and the kind of step its decoder ran."""
     settings = GenerationSettings(max_new_tokens=new, batch_size=slot_count, engine="slots")
-    finished = slots.generate(model, PROMPTS, settings, stop_ids=[], decoders=decoders)
-    return [list(done.token_ids) for done in sorted(finished, key=lambda done: done.index)]
+    decoders = slots.Decoders()
+    with torch.inference_mode():
+        finished = slots.generate(model, PROMPTS, settings, stop_ids=[], decoders=decoders)
+        tokens = [list(done.token_ids) for done in sorted(finished, key=lambda done: done.index)]
+    return tokens, decoders.current.step_kind
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_family_decodes_generates_greedy_tokens_with_the_fused_step(family: str) -> None:
     """Two slots for five prompts (refills); attention crosses a block of 64 positions on the long prompts."""
     model = build(family)
-    expected = generate_one_by_one(model, 12)
-    decoders = slots.Decoders()
-    with torch.inference_mode():
-        got = through_slots(model, 12, 2, decoders)
-    assert decoders.current.step_kind == "fused"
-    assert got == expected
+    got, step = through_slots(model, 12, 2)
+    assert step == "fused"
+    assert got == generate_one_by_one(model, 12)
     assert len({tuple(ids) for ids in got}) == len(PROMPTS)
 
 
@@ -91,12 +92,9 @@ def test_a_model_with_a_lora_adapter_keeps_transformers_forward_and_its_tokens()
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   init_lora_weights=False)).eval()
     assert "adapter" in slot_step.supports(peft_model.get_base_model())
-    expected = generate_one_by_one(peft_model, 12)
-    decoders = slots.Decoders()
-    with torch.inference_mode():
-        got = through_slots(peft_model, 12, 3, decoders)
-    assert decoders.current.step_kind == "transformers"
-    assert got == expected
+    got, step = through_slots(peft_model, 12, 3)
+    assert step == "transformers"
+    assert got == generate_one_by_one(peft_model, 12)
 
 
 def test_the_written_out_step_and_transformers_forward_give_the_same_logits() -> None:
