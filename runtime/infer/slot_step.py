@@ -246,7 +246,9 @@ def liger_kernels() -> StepKernels:
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_forward(x, weight, eps, 0.0, "llama", False)[0]
 
-    def liger_attention_inputs(x, w, shape, cos, sin, keys, values, rows, write_at):  # noqa: ANN001, ANN202
+    def liger_attention_inputs(x: torch.Tensor, w: LayerWeights, shape: StepShape, cos: torch.Tensor,
+                               sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                               write_at: torch.Tensor) -> torch.Tensor:
         slots = x.shape[0]
         q, k, v = F.linear(norm(x, w.input_norm, shape.eps), w.qkv, w.qkv_bias).split(
             [shape.q_size, shape.kv_size, shape.kv_size], dim=-1)
@@ -259,7 +261,8 @@ def liger_kernels() -> StepKernels:
         values[rows, :, write_at] = v.reshape(slots, shape.kv_heads, shape.head_dim)
         return q.reshape(slots, shape.kv_heads, shape.heads // shape.kv_heads, shape.head_dim)
 
-    def liger_layer_output(x, attended, w, shape):  # noqa: ANN001, ANN202
+    def liger_layer_output(x: torch.Tensor, attended: torch.Tensor, w: LayerWeights,
+                           shape: StepShape) -> torch.Tensor:
         projected = F.linear(attended.reshape(x.shape[0], shape.q_size), w.o, w.o_bias)
         h, x, *_ = fused_add_rms_norm_forward(projected, x, w.post_norm, shape.eps, 0.0, "llama")
         _, activated = swiglu_fused_gate_up_forward(F.linear(h, w.gate_up, w.gate_up_bias))
