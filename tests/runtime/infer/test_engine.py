@@ -130,6 +130,7 @@ def test_slots_attend_over_the_positions_in_use_and_still_give_generates_tokens(
 
 
 def test_a_later_call_that_fits_reuses_the_slots_decoder_and_another_shape_replaces_it(tiny) -> None:
+    tiny.decoders.clear()  # what earlier tests left would be reused too
     settings = GenerationSettings(max_new_tokens=6, batch_size=2, engine="slots")
     first = complete(tiny, MANY, settings)
     kept = tiny.decoders.current
@@ -141,8 +142,13 @@ def test_a_later_call_that_fits_reuses_the_slots_decoder_and_another_shape_repla
     longest = tiny.decoders.current
     shorter = complete(tiny, MANY, settings)  # fits the longer cache: reused
     assert tiny.decoders.current is longest and ids(shorter) == ids(first)
-    complete(tiny, MANY, GenerationSettings(max_new_tokens=6, batch_size=3, engine="slots"))  # other slots
+    complete(tiny, MANY, GenerationSettings(max_new_tokens=6, batch_size=3, engine="slots"))  # more slots
     assert tiny.decoders.current is not longest and tiny.decoders.current.slots == 3
+    three = tiny.decoders.current
+    fewer = complete(tiny, MANY, settings)  # 2 slots of the kept 3 (a server's smaller batch), the third idle
+    assert tiny.decoders.current is three and ids(fewer) == ids(first)
+    one_prompt = complete(tiny, MANY[:1], settings)
+    assert tiny.decoders.current is three and ids(one_prompt) == ids(first)[:1]
 
 
 def test_the_slots_cache_holds_each_slots_longest_sequence_in_whole_blocks(tiny) -> None:
