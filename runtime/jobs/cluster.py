@@ -223,7 +223,7 @@ def stop_local_head() -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while _alive(pid) and time.monotonic() < deadline:
+    while is_running(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     for process in tree:
         with contextlib.suppress(ProcessLookupError):
@@ -249,12 +249,19 @@ def descendants(root: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether `pid` still runs. A process that has exited but that its parent has not reaped yet (a zombie:
+    the head, in the process that started it) has ended: taken for running, it kept `stop_local_head` waiting
+    its whole STOP_GRACE_S for a head that had stopped in 2 s."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # gone between the two looks, or no /proc (not Linux): what kill said
+        return not Path("/proc/self").is_dir()
+    return state != "Z"
 
 
 def _ray_executable() -> str:

@@ -20,6 +20,7 @@ from llmplan.runtime.jobs.cluster import (  # noqa: E402
     HEAD_FILE_ENV,
     RAY_LOG_NAME,
     descendants,
+    is_running,
     start_local_head,
     stop_local_head,
 )
@@ -105,3 +106,16 @@ def test_generate_prints_no_ray_lines(tiny_llama: Path, tmp_path: Path) -> None:
     for ray_line in ("Token authentication", "Ray instance", "(raylet)", "\x1b["):
         assert ray_line not in done.stderr, done.stderr
     assert "Connected to Ray cluster" in (tmp_path / RAY_LOG_NAME).read_text()  # its lines went to the log
+
+
+def test_a_process_that_has_exited_is_not_running_before_its_parent_reaps_it() -> None:
+    """`stop_local_head` waits for the head to exit; in the process that started the head, the exited head stays
+    a zombie until reaped and was taken for running, so every stop there waited its whole grace period."""
+    assert is_running(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it has exited; not reaped yet: a zombie
+        assert not is_running(child.pid)
+    finally:
+        child.wait()
+    assert not is_running(child.pid)

@@ -244,15 +244,16 @@ def test_out_of_memory_is_replanned_with_more_headroom_and_retried(joined_gpu_si
 def test_after_a_ray_restart_lost_jobs_fail_and_checkpointed_training_resumes(
         tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
     port = free_port()
-    site = Site(tmp_path, start_node(port=port, cpus=4), tiny_llama, tiny_alpaca)
+    site = Site(tmp_path, start_node(port=port, cpus=4), tiny_llama, tiny_alpaca, joined=True)
     try:
-        submitted = site.llmplan("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca),
-                                 "--micro-batch", "1", "--batch-size", "2", "--seq-len", "64", "--lr", "1e-3",
-                                 "--max-steps", str(FOREVER), "--save-every", "2", "--json")
-        assert submitted.returncode == 0, submitted.stderr
-        resumable = json.loads(submitted.stdout)["id"]
-        lost = site.queue(gpu_gib=None, steps=FOREVER, name="no-checkpoint")
-        site.cluster()
+        with joined(site.node.address):  # left before the cluster goes: Ray ends a driver whose cluster is lost
+            submitted = site.llmplan("submit", "finetune", "--model", str(tiny_llama), "--data", str(tiny_alpaca),
+                                     "--micro-batch", "1", "--batch-size", "2", "--seq-len", "64", "--lr", "1e-3",
+                                     "--max-steps", str(FOREVER), "--save-every", "2", "--json")
+            assert submitted.returncode == 0, submitted.stderr
+            resumable = json.loads(submitted.stdout)["id"]
+            lost = site.queue(gpu_gib=None, steps=FOREVER, name="no-checkpoint")
+            site.cluster()
         checkpoints = Path(site.wait(resumable, status_is(JobStatus.RUNNING)).request["config"]["output_dir"])
         site.wait(lost, status_is(JobStatus.RUNNING))
         deadline = time.monotonic() + 120
@@ -263,20 +264,21 @@ def test_after_a_ray_restart_lost_jobs_fail_and_checkpointed_training_resumes(
         site.node.kill()  # the whole cluster goes, drivers and workers with it: nothing could record anything
         assert site.job(resumable).status is JobStatus.RUNNING
         site.node = start_node(port=port, cpus=4)
-        site.cluster()  # a new scheduler on the new cluster reconciles what the database says was running
+        with joined(site.node.address):
+            site.cluster()  # a new scheduler on the new cluster reconciles what the database says was running
 
-        for job_id in (resumable, lost):
-            failed = site.wait(job_id, ended)
-            assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
-            assert "vanished" in failed.error_message
-        assert site.retry_of(lost) is None
-        resumed_id = site.retry_of(resumable)
-        assert resumed_id is not None
-        resumed = site.wait(resumed_id, lambda job: bool(site.details(job.id).metrics), timeout=180)
-        assert resumed.request["config"]["resume"] is True
-        assert site.details(resumed_id).metrics[0].step > 2  # continued after a saved step, not from step 1
-        stopped = site.llmplan("cancel", str(resumed_id))
-        assert stopped.stdout.strip() == f"job {resumed_id}: cancelled", stopped.stderr
+            for job_id in (resumable, lost):
+                failed = site.wait(job_id, ended)
+                assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
+                assert "vanished" in failed.error_message
+            assert site.retry_of(lost) is None
+            resumed_id = site.retry_of(resumable)
+            assert resumed_id is not None
+            resumed = site.wait(resumed_id, lambda job: bool(site.details(job.id).metrics), timeout=180)
+            assert resumed.request["config"]["resume"] is True
+            assert site.details(resumed_id).metrics[0].step > 2  # continued after a saved step, not from step 1
+            stopped = site.llmplan("cancel", str(resumed_id))
+            assert stopped.stdout.strip() == f"job {resumed_id}: cancelled", stopped.stderr
     finally:
         site.node.kill()
 
@@ -291,20 +293,21 @@ def test_a_job_on_a_worker_node_that_dies_fails_as_infrastructure(
         tmp_path: Path, tiny_llama: Path, tiny_alpaca: Path) -> None:
     head = start_node(cpus=2, env=QUICK_NODE_DEATH)
     worker = start_node(head_address=head.address, cpus=2, gpus=1, gpu_mib=24 * 1024)
-    site = Site(tmp_path, head, tiny_llama, tiny_alpaca)
+    site = Site(tmp_path, head, tiny_llama, tiny_alpaca, joined=True)
     try:
-        job_id = site.queue(gpu_gib=16, steps=FOREVER, name="on-the-worker")
-        view = site.cluster()
-        assert sorted((node["head"], len(node["gpus"])) for node in view["nodes"]) == [(False, 1), (True, 0)]
-        worker_id = next(node["node_id"] for node in view["nodes"] if not node["head"])
-        running = site.wait(job_id, status_is(JobStatus.RUNNING))
-        assert running.placement_node == worker_id  # the only node with a GPU
+        with joined(head.address):  # the head outlives the test's worker: this process stays joined to it
+            job_id = site.queue(gpu_gib=16, steps=FOREVER, name="on-the-worker")
+            view = site.cluster()
+            assert sorted((node["head"], len(node["gpus"])) for node in view["nodes"]) == [(False, 1), (True, 0)]
+            worker_id = next(node["node_id"] for node in view["nodes"] if not node["head"])
+            running = site.wait(job_id, status_is(JobStatus.RUNNING))
+            assert running.placement_node == worker_id  # the only node with a GPU
 
-        worker.kill()
-        failed = site.wait(job_id, ended, timeout=180)
-        assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
-        assert failed.error_message.startswith(("ActorDiedError", "ActorUnavailableError")), failed.error_message
-        assert site.cluster()["nodes"][0]["head"]  # the cluster goes on without the worker
+            worker.kill()
+            failed = site.wait(job_id, ended, timeout=180)
+            assert (failed.status, failed.error_class) == (JobStatus.FAILED, ErrorClass.INFRASTRUCTURE)
+            assert failed.error_message.startswith(("ActorDiedError", "ActorUnavailableError")), failed.error_message
+            assert site.cluster()["nodes"][0]["head"]  # the cluster goes on without the worker
     finally:
         worker.kill()
         head.kill()
