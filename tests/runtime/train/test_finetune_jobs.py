@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("ray")
 
-from ..conftest import run_llmplan_here  # noqa: E402
+from ..conftest import run_llmplan  # noqa: E402
 
 from llmplan.cli.main import cli  # noqa: E402
 from llmplan.runtime.store.opening import open_store  # noqa: E402
@@ -24,12 +24,12 @@ SMALL = ["--micro-batch", "2", "--grad-accum", "1", "--seq-len", "96", "--lr", "
 
 
 def submit(*args: str):
-    return run_llmplan_here("submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args)
+    return run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), *SMALL, *args)
 
 
 @pytest.mark.slow
-def test_lora_job_learns_records_its_curve_and_its_adapter_generates(joined_cluster_env, tmp_path: Path) -> None:
-    env = joined_cluster_env
+def test_lora_job_learns_records_its_curve_and_its_adapter_generates(cluster_env, tmp_path: Path) -> None:
+    env = cluster_env
     result = submit("--max-steps", "12", "--save-every", "6", "--output", str(tmp_path / "out"), "--wait", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -41,7 +41,7 @@ def test_lora_job_learns_records_its_curve_and_its_adapter_generates(joined_clus
     assert details.job.final_loss is not None and details.job.measured_tokens_per_s > 0
     adapter = Path(data["adapter_path"])
     assert (adapter / "adapter_config.json").exists() and (tmp_path / "out" / "loss.png").exists()
-    generated = run_llmplan_here("generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
+    generated = run_llmplan("generate", MODEL, "Convert 3 kilometres to metres.", "--adapter", str(adapter),
                             "--max-new-tokens", "8", "--json")
     assert generated.returncode == 0, generated.stderr
 
@@ -66,8 +66,8 @@ def test_a_yaml_spec_with_an_unknown_key_is_refused(env, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(joined_cluster_env, tmp_path: Path) -> None:
-    env, out = joined_cluster_env, tmp_path / "out"
+def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(cluster_env, tmp_path: Path) -> None:
+    env, out = cluster_env, tmp_path / "out"
     result = submit("--max-steps", "8", "--save-every", "2", "--output", str(out))
     assert result.returncode == 0, result.stderr
     job_id = int(result.stdout.strip())
@@ -76,9 +76,9 @@ def test_a_cancelled_run_resumes_from_its_checkpoint_as_a_linked_job(joined_clus
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.5)
     assert checkpoint.exists(), "no checkpoint appeared"
-    cancelled = run_llmplan_here("cancel", str(job_id))
+    cancelled = run_llmplan("cancel", str(job_id))
     assert cancelled.stdout.strip() == f"job {job_id}: cancelled", cancelled.stderr
-    resumed = run_llmplan_here("submit", "finetune", "--model", MODEL, "--data", str(DATA), "--resume", str(job_id),
+    resumed = run_llmplan("submit", "finetune", "--model", MODEL, "--data", str(DATA), "--resume", str(job_id),
                           "--wait", "--json")
     assert resumed.returncode == 0, resumed.stderr
     engine = open_store(env["LLMPLAN_DB"])
