@@ -75,6 +75,14 @@ class FusedModel:
     lm_head: torch.nn.Module
 
 
+def step_shape(config: Any) -> StepShape:
+    """Heads, KV heads and head size of a (text) config, as its attention and its KV cache have them."""
+    heads = config.num_attention_heads
+    return StepShape(heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                     head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                     eps=config.rms_norm_eps)
+
+
 def supports(base: Any) -> str | None:
     """None when this step can run the (unwrapped) model; otherwise why not, and transformers' forward runs."""
     config = base.config.get_text_config()
@@ -91,11 +99,7 @@ def supports(base: Any) -> str | None:
 
 def fuse_projections(base: Any) -> FusedModel:
     """Concatenate each layer's q, k, v and gate, up weights once; the modules' weights become views into them."""
-    config = base.config.get_text_config()
-    heads = config.num_attention_heads
-    shape = StepShape(heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                      head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-                      eps=config.rms_norm_eps)
+    shape = step_shape(base.config.get_text_config())
     with torch.no_grad():
         layers = [_fuse_layer(layer) for layer in _decoder_layers(base)]
     decoder = base.get_decoder()

@@ -83,7 +83,7 @@ class Decoders:
         """A decoder of `slots` slots holding `length` positions each, its step compiled when the call is long
         enough to pay for it (`default_step`); a kept compiled one is always reused."""
         kept = self._kept
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _base_model(model)
         step = default_step(base, base.device, compile_step)
         if (kept is None or kept.model is not model or not 0 <= kept.slots - slots <= IDLE_SLOTS_KEPT
                 or kept.length < length or kept.step_kind not in (step, "compiled")):
@@ -140,9 +140,9 @@ def _slot_cache(model: Any, slots: int, length: int, write_at: torch.Tensor) -> 
     from transformers.cache_utils import Cache
 
     config = _text_config(model)
-    heads, head_dim = _kv_shape(config)
+    shape = slot_step.step_shape(config)
     layer_class = _slot_layer_class()
-    proto = torch.zeros(slots, heads, 1, head_dim, dtype=model.dtype, device=write_at.device)
+    proto = torch.zeros(slots, shape.kv_heads, 1, shape.head_dim, dtype=model.dtype, device=write_at.device)
     layers = []
     for _ in range(config.num_hidden_layers):
         layer = layer_class(length, write_at)
@@ -151,22 +151,23 @@ def _slot_cache(model: Any, slots: int, length: int, write_at: torch.Tensor) -> 
     return Cache(layers=layers)
 
 
-def _kv_shape(config: Any) -> tuple[int, int]:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return heads, head_dim
-
-
 def _cache_keyword(model: Any) -> str:
     """The forward's name for the cache: `cache` from transformers 5.2x, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself without one)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _text_config(model: Any) -> Any:
     return model.config.get_text_config()
 
 
-STEP_KINDS = ("transformers", "fused", "compiled", "liger")
+STEP_KINDS = ("transformers", "fused", "compiled", "liger")  # what `default_step` picks from (the probe's --steps)
+
+
 def default_step(base: Any, device: torch.device, compile_step: bool) -> str:
     """The written-out step with fused projections where it runs the model (slot_step.supports); on CUDA compiled
     for a long call (`slots_compile_step`), on Liger's kernels otherwise; transformers' forward for anything else
@@ -205,7 +206,7 @@ class _Decoder:
 
     def __init__(self, model: Any, *, slots: int, length: int, step: str | None = None) -> None:
         self.model = model
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base = _base_model(model)
         self.device = self.base.device
         self.step_kind = step or default_step(self.base, self.device, compile_step=False)
         self.fused = None if self.step_kind == "transformers" else slot_step.fuse_projections(self.base)
